@@ -1,0 +1,195 @@
+"""SEV firmware command ids, guest policy bits and command buffers (sev-api.md §1.1, §1.3, §2).
+
+Each command buffer is declared once, as the little-endian packed layout the host writes into memory
+for the PSP mailbox (Linux ``include/linux/psp-sev.h`` ``sev_data_*``; AMD ``sev_mcmd.h``). Address
+fields are host physical addresses (PADDR) into the host's DRAM. ``pack``/``unpack`` share the layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import struct
+from typing import ClassVar
+
+
+class Cmd(enum.IntEnum):
+    """PSP mailbox command ids (§1.1)."""
+
+    INIT = 0x01
+    SHUTDOWN = 0x02
+    PLATFORM_RESET = 0x03
+    PLATFORM_STATUS = 0x04
+    PEK_GEN = 0x05
+    PEK_CSR = 0x06
+    PEK_CERT_IMPORT = 0x07
+    PDH_CERT_EXPORT = 0x08
+    PDH_GEN = 0x09
+    DF_FLUSH = 0x0A
+    GET_ID = 0x0C
+    DECOMMISSION = 0x20
+    ACTIVATE = 0x21
+    DEACTIVATE = 0x22
+    GUEST_STATUS = 0x23
+    LAUNCH_START = 0x30
+    LAUNCH_UPDATE_DATA = 0x31
+    LAUNCH_UPDATE_VMSA = 0x32
+    LAUNCH_MEASURE = 0x33
+    LAUNCH_SECRET = 0x34
+    LAUNCH_FINISH = 0x35
+    SEND_START = 0x40
+    SEND_UPDATE_DATA = 0x41
+    SEND_UPDATE_VMSA = 0x42
+    SEND_FINISH = 0x43
+    SEND_CANCEL = 0x44
+    RECEIVE_START = 0x50
+    RECEIVE_UPDATE_DATA = 0x51
+    RECEIVE_UPDATE_VMSA = 0x52
+    RECEIVE_FINISH = 0x53
+    DBG_DECRYPT = 0x60
+    DBG_ENCRYPT = 0x61
+
+
+class Policy(enum.IntFlag):
+    """Guest policy bits 0–5 (§1.3). Bits 16–23/24–31 carry the minimum firmware API major/minor."""
+
+    NODBG = 1 << 0
+    NOKS = 1 << 1
+    ES = 1 << 2
+    NOSEND = 1 << 3
+    DOMAIN = 1 << 4
+    SEV = 1 << 5
+
+
+POLICY_RESERVED_MASK = 0xFFC0  # bits 6–15 must be zero (SEV_GUEST_POLICY_RESERVED_MASK)
+
+
+def policy_api(policy: int) -> tuple[int, int]:
+    """(API_MAJOR, API_MINOR) minimum demanded by a policy."""
+    return (policy >> 16) & 0xFF, (policy >> 24) & 0xFF
+
+
+def make_policy(flags: int = 0, api_major: int = 0, api_minor: int = 0) -> int:
+    return int(flags) | (api_major & 0xFF) << 16 | (api_minor & 0xFF) << 24
+
+
+class PlatformState(enum.IntEnum):
+    """Platform states (§1.4)."""
+
+    UNINIT = 0
+    INIT = 1
+    WORKING = 2
+
+
+class GuestState(enum.IntEnum):
+    """Guest states, firmware numbering (§1.5; GUEST_STATUS returns these, not Linux's order)."""
+
+    UNINIT = 0
+    LUPDATE = 1
+    LSECRET = 2
+    RUNNING = 3
+    SUPDATE = 4
+    RUPDATE = 5
+    SENT = 6
+
+
+SEV_CERT_SIZE = 2084
+PLAT_CERTS_SIZE = 3 * SEV_CERT_SIZE        # PEK ‖ OCA ‖ CEK
+SESSION_SIZE = 128
+PACKET_HEADER_SIZE = 52                     # FLAGS ‖ IV ‖ MAC
+PACKET_HEADER_COMPRESSED = 1 << 0
+MEASURE_SIZE = 48                           # MEASURE(32) ‖ MNONCE(16)
+GET_ID_SIZE = 64
+SCRATCH_BUF_LEN = 0x5000                    # largest packet the firmware accepts (SEV_SCRATCH_BUF_LEN)
+VMSA_SIZE = 4096
+
+
+@dataclasses.dataclass
+class CommandBuffer:
+    """Base of every command buffer: ``FORMAT`` lists the fields in memory order, ``None`` = reserved."""
+
+    FORMAT: ClassVar[tuple[tuple[str | None, str], ...]] = ()
+
+    @classmethod
+    def layout(cls) -> struct.Struct:
+        return struct.Struct("<" + "".join(code for _, code in cls.FORMAT))
+
+    @classmethod
+    def size(cls) -> int:
+        return cls.layout().size
+
+    @classmethod
+    def offsets(cls) -> dict[str, int]:
+        out, off = {}, 0
+        for name, code in cls.FORMAT:
+            if name:
+                out[name] = off
+            off += struct.calcsize("<" + code)
+        return out
+
+    def pack(self) -> bytes:
+        return self.layout().pack(*(getattr(self, n) if n else 0 for n, _ in self.FORMAT))
+
+    @classmethod
+    def unpack(cls, data: bytes) -> CommandBuffer:
+        values = cls.layout().unpack(bytes(data[: cls.size()]))
+        return cls(**{n: v for (n, _), v in zip(cls.FORMAT, values) if n})
+
+
+def _buffer(name: str, fmt: tuple[tuple[str | None, str], ...]) -> type[CommandBuffer]:
+    fields = [(n, int, dataclasses.field(default=0)) for n, _ in fmt if n]
+    cls = dataclasses.make_dataclass(name, fields, bases=(CommandBuffer,))
+    cls.FORMAT = fmt
+    return cls
+
+
+# In/Out per field as in psp-sev.h; handles are In/Out where the firmware assigns them.
+InitBuf = _buffer("InitBuf", (("flags", "I"), (None, "I"), ("tmr_address", "Q"), ("tmr_len", "I")))
+INIT_FLAGS_SEV_ES = 1 << 0
+PlatformStatusBuf = _buffer("PlatformStatusBuf", (          # Out, written in place (12 bytes)
+    ("api_major", "B"), ("api_minor", "B"), ("state", "B"), ("owner", "B"),
+    ("config", "H"), (None, "B"), ("build", "B"), ("guest_count", "I")))
+PekCsrBuf = _buffer("PekCsrBuf", (("address", "Q"), ("len", "I")))                       # len In/Out
+PekCertImportBuf = _buffer("PekCertImportBuf", (
+    ("pek_cert_address", "Q"), ("pek_cert_len", "I"), (None, "I"),
+    ("oca_cert_address", "Q"), ("oca_cert_len", "I")))
+PdhCertExportBuf = _buffer("PdhCertExportBuf", (
+    ("pdh_cert_address", "Q"), ("pdh_cert_len", "I"), (None, "I"),                       # lens In/Out
+    ("cert_chain_address", "Q"), ("cert_chain_len", "I")))
+GetIdBuf = _buffer("GetIdBuf", (("address", "Q"), ("len", "I")))                          # len In/Out
+HandleBuf = _buffer("HandleBuf", (("handle", "I"),))
+ActivateBuf = _buffer("ActivateBuf", (("handle", "I"), ("asid", "I")))
+GuestStatusBuf = _buffer("GuestStatusBuf", (
+    ("handle", "I"), ("policy", "I"), ("asid", "I"), ("state", "B")))                    # policy..state Out
+LaunchStartBuf = _buffer("LaunchStartBuf", (
+    ("handle", "I"), ("policy", "I"), ("dh_cert_address", "Q"), ("dh_cert_len", "I"), (None, "I"),
+    ("session_address", "Q"), ("session_len", "I")))
+LaunchUpdateBuf = _buffer("LaunchUpdateBuf", (                                            # _DATA and _VMSA
+    ("handle", "I"), (None, "I"), ("address", "Q"), ("len", "I")))
+LaunchMeasureBuf = _buffer("LaunchMeasureBuf", (
+    ("handle", "I"), (None, "I"), ("address", "Q"), ("len", "I")))                       # len In/Out
+TransportBuf = _buffer("TransportBuf", (   # LAUNCH_SECRET, SEND_UPDATE_*, RECEIVE_UPDATE_* (0x34 bytes)
+    ("handle", "I"), (None, "I"), ("hdr_address", "Q"), ("hdr_len", "I"), (None, "I"),
+    ("guest_address", "Q"), ("guest_len", "I"), (None, "I"), ("trans_address", "Q"), ("trans_len", "I")))
+SendStartBuf = _buffer("SendStartBuf", (
+    ("handle", "I"), ("policy", "I"), ("pdh_cert_address", "Q"), ("pdh_cert_len", "I"), (None, "I"),
+    ("plat_certs_address", "Q"), ("plat_certs_len", "I"), (None, "I"),
+    ("amd_certs_address", "Q"), ("amd_certs_len", "I"), (None, "I"),
+    ("session_address", "Q"), ("session_len", "I")))
+ReceiveStartBuf = _buffer("ReceiveStartBuf", (
+    ("handle", "I"), ("policy", "I"), ("pdh_cert_address", "Q"), ("pdh_cert_len", "I"), (None, "I"),
+    ("session_address", "Q"), ("session_len", "I")))
+DbgBuf = _buffer("DbgBuf", (("handle", "I"), (None, "I"), ("src_addr", "Q"), ("dst_addr", "Q"), ("len", "I")))
+
+BUFFERS: dict[Cmd, type[CommandBuffer] | None] = {
+    Cmd.INIT: InitBuf, Cmd.SHUTDOWN: None, Cmd.PLATFORM_RESET: None, Cmd.PLATFORM_STATUS: PlatformStatusBuf,
+    Cmd.PEK_GEN: None, Cmd.PEK_CSR: PekCsrBuf, Cmd.PEK_CERT_IMPORT: PekCertImportBuf,
+    Cmd.PDH_CERT_EXPORT: PdhCertExportBuf, Cmd.PDH_GEN: None, Cmd.DF_FLUSH: None, Cmd.GET_ID: GetIdBuf,
+    Cmd.DECOMMISSION: HandleBuf, Cmd.ACTIVATE: ActivateBuf, Cmd.DEACTIVATE: HandleBuf,
+    Cmd.GUEST_STATUS: GuestStatusBuf, Cmd.LAUNCH_START: LaunchStartBuf, Cmd.LAUNCH_UPDATE_DATA: LaunchUpdateBuf,
+    Cmd.LAUNCH_UPDATE_VMSA: LaunchUpdateBuf, Cmd.LAUNCH_MEASURE: LaunchMeasureBuf, Cmd.LAUNCH_SECRET: TransportBuf,
+    Cmd.LAUNCH_FINISH: HandleBuf, Cmd.SEND_START: SendStartBuf, Cmd.SEND_UPDATE_DATA: TransportBuf,
+    Cmd.SEND_UPDATE_VMSA: TransportBuf, Cmd.SEND_FINISH: HandleBuf, Cmd.SEND_CANCEL: HandleBuf,
+    Cmd.RECEIVE_START: ReceiveStartBuf, Cmd.RECEIVE_UPDATE_DATA: TransportBuf,
+    Cmd.RECEIVE_UPDATE_VMSA: TransportBuf, Cmd.RECEIVE_FINISH: HandleBuf,
+    Cmd.DBG_DECRYPT: DbgBuf, Cmd.DBG_ENCRYPT: DbgBuf,
+}

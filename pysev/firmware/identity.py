@@ -1,0 +1,132 @@
+"""The platform's identity keys and the certificate checks SEND_START runs (sev-api.md §2.2, §2.9, §5).
+
+``Identity`` holds the private OCA/PEK/PDH keys and the chip's CEK (derived from the fused chip secret,
+as AMD's ``sev_cek_derive``). It is owned by a ``Platform`` and never hands a private key out: callers
+get certificates (bytes) and ECDH results.
+"""
+from __future__ import annotations
+
+from Crypto.PublicKey import ECC
+
+from pysev import amdroot, certs
+from pysev.certs import Algo, SevCert, Usage
+from pysev.status import SevStatus
+
+# ASK‖ARK lengths the firmware accepts: both 2048-bit (Naples) or both 4096-bit (Rome and later).
+# The AMD-published 1408-byte Naples bundle (ARK without signature) is rejected, as AMD's current
+# firmware source does (amd_cert_chain_length_is_valid); Naples firmware behaviour is UNCONFIRMED (§2.2).
+AMD_CHAIN_LENGTHS = frozenset({2 * certs.AMD_CERT_SIZE_2K, 2 * certs.AMD_CERT_SIZE_4K})
+
+
+def amd_chain_length_ok(length: int) -> bool:
+    return length in AMD_CHAIN_LENGTHS
+
+
+def pdh_sanity(pdh: bytes) -> SevStatus:
+    return certs.pdh_sanity_check(pdh)
+
+
+def validate_platform(anchor: certs.TrustAnchor, pdh: bytes, plat_certs: bytes, amd_certs: bytes) -> SevStatus:
+    return certs.validate_platform(pdh, plat_certs, amd_certs, anchor)
+
+
+def validate_domain(pdh: bytes, plat_certs: bytes, own_oca: bytes) -> SevStatus:
+    return certs.validate_domain(pdh, plat_certs, own_oca)
+
+
+def cert_api(cert: bytes) -> tuple[int, int]:
+    """(API_MAJOR, API_MINOR) bytes of a SEV certificate body (the receiver's API, §2.2 step 4)."""
+    return cert[certs.OFF_API_MAJOR], cert[certs.OFF_API_MINOR]
+
+
+class Identity:
+    def __init__(self, root: amdroot.SimulatedRoot, chip_id: bytes, api: tuple[int, int] = (0, 24)) -> None:
+        self._root = root
+        self._chip_id = bytes(chip_id)
+        self._api = api
+        self._cek_key = amdroot.derive_cek(root.fuse_chip(self._chip_id))
+        self._cek = SevCert.build(self._cek_key.public_key(), Usage.CEK, Algo.ECDSA_SHA256, *amdroot.CEK_API)
+        self._oca_key = self._pek_key = self._pdh_key = None
+        self._oca = self._pek = self._pdh = None
+        self.owned = False
+
+    def __repr__(self) -> str:
+        return f"Identity(owner={'external' if self.owned else 'self'}, provisioned={self._pek is not None})"
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def ensure(self) -> None:
+        """INIT: load the persistent identity, generating it on first use."""
+        if self._pek is None:
+            self.pek_gen()
+
+    def wipe(self) -> None:
+        """PLATFORM_RESET: forget OCA/PEK/PDH and the owner."""
+        self._oca_key = self._pek_key = self._pdh_key = None
+        self._oca = self._pek = self._pdh = None
+        self.owned = False
+
+    def pek_gen(self) -> None:
+        """PEK_GEN: self-owned OCA (self-signed), PEK (sig1 = OCA, sig2 = CEK), then a new PDH."""
+        self._oca_key = ECC.generate(curve="P-384")
+        self._oca = SevCert.build(self._oca_key.public_key(), Usage.OCA, Algo.ECDSA_SHA256, *self._api)
+        self._oca = self._oca.sign(self._oca_key, Usage.OCA, Algo.ECDSA_SHA256)
+        self._pek_key = ECC.generate(curve="P-384")
+        pek = SevCert.build(self._pek_key.public_key(), Usage.PEK, Algo.ECDSA_SHA256, *self._api)
+        self._pek = pek.sign_as(self._oca, self._oca_key).sign_as(self._cek, self._cek_key)
+        self.owned = False
+        self.pdh_gen()
+
+    def pdh_gen(self) -> None:
+        self._pdh_key = ECC.generate(curve="P-384")
+        pdh = SevCert.build(self._pdh_key.public_key(), Usage.PDH, Algo.ECDH_SHA256, *self._api)
+        self._pdh = pdh.sign_as(self._pek, self._pek_key)
+
+    def pek_csr(self) -> bytes:
+        return self._pek.unsigned().to_bytes()
+
+    def pek_cert_import(self, pek_bytes: bytes, oca_bytes: bytes) -> SevStatus:
+        """PEK_CERT_IMPORT (§2.9): OCA self-signed, PEK signed by it with our PEK body; then the CEK
+        signature goes in the free slot, the owner bit is set and the PDH regenerated."""
+        try:
+            oca = SevCert.from_bytes(oca_bytes)
+            pek = SevCert.from_bytes(pek_bytes)
+        except certs.CertError:
+            return SevStatus.INVALID_CERTIFICATE
+        if oca.pubkey_usage != Usage.OCA:
+            return SevStatus.INVALID_CERTIFICATE
+        for status in (certs.sev_cert_validate(oca, oca), certs.sev_cert_validate(pek, oca)):
+            if status != SevStatus.SUCCESS:
+                return status
+        if pek.body() != self._pek.body():
+            return SevStatus.INVALID_CERTIFICATE
+        try:
+            self._pek = pek.sign_as(self._cek, self._cek_key)
+        except certs.SevError as err:
+            return err.status
+        self._oca, self._oca_key = oca, None   # the owner keeps the OCA private key
+        self.owned = True
+        self.pdh_gen()
+        return SevStatus.SUCCESS
+
+    # -- what leaves the platform -------------------------------------------------------------------
+    @property
+    def pdh_cert(self) -> bytes:
+        return self._pdh.to_bytes()
+
+    @property
+    def oca_cert(self) -> bytes:
+        return self._oca.to_bytes()
+
+    def plat_certs(self, signed_cek: bool = False) -> bytes:
+        """PEK ‖ OCA ‖ CEK. The firmware exports its CEK unsigned (§2.9, ASPFW); hosts replace it with
+        the ASK-signed one from the key server (``signed_cek=True``), as sevctl and QEMU users do."""
+        cek = self._root.kds.cek_cert(self._chip_id) if signed_cek else self._cek.to_bytes()
+        return self._pek.to_bytes() + self._oca.to_bytes() + cek
+
+    def pdh_usable(self) -> bool:
+        return self._pdh is not None and self._pdh.pubkey_usage == Usage.PDH and \
+            self._pdh.pubkey_algo in (Algo.ECDH_SHA256, Algo.ECDH_SHA384)
+
+    def ecdh(self, peer_cert: bytes) -> bytes:
+        """Z with our long-term PDH private key and the peer's PDH/GODH public key (§3.1, §3.2)."""
+        return certs.ecdh_shared_secret(self._pdh_key, SevCert.from_bytes(peer_cert))

@@ -1,0 +1,117 @@
+"""The physical memory (DRAM) of one simulated host.
+
+One flat, lazily backed mapping (``MAP_NORESERVE``): a 64 GiB host costs nothing until pages are
+touched, so a 64 GiB guest with 1 GiB written fits in this machine's memory. Host physical address
+(HPA) = byte offset into the mapping; frame = HPA >> 12. Guest RAM, firmware command buffers and the
+hypervisor's bounce buffers all live here, which is what makes the XTS tweak (the HPA, sev-api.md §8)
+and the firmware's PADDR arguments real addresses rather than labels.
+
+Frames are handed out in shuffled 2 MiB chunks, so a guest's RAM is backed by non-contiguous frames
+that differ between hosts (the reason ciphertext cannot be copied between them).
+"""
+from __future__ import annotations
+
+import mmap
+import threading
+
+import numpy as np
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+CHUNK_FRAMES = 512  # 2 MiB, the granule of guest-RAM allocation
+KERNEL_CHUNKS = 8   # the first 16 MiB serve small kernel/firmware buffers, frame by frame
+
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+
+class OutOfHostMemory(MemoryError):
+    pass
+
+
+class HostMemory:
+    """DRAM of one host: ``frames`` is a ``uint8[n_frames, 4096]`` view, ``flat`` the byte view."""
+
+    def __init__(self, size: int, *, seed: int | None = None) -> None:
+        n_chunks = -(-size // (CHUNK_FRAMES * PAGE_SIZE))
+        if n_chunks <= KERNEL_CHUNKS:
+            raise ValueError(f"host memory of {size} bytes is too small (need > {KERNEL_CHUNKS * 2} MiB)")
+        self.size = n_chunks * CHUNK_FRAMES * PAGE_SIZE
+        self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+        self.flat = np.frombuffer(self._map, dtype=np.uint8)
+        self.frames = self.flat.reshape(-1, PAGE_SIZE)
+        self._lock = threading.Lock()
+        self._rng = np.random.default_rng(seed)
+        self._free_chunks = list(self._rng.permutation(np.arange(KERNEL_CHUNKS, n_chunks)))
+        self._kernel_free = np.ones(KERNEL_CHUNKS * CHUNK_FRAMES, dtype=bool)
+
+    @property
+    def n_frames(self) -> int:
+        return self.frames.shape[0]
+
+    def alloc_ram(self, npages: int) -> np.ndarray:
+        """Frames for ``npages`` of guest RAM: whole 2 MiB chunks in random order (uint64 frame numbers)."""
+        need = -(-npages // CHUNK_FRAMES)
+        with self._lock:
+            if need > len(self._free_chunks):
+                raise OutOfHostMemory(f"{npages} pages requested, {len(self._free_chunks) * CHUNK_FRAMES} free")
+            chunks = np.array([self._free_chunks.pop() for _ in range(need)], dtype=np.uint64)
+        frames = (chunks[:, None] * CHUNK_FRAMES + np.arange(CHUNK_FRAMES, dtype=np.uint64)).ravel()
+        return frames[:npages].copy()
+
+    def free_ram(self, frames: np.ndarray) -> None:
+        """Return guest-RAM frames; their contents are discarded (zero, and no longer resident)."""
+        chunks = np.unique(np.asarray(frames, dtype=np.uint64) // CHUNK_FRAMES)
+        for c in chunks:
+            self._discard(int(c) * CHUNK_FRAMES, CHUNK_FRAMES)
+        with self._lock:
+            self._free_chunks.extend(int(c) for c in chunks)
+
+    def alloc_kernel(self, length: int) -> int:
+        """A physically contiguous, zeroed buffer for firmware/kernel use; returns its HPA."""
+        n = max(1, -(-length // PAGE_SIZE))
+        with self._lock:
+            free = self._kernel_free
+            # first run of n free frames
+            run = np.flatnonzero(np.convolve(free, np.ones(n, dtype=int), mode="valid") == n)
+            if run.size == 0:
+                raise OutOfHostMemory(f"no contiguous kernel buffer of {length} bytes")
+            first = int(run[0])
+            free[first:first + n] = False
+        self.flat[first * PAGE_SIZE:(first + n) * PAGE_SIZE] = 0
+        return first * PAGE_SIZE
+
+    def free_kernel(self, hpa: int, length: int) -> None:
+        first, n = hpa // PAGE_SIZE, max(1, -(-length // PAGE_SIZE))
+        self.flat[hpa:hpa + n * PAGE_SIZE] = 0
+        with self._lock:
+            self._kernel_free[first:first + n] = True
+
+    def contains(self, hpa: int, length: int) -> bool:
+        return 0 <= hpa and length >= 0 and hpa + length <= self.size
+
+    def read(self, hpa: int, length: int) -> bytes:
+        if not self.contains(hpa, length):
+            raise IndexError(f"HPA range [{hpa:#x}, +{length:#x}) outside host memory")
+        return self.flat[hpa:hpa + length].tobytes()
+
+    def write(self, hpa: int, data: bytes) -> None:
+        if not self.contains(hpa, len(data)):
+            raise IndexError(f"HPA range [{hpa:#x}, +{len(data):#x}) outside host memory")
+        self.flat[hpa:hpa + len(data)] = np.frombuffer(data, dtype=np.uint8)
+
+    def _discard(self, first_frame: int, n: int) -> None:
+        start, length = first_frame * PAGE_SIZE, n * PAGE_SIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, length)
+
+    def resident_bytes(self) -> int:
+        """Bytes of this mapping actually backed by RAM (from /proc/self/smaps), for memory tests."""
+        base = np.frombuffer(self._map, dtype=np.uint8).ctypes.data
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                if "-" in line.split(" ", 1)[0] and not line.startswith(("Rss", "Size")):
+                    lo = int(line.split("-", 1)[0], 16)
+                    inside = lo == base
+                elif inside and line.startswith("Rss:"):
+                    return int(line.split()[1]) * 1024
+        return 0
