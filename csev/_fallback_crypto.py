@@ -1,0 +1,316 @@
+"""Plain-Python/numpy twins of the csev crypto kernels: same signatures, same outputs, same errors.
+
+They serve when libcrypto cannot be loaded (or ``CSEV_PURE=1``) and are the reference the native
+kernels are tested against. No home-written primitives: AES is pycryptodome's (ECB for XTS, CTR),
+HMAC-SHA256 is the stdlib's. pycryptodome has no XTS mode, so XTS (IEEE 1619) is composed here from
+AES-ECB and the GF(2^128) tweak chain, vectorised with numpy across all pages of a batch.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+
+import numpy as np
+from Crypto.Cipher import AES
+
+PAGE = 4096
+HEADER = 52
+_BLOCKS = PAGE // 16
+_CTX_DATA = 0x02
+_FLAG_COMPRESSED = 0x1
+_STATUS_SUCCESS = 0x00
+_STATUS_BAD_MEASUREMENT = 0x0B
+_STATUS_UNSUPPORTED = 0x15
+_XTS_MAX_UNIT = 1 << 24
+_GF_POLY = 0x87           # x^128 + x^7 + x^2 + x + 1
+_BATCH = 4096             # pages per numpy step (bounds the tweak table to 16 MiB)
+
+
+# --- argument checks (mirror csev._libcrypto's, message for message) ---------------------------
+
+def _view(a, name: str) -> memoryview:
+    try:
+        return memoryview(a)
+    except TypeError:
+        raise TypeError(f"{name}: expected a buffer (numpy array), got {type(a).__name__}") from None
+
+
+def _fmt(m: memoryview) -> str:
+    return m.format[1:] if m.format[:1] in ("@", "=", "<") else m.format
+
+
+def _pages(a, name: str, width: int, min_rows: int, writable: bool) -> np.ndarray:
+    m = _view(a, name)
+    if _fmt(m) != "B" or m.itemsize != 1:
+        raise ValueError(f"{name}: expected dtype uint8, got buffer format {m.format!r}")
+    if m.ndim != 2 or m.shape[1] != width:
+        raise ValueError(f"{name}: expected shape (n, {width}), got {tuple(m.shape)}")
+    if not m.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous")
+    if writable and m.readonly:
+        raise ValueError(f"{name}: is read-only")
+    if m.shape[0] < min_rows:
+        raise ValueError(f"{name}: has {m.shape[0]} rows, needs at least {min_rows}")
+    return np.asarray(m)
+
+
+def _words(a, name: str, signed: bool, length: int) -> np.ndarray:
+    m = _view(a, name)
+    want = "int64" if signed else "uint64"
+    if _fmt(m) not in (("q", "l") if signed else ("Q", "L")) or m.itemsize != 8:
+        raise ValueError(f"{name}: expected dtype {want}, got buffer format {m.format!r}")
+    if m.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array, got {m.ndim} dimensions")
+    if not m.c_contiguous:
+        raise ValueError(f"{name}: must be contiguous")
+    if length >= 0 and m.shape[0] != length:
+        raise ValueError(f"{name}: has {m.shape[0]} entries, expected {length}")
+    return np.asarray(m).view(np.int64 if signed else np.uint64)
+
+
+def _rows(idx: np.ndarray | None, k: int, nrows: int, name: str) -> np.ndarray:
+    if idx is None:
+        return np.arange(k, dtype=np.int64)
+    bad = np.flatnonzero((idx < 0) | (idx >= nrows))
+    if bad.size:
+        i = int(bad[0])
+        raise IndexError(f"{name}[{i}] = {int(idx[i])} is out of range for {nrows} rows")
+    return idx
+
+
+def _key(key, name: str, size: int) -> bytes:
+    b = bytes(_view(key, name))
+    if size >= 0 and len(b) != size:
+        raise ValueError(f"{name}: must be {size} bytes, got {len(b)}")
+    return b
+
+
+def _xts_key(key, name: str = "key") -> bytes:
+    k = _key(key, name, 32)
+    if k[:16] == k[16:]:
+        raise ValueError(f"{name}: the two AES-128 halves of an XTS key must differ")
+    return k
+
+
+def _threads(threads) -> int:
+    """Validated like the native kernels'; the twins run single-threaded whatever the value."""
+    if threads is None:
+        return 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads: expected a positive int or None, got {threads!r}")
+    return threads
+
+
+def _bytes_of(data, name: str) -> memoryview:
+    try:
+        m = memoryview(data)
+    except TypeError:
+        raise TypeError(f"{name}: expected a bytes-like object, got {type(data).__name__}") from None
+    if not m.contiguous:
+        raise ValueError(f"{name}: must be contiguous")
+    return m.cast("B") if (m.format != "B" or m.ndim != 1) else m
+
+
+# --- XTS (IEEE 1619) from AES-ECB + the tweak chain -------------------------------------------
+
+def _xts_pages(key: bytes, pages: np.ndarray, tweaks: np.ndarray, encrypt: bool) -> np.ndarray:
+    """XTS of k whole pages (uint8[k, 4096]) at LE128 tweaks (uint64[k]); returns uint8[k, 4096]."""
+    k = pages.shape[0]
+    out = np.empty((k, PAGE), dtype=np.uint8)
+    data_key = AES.new(key[:16], AES.MODE_ECB)
+    tweak_key = AES.new(key[16:], AES.MODE_ECB)
+    for b in range(0, k, _BATCH):
+        n = min(_BATCH, k - b)
+        t0 = np.zeros((n, 2), dtype="<u8")
+        t0[:, 0] = tweaks[b:b + n]
+        t0 = np.frombuffer(tweak_key.encrypt(t0.tobytes()), dtype="<u8").reshape(n, 2)
+        chain = np.empty((n, _BLOCKS, 2), dtype="<u8")     # T_j = T_0 · α^j, little-endian halves
+        chain[:, 0] = t0
+        for j in range(1, _BLOCKS):
+            lo, hi = chain[:, j - 1, 0], chain[:, j - 1, 1]
+            chain[:, j, 1] = (hi << np.uint64(1)) | (lo >> np.uint64(63))
+            chain[:, j, 0] = (lo << np.uint64(1)) ^ ((hi >> np.uint64(63)) * np.uint64(_GF_POLY))
+        x = pages[b:b + n].view("<u8").reshape(n, _BLOCKS, 2) ^ chain
+        y = (data_key.encrypt if encrypt else data_key.decrypt)(x.tobytes())
+        out[b:b + n] = (np.frombuffer(y, dtype="<u8").reshape(n, _BLOCKS, 2) ^ chain).view(
+            np.uint8).reshape(n, PAGE)
+    return out
+
+
+def _gf_double(t: int) -> int:
+    t <<= 1
+    return (t ^ _GF_POLY) & ((1 << 128) - 1) if t >> 128 else t
+
+
+def xts_crypt_raw(key, tweak, data, encrypt=True) -> bytes:
+    """One XTS data unit of any length >= 16 with an explicit 16-byte tweak (test vectors only)."""
+    k = _xts_key(key)
+    tw = _key(tweak, "tweak", 16)
+    inp = _key(data, "data", -1)
+    n = len(inp)
+    if n < 16 or n > _XTS_MAX_UNIT:
+        raise ValueError(f"data: an XTS data unit is 16..{_XTS_MAX_UNIT} bytes, got {n}")
+    data_key = AES.new(k[:16], AES.MODE_ECB)
+    t = int.from_bytes(AES.new(k[16:], AES.MODE_ECB).encrypt(tw), "little")
+    tweaks = []
+    for _ in range(n // 16 + 1):
+        tweaks.append(t.to_bytes(16, "little"))
+        t = _gf_double(t)
+
+    def block(b: bytes, j: int) -> bytes:
+        x = bytes(p ^ q for p, q in zip(b, tweaks[j]))
+        y = (data_key.encrypt if encrypt else data_key.decrypt)(x)
+        return bytes(p ^ q for p, q in zip(y, tweaks[j]))
+
+    m, r = divmod(n, 16)
+    out = [block(inp[16 * j:16 * j + 16], j) for j in range(m - (1 if r else 0))]
+    if r:   # ciphertext stealing (IEEE 1619 §5.3.2 / §5.4.2)
+        last, tail = inp[16 * (m - 1):16 * m], inp[16 * m:]
+        if encrypt:
+            cc = block(last, m - 1)
+            out += [block(tail + cc[r:], m), cc[:r]]
+        else:
+            pp = block(last, m)
+            out += [block(tail + pp[r:], m - 1), pp[:r]]
+    return b"".join(out)
+
+
+def _xts_batch(encrypt, key, src, dst, tweaks, src_index, dst_index, threads) -> None:
+    k_ = _xts_key(key)
+    _threads(threads)
+    tw = _words(tweaks, "tweaks", False, -1)
+    k = tw.shape[0]
+    s = _pages(src, "src", PAGE, 0 if src_index is not None else k, False)
+    d = _pages(dst, "dst", PAGE, 0 if dst_index is not None else k, True)
+    si = _words(src_index, "src_index", True, k) if src_index is not None else None
+    di = _words(dst_index, "dst_index", True, k) if dst_index is not None else None
+    if k == 0:
+        return
+    si = _rows(si, k, s.shape[0], "src_index")
+    di = _rows(di, k, d.shape[0], "dst_index")
+    d[di] = _xts_pages(k_, s[si], tw, encrypt)
+
+
+def xts_encrypt(key, src, dst, tweaks, src_index=None, dst_index=None, *, threads=None) -> None:
+    """AES-128-XTS-encrypt ``src[src_index[i]]`` into ``dst[dst_index[i]]`` at tweak ``tweaks[i]``."""
+    _xts_batch(True, key, src, dst, tweaks, src_index, dst_index, threads)
+
+
+def xts_decrypt(key, src, dst, tweaks, src_index=None, dst_index=None, *, threads=None) -> None:
+    """AES-128-XTS-decrypt ``src[src_index[i]]`` into ``dst[dst_index[i]]`` at tweak ``tweaks[i]``."""
+    _xts_batch(False, key, src, dst, tweaks, src_index, dst_index, threads)
+
+
+# --- CTR, HMAC, key wrapping (sev-api.md §3.3) --------------------------------------------------
+
+def _ctr(key: bytes, iv: bytes, data) -> bytes:
+    """SP 800-38A CTR, 128-bit counter wrapping mod 2^128 like OpenSSL (pycryptodome would raise)."""
+    n = len(data)
+    room = ((1 << 128) - int.from_bytes(iv, "big")) * 16
+    head = AES.new(key, AES.MODE_CTR, nonce=b"", initial_value=iv).encrypt(data[:room])
+    if n <= room:
+        return head
+    return head + AES.new(key, AES.MODE_CTR, nonce=b"", initial_value=bytes(16)).encrypt(data[room:])
+
+
+def aes128_ctr(key, iv, data) -> bytes:
+    """AES-128-CTR (SP 800-38A; 128-bit big-endian counter starting at ``iv``) of ``data``."""
+    k = _key(key, "key", 16)
+    v = _key(iv, "iv", 16)
+    return _ctr(k, v, _bytes_of(data, "data"))
+
+
+def hmac_sha256(key, data) -> bytes:
+    """HMAC-SHA256(key, data) for any key length."""
+    return hmac.digest(_key(key, "key", -1), _bytes_of(data, "data"), "sha256")
+
+
+def wrap_tk(kek, kik, wrap_iv, tek, tik) -> tuple[bytes, bytes]:
+    """(WRAP_TK, WRAP_MAC) for the session blob: CTR(KEK, WRAP_IV)(TEK ‖ TIK), HMAC(KIK, WRAP_TK)."""
+    _key(kik, "kik", 16)
+    plain = _key(tek, "tek", 16) + _key(tik, "tik", 16)
+    wrapped = aes128_ctr(_key(kek, "kek", 16), _key(wrap_iv, "wrap_iv", 16), plain)
+    return wrapped, hmac_sha256(kik, wrapped)
+
+
+def unwrap_tk(kek, kik, wrap_iv, wrap_tk, wrap_mac) -> tuple[bytes, bytes]:
+    """(TEK, TIK) from WRAP_TK after WRAP_MAC verified in constant time; ``csev.MacError`` if not."""
+    k = _key(kek, "kek", 16)
+    v = _key(wrap_iv, "wrap_iv", 16)
+    w = _key(wrap_tk, "wrap_tk", 32)
+    want = _key(wrap_mac, "wrap_mac", 32)
+    if not hmac.compare_digest(hmac_sha256(_key(kik, "kik", 16), w), want):
+        from csev._dispatch import MacError
+        raise MacError("wrap_mac does not match wrap_tk (BAD_MEASUREMENT)")
+    plain = aes128_ctr(k, v, w)
+    return plain[:16], plain[16:]
+
+
+# --- SEND/RECEIVE_UPDATE_DATA (sev-api.md §2.3, §2.6, §4) ----------------------------------------
+
+def _aad(flags: bytes, iv: bytes) -> bytes:
+    return bytes([_CTX_DATA]) + flags + iv + PAGE.to_bytes(4, "little") + PAGE.to_bytes(4, "little")
+
+
+def _keys(vek, tek, tik) -> tuple[bytes, bytes, bytes]:
+    return _xts_key(vek, "vek"), _key(tek, "tek", 16), _key(tik, "tik", 16)
+
+
+def send_pages(vek, tek, tik, mem, index, tweaks, headers, trans, ivs=None, *, threads=None) -> None:
+    """SEND_UPDATE_DATA for ``k = len(tweaks)`` pages ``mem[index[i]]`` into ``headers[i]``/``trans[i]``.
+
+    ``ivs``: None for fresh random IVs, else a C-contiguous buffer of ``16 * k`` bytes.
+    """
+    v, t, m = _keys(vek, tek, tik)
+    _threads(threads)
+    tw = _words(tweaks, "tweaks", False, -1)
+    k = tw.shape[0]
+    mm = _pages(mem, "mem", PAGE, 0 if index is not None else k, False)
+    h = _pages(headers, "headers", HEADER, k, True)
+    tr = _pages(trans, "trans", PAGE, k, True)
+    ix = _words(index, "index", True, k) if index is not None else None
+    iv_all = os.urandom(16 * k) if ivs is None else _key(ivs, "ivs", 16 * k)
+    if k == 0:
+        return
+    rows = _rows(ix, k, mm.shape[0], "index")
+    plain = _xts_pages(v, mm[rows], tw, False)
+    flags = bytes(4)
+    for i in range(k):
+        iv = iv_all[16 * i:16 * i + 16]
+        ct = _ctr(t, iv, plain[i].data)
+        tr[i] = np.frombuffer(ct, dtype=np.uint8)
+        h[i] = np.frombuffer(flags + iv + hmac.digest(m, _aad(flags, iv) + ct, "sha256"), np.uint8)
+
+
+def receive_pages(vek, tek, tik, headers, trans, mem, index, tweaks, *, threads=None) -> np.ndarray:
+    """RECEIVE_UPDATE_DATA for ``k = len(tweaks)`` packets into ``mem[index[i]]``; uint32[k] statuses."""
+    v, t, m = _keys(vek, tek, tik)
+    _threads(threads)
+    tw = _words(tweaks, "tweaks", False, -1)
+    k = tw.shape[0]
+    h = _pages(headers, "headers", HEADER, k, False)
+    tr = _pages(trans, "trans", PAGE, k, False)
+    mm = _pages(mem, "mem", PAGE, 0 if index is not None else k, True)
+    ix = _words(index, "index", True, k) if index is not None else None
+    status = np.zeros(k, dtype=np.uint32)
+    if k == 0:
+        return status
+    rows = _rows(ix, k, mm.shape[0], "index")
+    good: list[int] = []
+    plain = np.empty((k, PAGE), dtype=np.uint8)
+    for i in range(k):
+        hdr = h[i].tobytes()
+        if int.from_bytes(hdr[:4], "little") & _FLAG_COMPRESSED:     # §2.6 step 3
+            status[i] = _STATUS_UNSUPPORTED
+            continue
+        ct = tr[i].tobytes()
+        mac = hmac.digest(m, _aad(hdr[:4], hdr[4:20]) + ct, "sha256")
+        if not hmac.compare_digest(mac, hdr[20:52]):               # step 4, before decrypting
+            status[i] = _STATUS_BAD_MEASUREMENT
+            continue
+        plain[i] = np.frombuffer(_ctr(t, hdr[4:20], ct), dtype=np.uint8)
+        good.append(i)
+    if good:
+        sel = np.asarray(good, dtype=np.int64)
+        mm[rows[sel]] = _xts_pages(v, plain[sel], tw[sel], True)
+    return status

@@ -1,0 +1,30 @@
+from typing_extensions import Buffer
+
+import numpy as np
+import numpy.typing as npt
+
+def send_pages(
+    vek: Buffer,
+    tek: Buffer,
+    tik: Buffer,
+    mem: npt.NDArray[np.uint8],
+    index: npt.NDArray[np.int64] | None,
+    tweaks: npt.NDArray[np.uint64],
+    headers: npt.NDArray[np.uint8],
+    trans: npt.NDArray[np.uint8],
+    ivs: Buffer | None = ...,
+    *,
+    threads: int | None = ...,
+) -> None: ...
+def receive_pages(
+    vek: Buffer,
+    tek: Buffer,
+    tik: Buffer,
+    headers: npt.NDArray[np.uint8],
+    trans: npt.NDArray[np.uint8],
+    mem: npt.NDArray[np.uint8],
+    index: npt.NDArray[np.int64] | None,
+    tweaks: npt.NDArray[np.uint64],
+    *,
+    threads: int | None = ...,
+) -> npt.NDArray[np.uint32]: ...

@@ -1,0 +1,343 @@
+"""SEND_UPDATE_DATA / RECEIVE_UPDATE_DATA for whole batches of pages (sev-api.md §2.3, §2.6, §4).
+
+Send, per page: XTS-decrypt the guest page under the VEK at its host-address tweak (sev-api.md §8)
+→ AES-128-CTR under TEK with the packet IV → MAC = HMAC-SHA256(TIK, 0x02 ‖ LE32(FLAGS) ‖ IV ‖
+LE32(4096) ‖ LE32(4096) ‖ ciphertext). Packet header (52 bytes) = LE32(FLAGS = 0) ‖ IV ‖ MAC.
+
+Receive, per packet: FLAGS.COMPRESSED → UNSUPPORTED (0x15) (§2.6 step 3); MAC compared in constant
+time before anything is decrypted → BAD_MEASUREMENT (0x0B) (§2.6 step 4); else CTR-decrypt into a
+per-thread scratch page and XTS-encrypt that into guest memory under the destination VEK. A bad
+packet writes nothing; the rest of the batch is still applied.
+
+The primitives are OpenSSL's (through ``csev._libcrypto``). HMAC is RFC 2104 built on OpenSSL's
+SHA-256 with the ipad/opad states hashed once per call and copied per page (``EVP_MD_CTX_copy_ex``),
+validated against the RFC 4231 vectors in the tests. Contexts are created once per call and thread;
+per page only IVs/tweaks are re-initialised (performance.md A3). ``headers``/``trans``/``mem`` must
+not be modified by another thread while a call runs.
+"""
+import os
+
+import numpy as np
+
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset
+
+from csev._libcrypto cimport (
+    AES_128_CTR, AES_128_XTS, ERR_EVP, ERR_NOMEM, OK, EVP_CIPHER_CTX, Hmac, check_pages, check_rows,
+    check_words, cipher_free, cipher_new, cipher_set_iv, cipher_update, ct_equal, error_for,
+    hmac_begin, hmac_end, hmac_free, hmac_init, hmac_update, key_bytes, tweak_le128,
+)
+
+from csev import _libcrypto
+
+if not _libcrypto.AVAILABLE:
+    raise ImportError(f"csev._transport needs libcrypto: {_libcrypto.REASON}")
+
+cdef extern from *:
+    """
+    /* Store a finished 4 KiB page with non-temporal stores: the destination (TRANS on send, guest
+       memory on receive) is not read again by this thread, so skipping the read-for-ownership and
+       the cache pollution saves ~7 % per page (measured on the 64 MiB pipeline). */
+    #include <string.h>
+    #include <stdint.h>
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    static inline void csev_store_page(void *dst, const void *src) {
+        if (((uintptr_t)dst & 15) != 0) { memcpy(dst, src, 4096); return; }
+        __m128i *d = (__m128i *)dst;
+        const __m128i *s = (const __m128i *)src;
+        for (int i = 0; i < 256; i += 4) {
+            __m128i a = _mm_loadu_si128(s + i), b = _mm_loadu_si128(s + i + 1);
+            __m128i c = _mm_loadu_si128(s + i + 2), e = _mm_loadu_si128(s + i + 3);
+            _mm_stream_si128(d + i, a);
+            _mm_stream_si128(d + i + 1, b);
+            _mm_stream_si128(d + i + 2, c);
+            _mm_stream_si128(d + i + 3, e);
+        }
+    }
+    static inline void csev_store_fence(void) { _mm_sfence(); }
+    #else
+    static inline void csev_store_page(void *dst, const void *src) { memcpy(dst, src, 4096); }
+    static inline void csev_store_fence(void) { }
+    #endif
+    """
+    void store_page "csev_store_page"(void* dst, const void* src) noexcept nogil
+    void store_fence "csev_store_fence"() noexcept nogil
+
+cdef enum:
+    PAGE = 4096
+    HEADER = 52          # LE32 FLAGS ‖ IV(16) ‖ MAC(32)
+    HDR_IV = 4
+    HDR_MAC = 20
+    AAD = 29             # CTX ‖ LE32 FLAGS ‖ IV ‖ LE32 len_a ‖ LE32 len_b  (sev-api.md §4)
+    CTX_DATA = 0x02
+    FLAG_COMPRESSED = 0x1
+    STATUS_SUCCESS = 0x00
+    STATUS_BAD_MEASUREMENT = 0x0B
+    STATUS_UNSUPPORTED = 0x15
+
+
+cdef inline void _le32(uint8_t* p, uint32_t v) noexcept nogil:
+    p[0] = <uint8_t>v
+    p[1] = <uint8_t>(v >> 8)
+    p[2] = <uint8_t>(v >> 16)
+    p[3] = <uint8_t>(v >> 24)
+
+
+cdef inline uint32_t _rd_le32(const uint8_t* p) noexcept nogil:
+    return p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
+
+
+cdef void _aad_init(uint8_t* aad) noexcept nogil:
+    memset(aad, 0, AAD)
+    aad[0] = CTX_DATA
+    _le32(aad + 21, PAGE)     # len_a = GUEST_LEN
+    _le32(aad + 25, PAGE)     # len_b = TRANS_LEN
+
+
+cdef struct Ctxs:
+    EVP_CIPHER_CTX* xts
+    EVP_CIPHER_CTX* ctr
+    Hmac mac
+    uint8_t* scratch       # two pages: [0, PAGE) plaintext, [PAGE, 2 PAGE) the output page
+
+
+cdef int _ctxs_open(Ctxs* c, const uint8_t* vek, int xts_enc, const uint8_t* tek,
+                    const uint8_t* tik) noexcept nogil:
+    memset(c, 0, sizeof(Ctxs))
+    c.scratch = <uint8_t*>malloc(2 * PAGE)
+    if c.scratch == NULL:
+        return ERR_NOMEM
+    c.xts = cipher_new(AES_128_XTS, vek, xts_enc)
+    c.ctr = cipher_new(AES_128_CTR, tek, 1)
+    if c.xts == NULL or c.ctr == NULL:
+        return ERR_EVP
+    return hmac_init(&c.mac, tik, 16)
+
+
+cdef void _ctxs_close(Ctxs* c) noexcept nogil:
+    cipher_free(c.xts)
+    cipher_free(c.ctr)
+    hmac_free(&c.mac)
+    if c.scratch != NULL:
+        memset(c.scratch, 0, 2 * PAGE)     # it held guest plaintext
+        free(c.scratch)
+
+
+cdef int _send_core(const uint8_t* vek, const uint8_t* tek, const uint8_t* tik,
+                    const uint8_t* mem, const int64_t* idx, const uint64_t* tweaks,
+                    uint8_t* headers, uint8_t* trans, const uint8_t* ivs,
+                    Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
+    cdef Ctxs c
+    cdef uint8_t aad[AAD]
+    cdef uint8_t tweak[16]
+    cdef Py_ssize_t i, row
+    cdef uint8_t* hdr
+    cdef uint8_t* ct
+    cdef const uint8_t* iv
+    cdef int rc = _ctxs_open(&c, vek, 0, tek, tik)
+    _aad_init(aad)                                      # FLAGS = 0: no compression
+    i = start
+    while rc == OK and i < stop:
+        row = idx[i] if idx != NULL else i
+        hdr = headers + i * HEADER
+        ct = trans + i * PAGE
+        iv = ivs + i * 16
+        tweak_le128(tweak, tweaks[i])
+        # §2.3 step 5: guest page decrypted with the VEK (into scratch, never into TRANS)
+        rc = cipher_set_iv(c.xts, tweak)
+        if rc == OK:
+            rc = cipher_update(c.xts, c.scratch, mem + row * PAGE, PAGE)
+        # step 6: CTR under TEK, then encrypt-then-MAC under TIK
+        if rc == OK:
+            rc = cipher_set_iv(c.ctr, iv)
+        if rc == OK:
+            rc = cipher_update(c.ctr, c.scratch + PAGE, c.scratch, PAGE)
+        memcpy(aad + 5, iv, 16)
+        if rc == OK:
+            rc = hmac_begin(&c.mac)
+        if rc == OK:
+            rc = hmac_update(&c.mac, aad, AAD)
+        if rc == OK:
+            rc = hmac_update(&c.mac, c.scratch + PAGE, PAGE)
+        if rc == OK:
+            rc = hmac_end(&c.mac, hdr + HDR_MAC)
+        store_page(ct, c.scratch + PAGE)
+        _le32(hdr, 0)
+        memcpy(hdr + HDR_IV, iv, 16)
+        i += 1
+    store_fence()
+    _ctxs_close(&c)
+    return rc
+
+
+cdef int _receive_core(const uint8_t* vek, const uint8_t* tek, const uint8_t* tik,
+                       const uint8_t* headers, const uint8_t* trans, uint8_t* mem,
+                       const int64_t* idx, const uint64_t* tweaks, uint32_t* status,
+                       Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
+    cdef Ctxs c
+    cdef uint8_t aad[AAD]
+    cdef uint8_t tweak[16]
+    cdef uint8_t mac[32]
+    cdef Py_ssize_t i, row
+    cdef const uint8_t* hdr
+    cdef const uint8_t* ct
+    cdef uint32_t flags
+    cdef int rc = _ctxs_open(&c, vek, 1, tek, tik)
+    _aad_init(aad)
+    i = start
+    while rc == OK and i < stop:
+        hdr = headers + i * HEADER
+        ct = trans + i * PAGE
+        flags = _rd_le32(hdr)
+        i += 1
+        if flags & FLAG_COMPRESSED:                     # §2.6 step 3
+            status[i - 1] = STATUS_UNSUPPORTED
+            continue
+        memcpy(aad + 1, hdr, 4 + 16)                    # FLAGS ‖ IV as received
+        rc = hmac_begin(&c.mac)
+        if rc == OK:
+            rc = hmac_update(&c.mac, aad, AAD)
+        if rc == OK:
+            rc = hmac_update(&c.mac, ct, PAGE)
+        if rc == OK:
+            rc = hmac_end(&c.mac, mac)
+        if rc != OK:
+            break
+        if not ct_equal(mac, hdr + HDR_MAC, 32):       # §2.6 step 4, before decrypting
+            status[i - 1] = STATUS_BAD_MEASUREMENT
+            continue
+        row = idx[i - 1] if idx != NULL else i - 1
+        tweak_le128(tweak, tweaks[i - 1])
+        rc = cipher_set_iv(c.ctr, hdr + HDR_IV)
+        if rc == OK:
+            rc = cipher_update(c.ctr, c.scratch, ct, PAGE)
+        if rc == OK:
+            rc = cipher_set_iv(c.xts, tweak)
+        if rc == OK:                                    # step 5: into guest memory under the VEK
+            rc = cipher_update(c.xts, c.scratch + PAGE, c.scratch, PAGE)
+        if rc != OK:
+            break
+        store_page(mem + row * PAGE, c.scratch + PAGE)
+        status[i - 1] = STATUS_SUCCESS
+    store_fence()
+    _ctxs_close(&c)
+    return rc
+
+
+cdef class _Job:
+    """One validated batch; ``send``/``receive(start, stop)`` run a chunk without the GIL."""
+    cdef object keep            # keys and buffers, alive while any chunk runs
+    cdef const uint8_t* vek
+    cdef const uint8_t* tek
+    cdef const uint8_t* tik
+    cdef const uint8_t* mem_in
+    cdef uint8_t* mem_out
+    cdef const int64_t* idx
+    cdef const uint64_t* tweaks
+    cdef const uint8_t* hdr_in
+    cdef uint8_t* hdr_out
+    cdef const uint8_t* trans_in
+    cdef uint8_t* trans_out
+    cdef const uint8_t* ivs
+    cdef uint32_t* status
+
+    def send(self, Py_ssize_t start, Py_ssize_t stop):
+        cdef int rc
+        with nogil:
+            rc = _send_core(self.vek, self.tek, self.tik, self.mem_in, self.idx, self.tweaks,
+                            self.hdr_out, self.trans_out, self.ivs, start, stop)
+        if rc != OK:
+            raise error_for(rc)
+
+    def receive(self, Py_ssize_t start, Py_ssize_t stop):
+        cdef int rc
+        with nogil:
+            rc = _receive_core(self.vek, self.tek, self.tik, self.hdr_in, self.trans_in,
+                               self.mem_out, self.idx, self.tweaks, self.status, start, stop)
+        if rc != OK:
+            raise error_for(rc)
+
+
+cdef tuple _keys(_Job job, object vek, object tek, object tik):
+    cdef bytes v = key_bytes(vek, "vek", 32)
+    if v[:16] == v[16:]:
+        raise ValueError("vek: the two AES-128 halves of an XTS key must differ")
+    cdef bytes t = key_bytes(tek, "tek", 16)
+    cdef bytes m = key_bytes(tik, "tik", 16)
+    job.vek = v
+    job.tek = t
+    job.tik = m
+    return (v, t, m)
+
+
+def send_pages(vek, tek, tik, mem, index, tweaks, headers, trans, ivs=None, *, threads=None):
+    """SEND_UPDATE_DATA for ``k = len(tweaks)`` pages ``mem[index[i]]`` into ``headers[i]``/``trans[i]``.
+
+    ``ivs``: None for fresh random IVs, else a C-contiguous buffer of ``16 * k`` bytes.
+    """
+    cdef _Job job = _Job()
+    keys = _keys(job, vek, tek, tik)
+    nthreads = _libcrypto.resolve_threads(threads)
+    check_words(tweaks, "tweaks", False, -1)
+    cdef const uint64_t[::1] tw = tweaks
+    cdef Py_ssize_t k = tw.shape[0]
+    check_pages(mem, "mem", PAGE, 0 if index is not None else k, False)
+    check_pages(headers, "headers", HEADER, k, True)
+    check_pages(trans, "trans", PAGE, k, True)
+    cdef const uint8_t[:, ::1] m = mem
+    cdef uint8_t[:, ::1] h = headers
+    cdef uint8_t[:, ::1] t = trans
+    cdef const int64_t[::1] ix = None
+    if index is not None:
+        check_words(index, "index", True, k)
+        ix = index
+    cdef bytes iv = os.urandom(16 * k) if ivs is None else key_bytes(ivs, "ivs", 16 * k)
+    if k == 0:
+        return
+    if ix is not None:
+        check_rows(&ix[0], k, m.shape[0], "index")
+        job.idx = &ix[0]
+    job.keep = (keys, m, h, t, ix, tw, iv)
+    job.mem_in = &m[0, 0]
+    job.hdr_out = &h[0, 0]
+    job.trans_out = &t[0, 0]
+    job.tweaks = &tw[0]
+    job.ivs = iv
+    _libcrypto.run_chunks(job.send, k, nthreads)
+
+
+def receive_pages(vek, tek, tik, headers, trans, mem, index, tweaks, *, threads=None):
+    """RECEIVE_UPDATE_DATA for ``k = len(tweaks)`` packets into ``mem[index[i]]``; uint32[k] statuses."""
+    cdef _Job job = _Job()
+    keys = _keys(job, vek, tek, tik)
+    nthreads = _libcrypto.resolve_threads(threads)
+    check_words(tweaks, "tweaks", False, -1)
+    cdef const uint64_t[::1] tw = tweaks
+    cdef Py_ssize_t k = tw.shape[0]
+    check_pages(headers, "headers", HEADER, k, False)
+    check_pages(trans, "trans", PAGE, k, False)
+    check_pages(mem, "mem", PAGE, 0 if index is not None else k, True)
+    cdef const uint8_t[:, ::1] h = headers
+    cdef const uint8_t[:, ::1] t = trans
+    cdef uint8_t[:, ::1] m = mem
+    cdef const int64_t[::1] ix = None
+    if index is not None:
+        check_words(index, "index", True, k)
+        ix = index
+    status = np.zeros(k, dtype=np.uint32)
+    if k == 0:
+        return status
+    if ix is not None:
+        check_rows(&ix[0], k, m.shape[0], "index")
+        job.idx = &ix[0]
+    cdef uint32_t[::1] st = status
+    job.keep = (keys, m, h, t, ix, tw, st)
+    job.mem_out = &m[0, 0]
+    job.hdr_in = &h[0, 0]
+    job.trans_in = &t[0, 0]
+    job.tweaks = &tw[0]
+    job.status = &st[0]
+    _libcrypto.run_chunks(job.receive, k, nthreads)
+    return status
