@@ -1,0 +1,168 @@
+"""``pysev migrate``: the main job — a live migration of a running SEV guest between two simulated hosts,
+with a progress bar per pass and a summary (or one JSON object with QEMU's query-migrate fields)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from pysev.cli.units import parse_size
+
+DEFAULT_MEMORY = "1G"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("migrate", help="live-migrate a running SEV guest between two simulated hosts",
+                       description=__doc__)
+    p.add_argument("--memory", default=DEFAULT_MEMORY, help="guest RAM size (K/M/G suffix; default 1G)")
+    p.add_argument("--dirty-rate", default="0", help="bytes/s the guest dirties while migrating (K/M/G; 0 = idle)")
+    p.add_argument("--workload", choices=("uniform", "hotset", "sequential"), default="uniform",
+                   help="which pages the guest dirties")
+    p.add_argument("--convert-rate", type=float, default=0.0,
+                   help="pages/s the guest flips private<->shared (DMA bounce buffers)")
+    p.add_argument("--vga-fps", type=float, default=0.0, help="framebuffer redraws per second")
+    p.add_argument("--policy", type=lambda s: int(s, 0), default=None,
+                   help="SEV guest policy (default 0x11000020: SEV bit, API >= 0.17, debugging allowed)")
+    p.add_argument("--no-sev", action="store_true", help="a plain guest without memory encryption")
+    p.add_argument("--transport", default="inproc",
+                   help="inproc (default), tcp (a second process over loopback) or file:PATH")
+    p.add_argument("--channels", type=int, default=0, help="parallel page channels for encrypted pages")
+    p.add_argument("--downtime-limit", type=int, default=300, help="ms (QEMU default 300)")
+    p.add_argument("--max-bandwidth", default="0", help="bytes/s (K/M/G); 0 = unlimited (default)")
+    p.add_argument("--auto-converge", action="store_true", help="throttle the vCPUs as QEMU's auto-converge")
+    p.add_argument("--no-verify", action="store_true", help="skip the plaintext comparison after migration")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--plot", metavar="FILE", help="PNG with dirty pages and throughput per pass")
+    p.add_argument("--save-stream", metavar="FILE", help="keep a copy of the migration stream")
+    p.add_argument("--seed", type=int, default=None, help="seed of the guest workload")
+    p.add_argument("--serve", metavar="URI", help=argparse.SUPPRESS)  # the destination process of --transport tcp
+    p.set_defaults(func=run)
+
+
+def _hosts_size(memory: int) -> int:
+    return memory + (512 << 20)
+
+
+def run(args: argparse.Namespace) -> int:
+    memory = parse_size(args.memory)
+    if args.serve:
+        return _serve(args, memory)
+    from pysev.hv.machine import DEFAULT_POLICY, Host, VirtualMachine
+    from pysev.migration import MigrationCapabilities, MigrationParameters
+    from pysev.cli.report import MigrationView
+
+    policy = DEFAULT_POLICY if args.policy is None else args.policy
+    params = MigrationParameters(downtime_limit=args.downtime_limit, max_bandwidth=parse_size(args.max_bandwidth),
+                                 multifd_channels=args.channels)
+    caps = MigrationCapabilities(auto_converge=args.auto_converge, multifd=args.channels > 0)
+    view = MigrationView(quiet=args.json)
+    with view.status("booting two hosts and a %s guest" % args.memory):
+        source_host = Host("source", _hosts_size(memory), seed=1)
+        vm = VirtualMachine(source_host, memory, sev=not args.no_sev, policy=policy,
+                            dirty_rate=parse_size(args.dirty_rate), workload=args.workload,
+                            convert_rate=args.convert_rate, vga_fps=args.vga_fps, seed=args.seed)
+        vm.boot_fill()
+    verify = not args.no_verify
+    start = time.monotonic()
+    if args.transport == "inproc":
+        from pysev.migration import migrate_local
+        dest_host = Host("destination", _hosts_size(memory), seed=2)
+        with view.progress() as progress:
+            result = migrate_local(vm, dest_host, params=params, caps=caps, channels=args.channels, verify=verify,
+                                   save_stream=args.save_stream, on_progress=progress)
+        summary = _summary(result.info, result.passes, result.verified if verify else None,
+                           result.destination_status)
+    elif args.transport == "tcp":
+        summary = _run_tcp(args, vm, memory, policy, params, caps, view, verify)
+    elif args.transport.startswith("file:"):
+        summary = _run_file(args, vm, memory, policy, params, view, verify)
+    else:
+        print(f"pysev migrate: unknown transport {args.transport!r} (inproc, tcp, file:PATH)", file=sys.stderr)
+        return 2
+    summary["wall-seconds"] = round(time.monotonic() - start, 3)
+    if args.plot:
+        from pysev.cli.report import plot_passes
+        plot_passes(summary["passes"], args.plot)
+    view.summary(summary, as_json=args.json)
+    ok = summary["status"] == "completed" and summary.get("verified") is not False
+    return 0 if ok else 1
+
+
+def _summary(info: dict, passes: list[dict], verified: bool | None, dest: dict) -> dict:
+    out = dict(info)
+    out["verified"] = verified
+    out["passes"] = passes
+    out["destination"] = dest
+    return out
+
+
+def _run_tcp(args, vm, memory, policy, params, caps, view, verify) -> dict:
+    """Destination in a second process over loopback: it prints its capabilities, we migrate to it."""
+    from pysev.migration import migrate_tcp
+    cmd = [sys.executable, "-m", "pysev.cli", "migrate", "--serve", "tcp:127.0.0.1:0", "--memory", args.memory,
+           "--policy", hex(policy)]
+    if args.no_sev:
+        cmd.append("--no-sev")
+    if args.no_verify:
+        cmd.append("--no-verify")
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        hello = json.loads(child.stdout.readline() or "{}")
+        if "uri" not in hello:
+            raise RuntimeError("the destination process did not start")
+        with view.progress() as progress:
+            outgoing = migrate_tcp(vm, hello["uri"], hello["capabilities"], params=params, caps=caps,
+                                   channels=args.channels, verify=verify, save_stream=args.save_stream,
+                                   on_progress=progress)
+        dest = json.loads(child.stdout.readline() or '{"status": "failed", "error-desc": "destination exited"}')
+    finally:
+        child.wait(timeout=120)
+    verified = None
+    if verify:
+        verified = outgoing.digest_at_switchover is not None and outgoing.digest_at_switchover == dest.get("digest")
+    return _summary(outgoing.info(), outgoing.passes, verified, dest)
+
+
+def _serve(args, memory) -> int:
+    """The destination process: one incoming migration, then a JSON line with the result."""
+    from pysev.hv.machine import Host, VirtualMachine
+    from pysev.migration import receive_tcp
+    from pysev.migration.transport import TcpListener
+
+    host = Host("destination", _hosts_size(memory), seed=2)
+    dest = VirtualMachine(host, memory, sev=not args.no_sev, policy=args.policy or 0, incoming=True)
+    listener = TcpListener(args.serve)
+    print(json.dumps({"uri": listener.uri, "capabilities": host.sev_capabilities()}), flush=True)
+    incoming = receive_tcp(listener, dest, verify=not args.no_verify)
+    listener.close()
+    print(json.dumps({"status": incoming.status, "digest": incoming.guest_digest,
+                      **({"error-desc": incoming.error_desc} if incoming.error_desc else {})}), flush=True)
+    if incoming.status == "completed":
+        dest.destroy()
+    return 0 if incoming.status == "completed" else 1
+
+
+def _run_file(args, vm, memory, policy, params, view, verify) -> dict:
+    """Save the guest into a file, then restore it on the second host (the file is sealed for it)."""
+    from pysev.hv.machine import Host
+    from pysev.migration import restore_from_file, save_to_file, with_destination_certs
+    path = args.transport[5:] or os.path.join(tempfile.gettempdir(), "pysev-guest.mig")
+    dest_host = Host("destination", _hosts_size(memory), seed=2)
+    params = with_destination_certs(params, dest_host.sev_capabilities())
+    with view.progress() as progress:
+        outgoing = save_to_file(vm, path, params=params, verify=verify, on_progress=progress)
+    if outgoing.status != "completed":
+        return _summary(outgoing.info(), outgoing.passes, None, {"status": "not started"})
+    with view.status(f"restoring from {path}"):
+        dest, incoming = restore_from_file(dest_host, path, memory, sev=not args.no_sev, verify=verify)
+    verified = None
+    if verify:
+        verified = incoming.guest_digest is not None and incoming.guest_digest == outgoing.digest_at_switchover
+    status = {"status": incoming.status, **({"error-desc": incoming.error_desc} if incoming.error_desc else {})}
+    info = outgoing.info()
+    info["file"] = path
+    return _summary(info, outgoing.passes, verified, status)

@@ -1,0 +1,240 @@
+"""A simulated host and the QEMU-like virtual machine that runs on it.
+
+``Host``: one server — its DRAM, its SEV firmware (``Platform``) and the kernel's KVM side.
+``VirtualMachine``: one guest on a host — RAM blocks, the SEV context (KVM_SEV_*), the guest's vCPU
+workload and QEMU's run states. The migration engine moves a ``VirtualMachine`` between hosts; it sees
+only this object and the ``MemoryEncryptionOps`` that ``pysev.migration.ops`` builds from it.
+"""
+from __future__ import annotations
+
+import base64
+import ctypes
+import enum
+import hashlib
+import logging
+import threading
+
+import numpy as np
+
+from pysev import kvm as K
+from pysev.firmware import CBITPOS, REDUCED_PHYS_BITS, Platform, Policy, make_policy
+from pysev.firmware.commands import InitBuf, INIT_FLAGS_SEV_ES, Cmd, PlatformState
+from pysev.hv.guest import Guest, Workload, page_pattern
+from pysev.hv.hostmem import PAGE_SIZE, HostMemory
+from pysev.hv.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+# The main job's default: authenticate the target's AMD chain (SEV bit), require firmware API ≥ 0.17
+# (as the published Naples migration used), and allow debugging so the result can be verified.
+DEFAULT_POLICY = make_policy(Policy.SEV, 0, 17)
+
+
+class RunState(str, enum.Enum):
+    """QEMU's RunState values that this VMM uses (qapi/run-state.json)."""
+
+    PRELAUNCH = "prelaunch"
+    RUNNING = "running"
+    PAUSED = "paused"
+    INMIGRATE = "inmigrate"
+    FINISH_MIGRATE = "finish-migrate"
+    POSTMIGRATE = "postmigrate"
+    SHUTDOWN = "shutdown"
+    INTERNAL_ERROR = "internal-error"
+
+
+class Host:
+    """One simulated server: DRAM, SEV firmware and KVM. ``root`` selects the simulated AMD root."""
+
+    def __init__(self, name: str, dram_size: int, *, root=None, seed: int | None = None) -> None:
+        self.name = name
+        self.dram = HostMemory(dram_size, seed=seed)
+        self.platform = Platform(self.dram, root=root)
+        if self.platform.issue(Cmd.INIT, InitBuf(flags=INIT_FLAGS_SEV_ES)) != 0:
+            raise RuntimeError(f"{name}: SEV firmware INIT failed")
+        self.kvm = K.KvmHost(self.platform)
+
+    def __repr__(self) -> str:
+        return f"Host({self.name!r}, {self.platform!r})"
+
+    def sev_capabilities(self) -> dict:
+        """query-sev-capabilities (QEMU SevCapability): base64 certificates and platform facts.
+
+        ``cert-chain`` is PEK ‖ OCA ‖ CEK with the CEK as the key server signs it, ``amd-cert-chain``
+        is ASK ‖ ARK: together what a source's SEND_START needs to authenticate this host.
+        """
+        certs = self.platform.public_certs()
+        b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+        return {
+            "pdh": b64(certs["pdh"]),
+            "cert-chain": b64(certs["cert_chain"]),
+            "cpu0-id": b64(self.platform.chip_id),
+            "cbitpos": CBITPOS,
+            "reduced-phys-bits": REDUCED_PHYS_BITS,
+            "amd-cert-chain": b64(certs["amd_cert_chain"]),
+        }
+
+
+class VirtualMachine:
+    """A guest on a host, with QEMU-like lifecycle. ``incoming=True`` creates an empty VM waiting
+    for an incoming migration (RECEIVE_START replaces the launch)."""
+
+    def __init__(self, host: Host, memory_size: int, *, sev: bool = True, policy: int = DEFAULT_POLICY,
+                 incoming: bool = False, dirty_rate: float = 0.0, workload: str = "uniform",
+                 convert_rate: float = 0.0, vga_fps: float = 0.0, seed: int | None = None) -> None:
+        self.host = host
+        self.sev_enabled = sev
+        self.policy = policy if sev else 0
+        self.memory = GuestMemory(host.dram, memory_size)
+        self._state = RunState.INMIGRATE if incoming else RunState.PRELAUNCH
+        self._state_lock = threading.Lock()
+        self.state_listeners: list = []
+        self.sev: K.SevKvm | None = None
+        self.guest: Guest | None = None
+        self.workload: Workload | None = None
+        self._workload_args = dict(dirty_rate=dirty_rate, workload=workload, convert_rate=convert_rate,
+                                   vga_fps=vga_fps, seed=seed)
+        self._seed = seed
+        if sev:
+            self.sev = host.kvm.create_vm()
+            self.sev.op(K.sev_cmd_id.KVM_SEV_ES_INIT if policy & Policy.ES else K.sev_cmd_id.KVM_SEV_INIT)
+        if not incoming:
+            self._launch()
+            self._attach_guest()
+            self.set_state(RunState.RUNNING)
+            self.workload.start()
+
+    def __repr__(self) -> str:
+        return f"VirtualMachine(host={self.host.name!r}, state={self.state.value}, sev={self.sev_enabled})"
+
+    # -- state ---------------------------------------------------------------------------------------
+    @property
+    def state(self) -> RunState:
+        return self._state
+
+    def set_state(self, state: RunState) -> None:
+        with self._state_lock:
+            old, self._state = self._state, state
+        if old != state:
+            log.info("%s: %s -> %s", self.host.name, old.value, state.value)
+            for listener in list(self.state_listeners):
+                listener(old, state)
+
+    @property
+    def asid(self) -> int:
+        return self.sev.asid if self.sev else 0
+
+    # -- launch (the SEV firmware measures what it encrypts) ------------------------------------------
+    def _launch(self) -> None:
+        """LAUNCH_START → LAUNCH_UPDATE_DATA of the boot image in RAM → LAUNCH_MEASURE → LAUNCH_FINISH.
+
+        The boot image is a small deterministic "kernel" in the first RAM pages, written in the clear by
+        the VMM and encrypted in place by the firmware, as QEMU does for OVMF/kernel blobs.
+        """
+        ram = self.memory.blocks[0]
+        boot = _boot_image(4)
+        self.host.dram.frames[ram.frames[:len(boot)].astype(np.int64)] = boot
+        if not self.sev:
+            return
+        start = self.sev.op(K.sev_cmd_id.KVM_SEV_LAUNCH_START, K.kvm_sev_launch_start(policy=self.policy))
+        log.info("%s: LAUNCH_START handle %d asid %d", self.host.name, start.handle, self.sev.asid)
+        for frame in ram.frames[:len(boot)]:
+            self.sev.op(K.sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_DATA, K.kvm_sev_launch_update_data(
+                uaddr=self.sev.uaddr_of_hpa(int(frame) * PAGE_SIZE), len=PAGE_SIZE))
+        measure = ctypes.create_string_buffer(48)
+        self.sev.op(K.sev_cmd_id.KVM_SEV_LAUNCH_MEASURE,
+                    K.kvm_sev_launch_measure(uaddr=ctypes.addressof(measure), len=48))
+        self.launch_measurement = measure.raw
+        self.sev.op(K.sev_cmd_id.KVM_SEV_LAUNCH_FINISH)
+
+    def workload_args(self) -> dict:
+        """This VM's workload settings, as constructor arguments (a migrated guest keeps its workload)."""
+        return dict(self._workload_args)
+
+    def _attach_guest(self) -> None:
+        memctl = self.host.platform.memctl
+        self.guest = Guest(self.memory, memctl if self.sev else None, self.asid, seed=self._seed)
+        args = dict(self._workload_args)
+        self.workload = Workload(self.guest, pattern=args.pop("workload"), **args)
+
+    def prepare_incoming(self) -> None:
+        """Destination, all pages received: attach the guest with the migrated page-encryption state
+        (its page tables agree with the state map the source sent)."""
+        self._attach_guest()
+        self.guest.load_cbits_from_state_map()
+
+    def incoming_complete(self) -> None:
+        """Destination, after RECEIVE_FINISH: run the guest."""
+        self.set_state(RunState.RUNNING)
+        self.workload.start()
+
+    def boot_fill(self) -> None:
+        """The guest initialises all of its RAM (as an OS populates memory), so every page holds known
+        plaintext that verification can compare."""
+        ram = self.memory.ram
+        chunk = 4096
+        for first in range(0, ram.npages, chunk):
+            gfns = np.arange(first, min(first + chunk, ram.npages), dtype=np.int64) + ram.gpa // PAGE_SIZE
+            self.guest.write_pages(gfns, page_pattern(gfns, seq=0))
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def pause(self, state: RunState = RunState.PAUSED) -> None:
+        if self.workload:
+            self.workload.pause()
+        self.set_state(state)
+
+    def resume(self) -> None:
+        if self.workload:
+            self.workload.resume()
+        self.set_state(RunState.RUNNING)
+
+    def reset(self) -> None:
+        """system_reset: the guest reboots; page-encryption state returns to its boot default."""
+        if self.workload:
+            self.workload.reset()
+        else:
+            self.memory.reset_encryption_state()
+
+    def destroy(self) -> None:
+        """Tear down: stop vCPUs, decommission the SEV context, give the frames back to the host."""
+        if self.workload:
+            self.workload.stop()
+        if self.sev:
+            self.sev.destroy()
+        self.memory.free()
+        self.set_state(RunState.SHUTDOWN)
+
+    # -- verification ----------------------------------------------------------------------------------
+    def plaintext_pages(self, block, first: int, count: int, out: np.ndarray) -> np.ndarray:
+        """Plaintext of pages [first, first+count) of ``block``: private pages through the firmware's
+        debug path (DBG_DECRYPT; refused under NODBG), shared pages straight from DRAM."""
+        frames = block.frames[first:first + count]
+        out[:count] = self.host.dram.frames[frames.astype(np.int64)]
+        if self.sev and not block.shared_by_nature:
+            words = block.enc[first // 64:(first + count + 63) // 64]   # ``first`` is a multiple of 64
+            private = np.unpackbits(words.view(np.uint8), bitorder="little")[:count].astype(bool)
+            if private.any():
+                self.sev.dbg_decrypt_batch(frames[private], out[:count][private])
+        return out[:count]
+
+    def digest(self) -> str:
+        """SHA-256 over every block's plaintext (in block order) and its private/shared map."""
+        h = hashlib.sha256()
+        buf = np.empty((4096, PAGE_SIZE), dtype=np.uint8)
+        for block in self.memory.blocks:
+            h.update(block.idstr.encode() + b"\0")
+            h.update(block.enc.tobytes())
+            for first in range(0, block.npages, len(buf)):
+                count = min(len(buf), block.npages - first)
+                h.update(self.plaintext_pages(block, first, count, buf).tobytes())
+        return h.hexdigest()
+
+
+def _boot_image(npages: int) -> np.ndarray:
+    """A deterministic stand-in for the measured boot firmware."""
+    image = np.zeros((npages, PAGE_SIZE), dtype=np.uint8)
+    text = b"pysev boot image: measured by LAUNCH_UPDATE_DATA, encrypted under the guest's VEK\n"
+    for i in range(npages):
+        image[i, :len(text)] = np.frombuffer(text, dtype=np.uint8)
+        image[i, len(text):] = (np.arange(PAGE_SIZE - len(text)) * (i + 7)) & 0xFF
+    return image

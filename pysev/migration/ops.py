@@ -1,0 +1,200 @@
+"""Memory-encryption operations: everything SEV-specific the migration engine needs, behind one
+interface (the idea of the seed series' ``MachineMemoryEncryptionOps``, qemu-migration.md §1.1, with
+the later designs' per-call errors, §2.6). The engine in ``pysev.migration.engine`` never names a
+firmware command; a guest without SEV migrates through the same engine with ``PlainOps``.
+
+Source side: ``save_setup`` (SEND_START), ``classify`` (which dirty pages are private), ``send_pages``
+(SEND_UPDATE_DATA, batched), ``state_map`` (the private/shared map for the END section), ``commit``
+(SEND_FINISH) or ``cancel`` (SEND_CANCEL). Destination side: ``load_setup`` (RECEIVE_START from the
+context record), ``receive_pages`` (RECEIVE_UPDATE_DATA, batched), ``load_state_map``, ``finish``
+(RECEIVE_FINISH) or ``abort``.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import ctypes
+import logging
+import numpy as np
+
+import csev
+from pysev import kvm as K
+from pysev.firmware.commands import SESSION_SIZE, SEV_CERT_SIZE, GuestState
+from pysev.migration.stream import SevContext
+from pysev.status import SevStatus
+
+log = logging.getLogger(__name__)
+
+SEV_FW_BLOB_MAX_SIZE = 0x4000
+
+
+class MigrationError(Exception):
+    """A migration failed; the message names what failed and where."""
+
+
+def decode_blob(name: str, value: str) -> bytes:
+    """A base64 migration parameter, bounded like QEMU's ``check_blob_length`` (≤ SEV_FW_BLOB_MAX_SIZE)."""
+    if not value:
+        raise MigrationError(f"migration parameter {name} is not set (take it from the destination's "
+                             "query-sev-capabilities)")
+    if len(value) > 4 * SEV_FW_BLOB_MAX_SIZE // 3 + 4:
+        raise MigrationError(f"migration parameter {name}: {len(value)} base64 characters exceed the "
+                             f"{SEV_FW_BLOB_MAX_SIZE}-byte limit")
+    try:
+        blob = base64.b64decode(value, validate=True)
+    except binascii.Error as err:
+        raise MigrationError(f"migration parameter {name} is not valid base64: {err}") from None
+    if not blob or len(blob) > SEV_FW_BLOB_MAX_SIZE:
+        raise MigrationError(f"migration parameter {name}: invalid length {len(blob)} (max {SEV_FW_BLOB_MAX_SIZE})")
+    return blob
+
+
+class PlainOps:
+    """A guest without memory encryption: every page is shared and travels in the clear."""
+
+    encrypted = False
+
+    def __init__(self, vm) -> None:
+        self.vm = vm
+
+    def save_setup(self, params) -> SevContext | None:
+        return None
+
+    def classify(self, block, dirty: np.ndarray, private: np.ndarray, shared: np.ndarray) -> tuple[int, int]:
+        private[:] = 0
+        shared[:] = dirty
+        return 0, csev.bitmap_count(dirty)
+
+    def commit(self) -> None:
+        pass
+
+    def cancel(self) -> None:
+        pass
+
+    def state_map(self):
+        return []
+
+    def load_setup(self, context: SevContext) -> None:
+        raise MigrationError("the stream carries encrypted pages but this VM has no SEV context")
+
+    def load_state_map(self, block, entries) -> None:
+        raise MigrationError("the stream carries a page-encryption map but this VM has no SEV context")
+
+    def finish(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+class SevOps(PlainOps):
+    """SEV: private pages through the firmware's transport commands, shared pages in the clear."""
+
+    encrypted = True
+
+    def __init__(self, vm) -> None:
+        super().__init__(vm)
+        self.sev: K.SevKvm = vm.sev
+        self.sending = False
+        self.receiving = False
+
+    # -- source --------------------------------------------------------------------------------------
+    def save_setup(self, params) -> SevContext:
+        """SEND_START with the target's PDH and chains (QEMU ``sev_send_start``): returns the context
+        that precedes the first encrypted page on the wire."""
+        pdh = decode_blob("sev-pdh", params.sev_pdh)
+        plat = decode_blob("sev-plat-cert", params.sev_plat_cert)
+        amd = decode_blob("sev-amd-cert", params.sev_amd_cert)
+        bufs = [ctypes.create_string_buffer(b, len(b)) for b in (pdh, plat, amd)]
+        session = ctypes.create_string_buffer(SESSION_SIZE)
+        # The length query first, as QEMU does (session_len = 0 → INVALID_LENGTH + the length).
+        query = K.kvm_sev_send_start()
+        cmd = K.kvm_sev_cmd(id=K.sev_cmd_id.KVM_SEV_SEND_START, data=ctypes.addressof(query))
+        if self.sev.memory_encrypt_op(cmd) == 0 or cmd.error != SevStatus.INVALID_LENGTH:
+            raise MigrationError(f"SEND_START length query: unexpected firmware status {cmd.error:#x}")
+        start = K.kvm_sev_send_start(
+            pdh_cert_uaddr=ctypes.addressof(bufs[0]), pdh_cert_len=len(pdh),
+            plat_certs_uaddr=ctypes.addressof(bufs[1]), plat_certs_len=len(plat),
+            amd_certs_uaddr=ctypes.addressof(bufs[2]), amd_certs_len=len(amd),
+            session_uaddr=ctypes.addressof(session), session_len=query.session_len)
+        try:
+            self.sev.op(K.sev_cmd_id.KVM_SEV_SEND_START, start)
+        except K.KvmError as err:
+            raise MigrationError(f"SEND_START refused the target: {err}") from None
+        self.sending = True
+        own_pdh = self.vm.host.platform.public_certs()["pdh"]   # PDH_CERT_EXPORT of our own PDH
+        return SevContext(start.policy, own_pdh, session.raw)
+
+    def classify(self, block, dirty, private, shared):
+        if block.shared_by_nature:
+            return super().classify(block, dirty, private, shared)
+        return csev.bitmap_split(dirty, self.vm.memory.enc_snapshot(block), private, shared)
+
+    def send_pages(self, block, pages: np.ndarray, hdrs: np.ndarray, trans: np.ndarray) -> None:
+        """SEND_UPDATE_DATA for ``pages`` (indices into ``block``), batched through the csev pipeline."""
+        self.sev.send_update_data_batch(block.frames[pages], hdrs, trans)
+
+    def state_map(self):
+        """(block, [(start_gpa, npages, bitmap bytes)]) for every encryptable block (v3 subtype 2)."""
+        return [(b, [(b.gpa, b.npages, self.vm.memory.enc_snapshot(b).tobytes())])
+                for b in self.vm.memory.blocks if not b.shared_by_nature]
+
+    def commit(self) -> None:
+        """SEND_FINISH: the source guest becomes unrunnable (SENT) — only after the destination has
+        verified everything (the commit protocol in ``engine``)."""
+        self.sev.op(K.sev_cmd_id.KVM_SEV_SEND_FINISH)
+        self.sending = False
+
+    def cancel(self) -> None:
+        """SEND_CANCEL: back to RUNNING with the TEK/TIK channel destroyed; memory untouched."""
+        if self.sending:
+            status = K.kvm_sev_guest_status()
+            self.sev.op(K.sev_cmd_id.KVM_SEV_GUEST_STATUS, status)
+            if status.state == GuestState.SUPDATE:
+                self.sev.op(K.sev_cmd_id.KVM_SEV_SEND_CANCEL)
+            self.sending = False
+
+    # -- destination -----------------------------------------------------------------------------------
+    def load_setup(self, context: SevContext) -> None:
+        """RECEIVE_START from the stream's context (QEMU ``sev_receive_start``)."""
+        if len(context.pdh) != SEV_CERT_SIZE or len(context.session) != SESSION_SIZE:
+            raise MigrationError("SEV context: PDH must be 2084 bytes and the session 128 bytes")
+        pdh = ctypes.create_string_buffer(context.pdh, len(context.pdh))
+        session = ctypes.create_string_buffer(context.session, len(context.session))
+        start = K.kvm_sev_receive_start(policy=context.policy, pdh_uaddr=ctypes.addressof(pdh),
+                                        pdh_len=len(context.pdh), session_uaddr=ctypes.addressof(session),
+                                        session_len=len(context.session))
+        try:
+            self.sev.op(K.sev_cmd_id.KVM_SEV_RECEIVE_START, start)
+        except K.KvmError as err:
+            raise MigrationError(f"RECEIVE_START refused the session: {err}") from None
+        self.vm.policy = context.policy
+        self.receiving = True
+
+    def receive_pages(self, block, pages: np.ndarray, hdrs: np.ndarray, trans: np.ndarray) -> np.ndarray:
+        """RECEIVE_UPDATE_DATA for a batch; returns per-packet firmware statuses (0 = applied)."""
+        if not self.receiving:
+            raise MigrationError("encrypted page before the SEV context (RECEIVE_START) was received")
+        return self.sev.receive_update_data_batch(block.frames[pages], hdrs, trans)
+
+    def load_state_map(self, block, entries) -> None:
+        if block.shared_by_nature:
+            raise MigrationError(f"page-encryption map for {block.idstr}, which is shared by nature")
+        for start_gpa, npages, bitmap in entries:
+            self.vm.memory.set_enc_bitmap(block, start_gpa, npages,
+                                          np.frombuffer(bitmap, dtype="<u8").astype(np.uint64))
+
+    def finish(self) -> None:
+        """RECEIVE_FINISH: the destination guest may run (after the source committed)."""
+        if self.receiving:
+            self.sev.op(K.sev_cmd_id.KVM_SEV_RECEIVE_FINISH)
+            self.receiving = False
+
+    def abort(self) -> None:
+        """Discard a received guest: the SEV context is decommissioned, its key gone."""
+        self.receiving = False
+
+
+def ops_for(vm) -> PlainOps:
+    return SevOps(vm) if vm.sev_enabled else PlainOps(vm)
+
