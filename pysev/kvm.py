@@ -469,13 +469,16 @@ class SevKvm:
         self.active = False
 
     # -- pysev batch extension: many pages per call through the csev pipelines -------------------------
-    def send_update_data_batch(self, frames: np.ndarray, headers: np.ndarray, trans: np.ndarray) -> None:
-        status = self.platform.send_update_data_batch(self.handle, frames, headers, trans)
+    def send_update_data_batch(self, frames: np.ndarray, headers: np.ndarray, trans: np.ndarray, *,
+                               threads: int | None = None) -> None:
+        status = self.platform.send_update_data_batch(self.handle, frames, headers, trans, threads=threads)
         if status != SevStatus.SUCCESS:
             raise KvmError("SEND_UPDATE_DATA(batch)", errno.EIO, status)
 
-    def receive_update_data_batch(self, frames: np.ndarray, headers: np.ndarray, trans: np.ndarray) -> np.ndarray:
-        status, per_packet = self.platform.receive_update_data_batch(self.handle, frames, headers, trans)
+    def receive_update_data_batch(self, frames: np.ndarray, headers: np.ndarray, trans: np.ndarray, *,
+                                  threads: int | None = None) -> np.ndarray:
+        status, per_packet = self.platform.receive_update_data_batch(self.handle, frames, headers, trans,
+                                                                     threads=threads)
         if status != SevStatus.SUCCESS:
             raise KvmError("RECEIVE_UPDATE_DATA(batch)", errno.EIO, status)
         return per_packet

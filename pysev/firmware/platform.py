@@ -669,7 +669,7 @@ class Platform:
         return guest
 
     def send_update_data_batch(self, handle: int, frames: np.ndarray, headers: np.ndarray,
-                               trans: np.ndarray) -> SevStatus:
+                               trans: np.ndarray, *, threads: int | None = None) -> SevStatus:
         """SEND_UPDATE_DATA for whole pages: ``frames`` are host frame numbers of guest pages."""
         frames = np.ascontiguousarray(frames, dtype=np.uint64)
         with self._lock:
@@ -679,11 +679,12 @@ class Platform:
                 return fail.status
             ivs = np.frombuffer(self._trng(16 * frames.size), dtype=np.uint8).reshape(-1, 16)
             csev.send_pages(guest.vek, guest.tek, guest.tik, self.dram.frames, frames.astype(np.int64),
-                            frames << np.uint64(PAGE_SHIFT), headers, trans, ivs)
+                            frames << np.uint64(PAGE_SHIFT), headers, trans, ivs, threads=threads)
             return S.SUCCESS
 
     def receive_update_data_batch(self, handle: int, frames: np.ndarray, headers: np.ndarray,
-                                  trans: np.ndarray) -> tuple[SevStatus, np.ndarray]:
+                                  trans: np.ndarray, *, threads: int | None = None
+                                  ) -> tuple[SevStatus, np.ndarray]:
         """RECEIVE_UPDATE_DATA for whole pages; returns (command status, per-packet statuses).
 
         A packet that fails its MAC (BAD_MEASUREMENT) or carries the COMPRESSED flag (UNSUPPORTED)
@@ -696,7 +697,8 @@ class Platform:
             except _Fail as fail:
                 return fail.status, np.full(frames.size, fail.status, dtype=np.uint32)
             statuses = csev.receive_pages(guest.vek, guest.tek, guest.tik, headers, trans, self.dram.frames,
-                                          frames.astype(np.int64), frames << np.uint64(PAGE_SHIFT))
+                                          frames.astype(np.int64), frames << np.uint64(PAGE_SHIFT),
+                                          threads=threads)
             return S.SUCCESS, statuses
 
     def dbg_decrypt_batch(self, handle: int, frames: np.ndarray, out: np.ndarray) -> SevStatus:

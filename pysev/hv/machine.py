@@ -85,7 +85,7 @@ class VirtualMachine:
         self.host = host
         self.sev_enabled = sev
         self.policy = policy if sev else 0
-        self.memory = GuestMemory(host.dram, memory_size)
+        self.memory = GuestMemory(host.dram, memory_size, encrypted=sev)
         self._state = RunState.INMIGRATE if incoming else RunState.PRELAUNCH
         self._state_lock = threading.Lock()
         self.state_listeners: list = []
@@ -214,7 +214,9 @@ class VirtualMachine:
             words = block.enc[first // 64:(first + count + 63) // 64]   # ``first`` is a multiple of 64
             private = np.unpackbits(words.view(np.uint8), bitorder="little")[:count].astype(bool)
             if private.any():
-                self.sev.dbg_decrypt_batch(frames[private], out[:count][private])
+                plain = np.empty((int(private.sum()), PAGE_SIZE), dtype=np.uint8)
+                self.sev.dbg_decrypt_batch(frames[private], plain)
+                out[:count][private] = plain   # (boolean indexing copies: decrypt first, then scatter)
         return out[:count]
 
     def digest(self) -> str:

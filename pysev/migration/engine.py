@@ -169,7 +169,7 @@ class _ChannelSender(threading.Thread):
         super().__init__(name=f"mig-send-ch{index}", daemon=True)
         self.conn = conn
         self.ops = ops
-        self.writer = S.StreamWriter(conn.wfile)
+        self.writer = S.StreamWriter(conn.wfile, continuation=True)
         self.writer.ram_mem_size(list(blocks.items()))   # each channel stream announces the blocks
         self.digest = _Digest()
         self.queue: queue.Queue = queue.Queue(maxsize=4)
@@ -669,7 +669,7 @@ class _ChannelReceiver(threading.Thread):
     def run(self) -> None:
         inc = self.incoming
         try:
-            reader = S.StreamReader(self.conn.rfile, ram_blocks=inc.blocks)
+            reader = S.StreamReader(self.conn.rfile, ram_blocks=inc.blocks, continuation=True)
             batch = S.EncryptedBatch(BATCH_PAGES)
             while True:
                 for rec in reader.ram_records(batch):

@@ -130,9 +130,10 @@ class SevOps(PlainOps):
             return super().classify(block, dirty, private, shared)
         return csev.bitmap_split(dirty, self.vm.memory.enc_snapshot(block), private, shared)
 
-    def send_pages(self, block, pages: np.ndarray, hdrs: np.ndarray, trans: np.ndarray) -> None:
-        """SEND_UPDATE_DATA for ``pages`` (indices into ``block``), batched through the csev pipeline."""
-        self.sev.send_update_data_batch(block.frames[pages], hdrs, trans)
+    def send_pages(self, block, pages: np.ndarray, hdrs: np.ndarray, trans: np.ndarray, threads: int = 1) -> None:
+        """SEND_UPDATE_DATA for ``pages`` (indices into ``block``), batched through the csev pipeline;
+        ``threads`` cores work on the batch."""
+        self.sev.send_update_data_batch(block.frames[pages], hdrs, trans, threads=threads)
 
     def state_map(self):
         """(block, [(start_gpa, npages, bitmap bytes)]) for every encryptable block (v3 subtype 2)."""
@@ -171,11 +172,12 @@ class SevOps(PlainOps):
         self.vm.policy = context.policy
         self.receiving = True
 
-    def receive_pages(self, block, pages: np.ndarray, hdrs: np.ndarray, trans: np.ndarray) -> np.ndarray:
+    def receive_pages(self, block, pages: np.ndarray, hdrs: np.ndarray, trans: np.ndarray,
+                      threads: int = 1) -> np.ndarray:
         """RECEIVE_UPDATE_DATA for a batch; returns per-packet firmware statuses (0 = applied)."""
         if not self.receiving:
             raise MigrationError("encrypted page before the SEV context (RECEIVE_START) was received")
-        return self.sev.receive_update_data_batch(block.frames[pages], hdrs, trans)
+        return self.sev.receive_update_data_batch(block.frames[pages], hdrs, trans, threads=threads)
 
     def load_state_map(self, block, entries) -> None:
         if block.shared_by_nature:

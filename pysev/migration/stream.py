@@ -331,7 +331,9 @@ class StreamWriter:
     BUFFER_SIZE = 64 * 1024
     _SCRATCH_RECORDS = 256  # encrypted-page batch chunk written straight from a scratch array (~1 MiB)
 
-    def __init__(self, fileobj: BinaryIO, *, buffer_size: int = BUFFER_SIZE) -> None:
+    def __init__(self, fileobj: BinaryIO, *, buffer_size: int = BUFFER_SIZE, continuation: bool = False) -> None:
+        """``continuation=True``: a page channel continuing a main stream that already carried the
+        SEND_START context, so no record of this stream carries it."""
         if buffer_size < 4096:
             raise ValueError("buffer_size must be at least 4096")
         self._f = fileobj
@@ -345,7 +347,7 @@ class StreamWriter:
         self._last_block: str | None = None  # QEMU last_sent_block
         self._idstr: dict[str, bytes] = {}
         self._block_sizes: dict[str, int] = {}
-        self._context_sent = False
+        self._context_sent = continuation
         self._scratch: np.ndarray | None = None
 
     # -- byte level -------------------------------------------------------------------------------------
@@ -712,7 +714,8 @@ class StreamReader:
     """
 
     def __init__(self, fileobj: BinaryIO, limits: ReaderLimits = ReaderLimits(), *,
-                 ram_blocks: Mapping[str, int] | None = None) -> None:
+                 ram_blocks: Mapping[str, int] | None = None, continuation: bool = False) -> None:
+        """``continuation=True``: a page channel whose SEND_START context came on the main stream."""
         self._f = fileobj
         # readinto1 returns what is there (a live socket never blocks for more); raw objects have readinto.
         self._readinto = getattr(fileobj, "readinto1", None) or fileobj.readinto
@@ -728,7 +731,7 @@ class StreamReader:
         self._blocks: dict[bytes, tuple[str, int]] = {}
         self._ram_total = 0
         self._last_block: tuple[str, int] | None = None  # QEMU last_recv_block
-        self._context_seen = False
+        self._context_seen = continuation
         self._sections: dict[int, tuple[str, int, int]] = {}
         self._open_sections: set[int] = set()
         self._last_section: int | None = None
