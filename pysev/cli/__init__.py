@@ -6,7 +6,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ("migrate", "vm", "certs", "bench")
+SUBCOMMANDS = ("migrate", "certs", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

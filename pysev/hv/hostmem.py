@@ -22,6 +22,7 @@ CHUNK_FRAMES = 512  # 2 MiB, the granule of guest-RAM allocation
 KERNEL_CHUNKS = 8   # the first 16 MiB serve small kernel/firmware buffers, frame by frame
 
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
 class OutOfHostMemory(MemoryError):
@@ -57,6 +58,17 @@ class HostMemory:
             chunks = np.array([self._free_chunks.pop() for _ in range(need)], dtype=np.uint64)
         frames = (chunks[:, None] * CHUNK_FRAMES + np.arange(CHUNK_FRAMES, dtype=np.uint64)).ravel()
         return frames[:npages].copy()
+
+    def populate(self, frames: np.ndarray) -> None:
+        """Fault in the chunks backing ``frames`` now (QEMU's -mem-prealloc), so that a destination
+        receiving a migration does not take a page fault per page in the middle of the hot path."""
+        chunks = np.unique(np.asarray(frames, dtype=np.uint64) // CHUNK_FRAMES)
+        for c in chunks.tolist():
+            start, length = c * CHUNK_FRAMES * PAGE_SIZE, CHUNK_FRAMES * PAGE_SIZE
+            try:
+                self._map.madvise(_MADV_POPULATE_WRITE, start, length)
+            except OSError:  # kernels before 5.14: touch one byte per page instead
+                self.flat[start:start + length:PAGE_SIZE] = 0
 
     def free_ram(self, frames: np.ndarray) -> None:
         """Return guest-RAM frames; their contents are discarded (zero, and no longer resident)."""

@@ -86,6 +86,9 @@ class VirtualMachine:
         self.sev_enabled = sev
         self.policy = policy if sev else 0
         self.memory = GuestMemory(host.dram, memory_size, encrypted=sev)
+        if incoming:  # preallocate, as a QEMU destination with -mem-prealloc: no faults mid-migration
+            for block in self.memory.blocks:
+                host.dram.populate(block.frames)
         self._state = RunState.INMIGRATE if incoming else RunState.PRELAUNCH
         self._state_lock = threading.Lock()
         self.state_listeners: list = []

@@ -346,7 +346,7 @@ class OutgoingMigration:
         except BaseException as err:  # noqa: BLE001 — every failure ends in the same rollback
             self._rollback(err)
         finally:
-            self.total_time = int((time.monotonic() - self.start_time) * 1000)
+            self.total_time = self.total_time or int((time.monotonic() - self.start_time) * 1000)
             self._close()
         return self.info()
 
@@ -553,7 +553,8 @@ class OutgoingMigration:
         if vm.workload:
             vm.workload.set_throttle(0)
         w.section_end(RAM_SECTION_ID)
-        self._send_pass(final=True)
+        t0, bytes0 = time.monotonic(), self.transferred
+        sent = self._send_pass(final=True)
         for ch in self.channels:
             ch.queue.put("sync")
         for ch in self.channels:
@@ -581,6 +582,10 @@ class OutgoingMigration:
         w.check()
         self.remaining_pages = 0
         self.downtime_bytes = self.transferred - before
+        elapsed = max(time.monotonic() - t0, 1e-6)
+        self.passes.append({"pass": len(self.passes) + 1, "pages": sent, "bytes": self.transferred - bytes0,
+                            "seconds": elapsed, "dirty_pages": 0, "mbps": (self.transferred - bytes0) * 8 / elapsed / 1e6,
+                            "throttle": self.throttle, "stop_and_copy": True})
 
     def _can_digest(self) -> bool:
         from pysev.firmware.commands import Policy
@@ -616,6 +621,7 @@ class OutgoingMigration:
 
     def _finish_ok(self) -> None:
         self.downtime = int((time.monotonic() - self._downtime_start) * 1000)
+        self.total_time = int((time.monotonic() - self.start_time) * 1000)
         if self.verify and self._can_digest():
             # Memory has been frozen since the pause, so this is the guest as it was at switchover;
             # taken after the downtime window so verification does not inflate the measured downtime.

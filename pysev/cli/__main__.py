@@ -1,0 +1,5 @@
+import sys
+
+from pysev.cli import main
+
+sys.exit(main())
