@@ -678,9 +678,13 @@ class Platform:
             except _Fail as fail:
                 return fail.status
             ivs = np.frombuffer(self._trng(16 * frames.size), dtype=np.uint8).reshape(-1, 16)
-            csev.send_pages(guest.vek, guest.tek, guest.tik, self.dram.frames, frames.astype(np.int64),
-                            frames << np.uint64(PAGE_SHIFT), headers, trans, ivs, threads=threads)
-            return S.SUCCESS
+            keys = guest.vek, guest.tek, guest.tik
+        # The pipeline runs outside the command lock: it reads only the keys captured above and the
+        # guest's pages, so page channels can encrypt concurrently (a later SEND_FINISH/CANCEL cannot
+        # change what this batch produces).
+        csev.send_pages(*keys, self.dram.frames, frames.astype(np.int64), frames << np.uint64(PAGE_SHIFT),
+                        headers, trans, ivs, threads=threads)
+        return S.SUCCESS
 
     def receive_update_data_batch(self, handle: int, frames: np.ndarray, headers: np.ndarray,
                                   trans: np.ndarray, *, threads: int | None = None
@@ -696,10 +700,10 @@ class Platform:
                 guest = self._batch_guest(handle, Cmd.RECEIVE_UPDATE_DATA, frames)
             except _Fail as fail:
                 return fail.status, np.full(frames.size, fail.status, dtype=np.uint32)
-            statuses = csev.receive_pages(guest.vek, guest.tek, guest.tik, headers, trans, self.dram.frames,
-                                          frames.astype(np.int64), frames << np.uint64(PAGE_SHIFT),
-                                          threads=threads)
-            return S.SUCCESS, statuses
+            keys = guest.vek, guest.tek, guest.tik
+        statuses = csev.receive_pages(*keys, headers, trans, self.dram.frames, frames.astype(np.int64),
+                                      frames << np.uint64(PAGE_SHIFT), threads=threads)
+        return S.SUCCESS, statuses
 
     def dbg_decrypt_batch(self, handle: int, frames: np.ndarray, out: np.ndarray) -> SevStatus:
         """DBG_DECRYPT of whole pages into ``out`` (refused with POLICY_FAILURE under NODBG)."""
