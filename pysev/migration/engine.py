@@ -133,7 +133,10 @@ def combined_digest(digests: list[_Digest]) -> bytes:
 
 
 def _write_msg(conn: Connection, kind: int, data: bytes = b"") -> None:
-    conn.wfile.write(MSG.pack(kind, len(data)) + data)
+    # Commit/return-path messages follow the QEMU stream but are not part of it: a ``--save-stream``
+    # tee (``write_control``) keeps them out of its copy, which must stay readable by analyze-migration.py.
+    write = getattr(conn.wfile, "write_control", None) or conn.wfile.write
+    write(MSG.pack(kind, len(data)) + data)
 
 
 def _read_msg(conn: Connection) -> tuple[int, bytes]:
@@ -384,14 +387,18 @@ class OutgoingMigration:
         self.remaining_pages = vm.memory.total_pages
         self.setup_time = int((time.monotonic() - self.start_time) * 1000)
 
-    def _end_chunk(self) -> None:
-        """EOS on the main stream and a sync on every channel; the destination meets them at a barrier."""
+    def _sync_channels(self) -> None:
+        """Every channel ends its chunk (EOS) and has written everything queued before it."""
         for ch in self.channels:
             ch.queue.put("sync")
         for ch in self.channels:
             ch.queue.join()
             if ch.error:
                 raise MigrationError(f"page channel {ch.name} failed: {ch.error}") from ch.error
+
+    def _end_chunk(self) -> None:
+        """EOS on the main stream and a sync on every channel; the destination meets them at a barrier."""
+        self._sync_channels()
         self.writer.ram_eos()
         self.writer.section_footer(RAM_SECTION_ID)
         self.writer.flush()
@@ -555,12 +562,7 @@ class OutgoingMigration:
         w.section_end(RAM_SECTION_ID)
         t0, bytes0 = time.monotonic(), self.transferred
         sent = self._send_pass(final=True)
-        for ch in self.channels:
-            ch.queue.put("sync")
-        for ch in self.channels:
-            ch.queue.join()
-            if ch.error:
-                raise MigrationError(f"page channel {ch.name} failed: {ch.error}") from ch.error
+        self._sync_channels()
         for block, entries in self.ops.state_map():
             w.sev_encrypted_bitmap(block.idstr, entries)
             self.main_digest.bitmap(block.idstr, entries)
@@ -599,6 +601,7 @@ class OutgoingMigration:
             # The file now holds the guest: the source must not run it again (SEND_FINISH), as after a
             # network migration. The restoring side checks the record digest stored in the trailer.
             self.ops.commit()
+            self._committed = True
             self._finish_ok()
             return
         _wait_readable(main, self.params.commit_timeout)
@@ -616,6 +619,7 @@ class OutgoingMigration:
             raise MigrationError("destination's digest of the received stream differs from what was sent "
                                  "(corrupted in transit)")
         self.ops.commit()                         # SEND_FINISH: from here on the source cannot run the guest
+        self._committed = True
         _write_msg(main, FWD_SEV_COMMIT)
         self._finish_ok()
 
@@ -632,8 +636,26 @@ class OutgoingMigration:
         self._set_status("completed")
 
     def _rollback(self, err: BaseException) -> None:
+        if getattr(self, "_committed", False):
+            # Past SEND_FINISH the guest is SENT: it must never run here again (the destination may
+            # already run it). Fail without resuming; nothing to cancel.
+            self.error_desc = f"failed after SEND_FINISH (the source cannot resume the guest): {err}"
+            log.warning("migration failed after commit: %s", err)
+            if self.vm.state != RunState.POSTMIGRATE:
+                self.vm.set_state(RunState.POSTMIGRATE)
+            if self.vm.workload:
+                try:
+                    self.vm.workload.stop()
+                except RuntimeError:
+                    pass
+            self._set_status("failed")
+            return
         cancelled = isinstance(err, _Cancelled) or self._cancel.is_set()
         self.error_desc = None if cancelled else str(err)
+        if not cancelled and not self.file_mode and not str(err).startswith("destination rejected"):
+            reason = self._peer_reason()
+            if reason:
+                self.error_desc = f"destination rejected the migration: {reason} (source saw: {err})"
         if not cancelled:
             log.warning("migration failed: %s", err, exc_info=not isinstance(err, (MigrationError, OSError)))
         try:
@@ -652,6 +674,18 @@ class OutgoingMigration:
         if self.vm.workload:
             self.vm.workload.set_throttle(0)
         self._set_status("cancelled" if cancelled else "failed")
+
+    def _peer_reason(self) -> str | None:
+        """After a local failure (e.g. a broken pipe): the destination's RP_SEV_FAILED reason, if it sent one."""
+        main = self.conns[0] if self.conns else None
+        if main is None or main.rfile is None:
+            return None
+        try:
+            _wait_readable(main, 1.0)
+            kind, data = _read_msg(main)
+        except (OSError, ValueError, MigrationError):
+            return None
+        return data.decode(errors="replace") if kind == RP_SEV_FAILED else None
 
     def _close(self) -> None:
         for c in self.conns:
@@ -677,7 +711,9 @@ class _ChannelReceiver(threading.Thread):
         try:
             reader = S.StreamReader(self.conn.rfile, ram_blocks=inc.blocks, continuation=True)
             batch = S.EncryptedBatch(BATCH_PAGES)
+            chunk = 0
             while True:
+                chunk += 1
                 for rec in reader.ram_records(batch):
                     if isinstance(rec, S.EncryptedPages):
                         inc.context_ready.wait()
@@ -686,7 +722,7 @@ class _ChannelReceiver(threading.Thread):
                         inc.apply_encrypted(rec, self.digest, f"channel {self.index}", reader.offset)
                     elif not isinstance(rec, (S.Eos, S.MemSize)):
                         raise MigrationError(f"channel {self.index}: unexpected {type(rec).__name__} record")
-                if inc.barrier_wait() is None or inc.final_chunk:
+                if inc.barrier_wait() is None or inc.final_chunk == chunk:
                     return
         except BaseException as err:  # noqa: BLE001
             self.error = err
@@ -718,12 +754,21 @@ class IncomingMigration:
         self.pages_private = 0
         self.pages_shared = 0
         self._barrier = threading.Barrier(len(conns))
-        self.final_chunk = False  # set when the main stream reaches the END section's EOS
+        # Number of the END section's chunk, set by the main stream before it waits at that chunk's
+        # barrier: a channel that has passed barrier k reads it as k only if chunk k was the last
+        # (a plain flag could already describe the main stream's *next* chunk).
+        self.final_chunk: int | None = None
         self._apply_lock = threading.Lock()
 
     def fail(self, err: BaseException) -> None:
-        if self._error is None:
+        first = self._error is None
+        if first:
             self._error = err
+            if not self.file_mode and self.conns and self.conns[0].wfile is not None:
+                try:  # tell the source why (its error-desc), before the connections are cut
+                    _write_msg(self.conns[0], RP_SEV_FAILED, str(err).encode()[:4096])
+                except (OSError, ValueError):
+                    pass
         self.failed.set()
         self.context_ready.set()
         self._barrier.abort()
@@ -781,6 +826,7 @@ class IncomingMigration:
         reader.read_header()
         batch = S.EncryptedBatch(BATCH_PAGES)
         frames = self.vm.host.dram.frames
+        chunk = 0
         while True:
             section = reader.next_section()
             if isinstance(section, S.Eof):
@@ -814,7 +860,9 @@ class IncomingMigration:
                 elif isinstance(rec, S.MemSize):
                     continue
                 elif isinstance(rec, S.Eos):
-                    self.final_chunk = final
+                    chunk += 1
+                    if final:
+                        self.final_chunk = chunk
                     if len(self.conns) > 1 and self.barrier_wait() is None:
                         raise self._error or MigrationError("a page channel failed")
             if self.failed.is_set():
@@ -846,7 +894,9 @@ class IncomingMigration:
 
     def _run_guest(self) -> None:
         self.ops.finish()                                   # RECEIVE_FINISH
-        if self.verify:
+        from pysev.firmware.commands import Policy
+        # Past COMMIT nothing may fail: under NODBG (policy from the stream) there is no debug path to hash.
+        if self.verify and not (self.vm.sev_enabled and self.vm.policy & Policy.NODBG):
             self.guest_digest = self.vm.digest()            # before its vCPUs change anything
         self.vm.incoming_complete()
         self.status = "completed"
