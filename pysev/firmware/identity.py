@@ -109,17 +109,25 @@ class Identity:
         return SevStatus.SUCCESS
 
     # -- what leaves the platform -------------------------------------------------------------------
+    def _require_provisioned(self) -> None:
+        if self._pek is None:
+            raise RuntimeError("the platform has no PEK/PDH yet: issue INIT first (or PEK_GEN after "
+                               "PLATFORM_RESET)")
+
     @property
     def pdh_cert(self) -> bytes:
+        self._require_provisioned()
         return self._pdh.to_bytes()
 
     @property
     def oca_cert(self) -> bytes:
+        self._require_provisioned()
         return self._oca.to_bytes()
 
     def plat_certs(self, signed_cek: bool = False) -> bytes:
         """PEK ‖ OCA ‖ CEK. The firmware exports its CEK unsigned (§2.9, ASPFW); hosts replace it with
         the ASK-signed one from the key server (``signed_cek=True``), as sevctl and QEMU users do."""
+        self._require_provisioned()
         cek = self._root.kds.cek_cert(self._chip_id) if signed_cek else self._cek.to_bytes()
         return self._pek.to_bytes() + self._oca.to_bytes() + cek
 

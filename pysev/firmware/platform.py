@@ -156,7 +156,9 @@ class Platform:
     ``dram`` is the host's physical memory (command buffers, certificates and guest RAM all live there,
     addressed by host physical address). ``root`` is the simulated AMD root that manufactured this chip
     and that its SEND_START trusts (default: the machine-wide root, ``pysev.amdroot.default_root``).
-    ``trng`` is the firmware's random source (injectable so tests can replay identical output).
+    ``trng`` is the firmware's random source (injectable so tests can replay identical output). It must
+    behave as a byte stream: the batch forms draw all their IVs in one ``trng(16·k)`` call where the
+    per-page commands make k calls of ``trng(16)``; a stream gives both the same bytes.
     """
 
     def __init__(self, dram: HostMemory, *, root=None, chip_id: bytes | None = None,
