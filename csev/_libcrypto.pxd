@@ -57,5 +57,8 @@ cdef int check_rows(const int64_t* idx, Py_ssize_t k, Py_ssize_t nrows, str name
 cdef bytes key_bytes(object key, str name, Py_ssize_t size)
 cdef object error_for(int rc)
 
+# n random bytes from libcrypto's DRBG (packet IVs); raises RuntimeError on failure.
+cdef bytes random_bytes(Py_ssize_t n)
+
 # LE128 tweak of a host physical address (sev-api.md §8): 16 bytes, little-endian.
 cdef void tweak_le128(uint8_t* out, uint64_t pa) noexcept nogil
