@@ -121,6 +121,7 @@ def _run_tcp(args, vm, memory, policy, params, caps, view, verify) -> dict:
         dest = json.loads(child.stdout.readline() or '{"status": "failed", "error-desc": "destination exited"}')
     finally:
         child.wait(timeout=120)
+        child.stdout.close()
     verified = None
     if verify:
         verified = outgoing.digest_at_switchover is not None and outgoing.digest_at_switchover == dest.get("digest")

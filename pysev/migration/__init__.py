@@ -67,6 +67,10 @@ class _Tee(io.RawIOBase):
         self._copy.write(data)
         return n
 
+    def write_control(self, data) -> int:
+        """The commit protocol's messages: to the transport only (the copy is the QEMU stream)."""
+        return self._inner.write(data)
+
     def close(self) -> None:
         self._copy.close()
         self._inner.close()

@@ -182,37 +182,36 @@ class _ChannelSender(threading.Thread):
         self._trans = np.empty((BATCH_PAGES, PAGE_SIZE), dtype=np.uint8)
 
     def run(self) -> None:
-        try:
-            while True:
-                item = self.queue.get()
-                try:
-                    if item is None:
-                        self.writer.flush()
-                        return
-                    if item == "sync":
-                        self.writer.ram_eos()
-                        self.writer.flush()
-                        self.writer.check()
-                        continue
-                    block, pages = item
+        # After a failure the thread keeps consuming (and discarding) until the final None: a producer
+        # that put an item or a "sync" after the failure must never block in put() or queue.join().
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
                     if self.error is None:
-                        k = len(pages)
-                        self.ops.send_pages(block, pages, self._hdrs[:k], self._trans[:k])
-                        offsets = pages.astype(np.uint64) * np.uint64(PAGE_SIZE)
-                        self.writer.sev_encrypted_pages(block.idstr, offsets, self._hdrs[:k], self._trans[:k])
-                        self.writer.check()
-                        self.digest.encrypted(block.idstr, offsets, self._hdrs[:k])
-                        self.pages += k
-                finally:
-                    self.queue.task_done()
-        except BaseException as err:  # noqa: BLE001 — reported to the migration thread
-            self.error = err
-            while True:  # keep draining so the producer never blocks on a dead channel
-                try:
-                    self.queue.get_nowait()
-                    self.queue.task_done()
-                except queue.Empty:
-                    break
+                        self.writer.flush()
+                    return
+                if self.error is not None:
+                    continue
+                if item == "sync":
+                    self.writer.ram_eos()
+                    self.writer.flush()
+                    self.writer.check()
+                    continue
+                block, pages = item
+                k = len(pages)
+                self.ops.send_pages(block, pages, self._hdrs[:k], self._trans[:k])
+                offsets = pages.astype(np.uint64) * np.uint64(PAGE_SIZE)
+                self.writer.sev_encrypted_pages(block.idstr, offsets, self._hdrs[:k], self._trans[:k])
+                self.writer.check()
+                self.digest.encrypted(block.idstr, offsets, self._hdrs[:k])
+                self.pages += k
+            except BaseException as err:  # noqa: BLE001 — reported to the migration thread
+                self.error = self.error or err
+                if item is None:
+                    return
+            finally:
+                self.queue.task_done()
 
     @property
     def transferred(self) -> int:
@@ -267,6 +266,7 @@ class OutgoingMigration:
         self.downtime_bytes = 0
         self.throttle = 0
         self._bitmaps: dict[str, np.ndarray] = {}
+        self._channel_bytes_queued = 0
 
     # -- QMP view ----------------------------------------------------------------------------------------
     def _set_status(self, status: str) -> None:
@@ -366,9 +366,7 @@ class OutgoingMigration:
         self.writer = S.StreamWriter(self.conns[0].wfile)
         self.main_digest = _Digest()
         self.context = self.ops.save_setup(self.params)          # SEND_START (SEV) or nothing
-        self._context_pending = self.context is not None
-        if self.context is not None:
-            self.main_digest.context(self.context)
+        self._context_pending = self.context is not None   # digested where it is written (first private page)
         channel_conns = self.conns[1:]
         self.channels = [_ChannelSender(i + 1, c, self.ops, blocks) for i, c in enumerate(channel_conns)]
         for ch in self.channels:
@@ -409,18 +407,24 @@ class OutgoingMigration:
         limit = self.params.max_bandwidth
         if limit <= 0:
             return
-        sent = self.transferred - window["bytes"]
+        sent = self._rate_bytes() - window["bytes"]
         budget = limit * BUFFER_DELAY
         if sent >= budget:
             wait = window["start"] + sent / limit - time.monotonic()
             if wait > 0:
                 self._cancel.wait(wait)
-            window["start"], window["bytes"] = time.monotonic(), self.transferred
+            window["start"], window["bytes"] = time.monotonic(), self._rate_bytes()
+
+    def _rate_bytes(self) -> int:
+        """Bytes charged to max-bandwidth: the main stream's plus every batch handed to a page channel,
+        counted when queued (a channel writes later; counting its bytes only once written let the
+        queued backlog, and whatever it flushed during a wait, escape the limit)."""
+        return self.writer.transferred + self._channel_bytes_queued
 
     def _send_pass(self, final: bool) -> int:
         """Send every page of the migration bitmaps; returns the number of pages sent."""
         vm, w = self.vm, self.writer
-        window = {"start": time.monotonic(), "bytes": self.transferred}
+        window = {"start": time.monotonic(), "bytes": self._rate_bytes()}
         sent = 0
         rr = 0
         total = sum(csev.bitmap_count(b) for b in self._bitmaps.values())
@@ -465,6 +469,7 @@ class OutgoingMigration:
                     if ch.error:
                         raise MigrationError(f"page channel {ch.name} failed: {ch.error}") from ch.error
                     ch.queue.put((block, pages))
+                    self._channel_bytes_queued += len(pages) * S.ENC_PAGE_RECORD_SIZE
                 else:
                     self._send_private_on_main(block, pages)
                 self.normal += len(pages)
@@ -485,6 +490,8 @@ class OutgoingMigration:
         context = self.context if self._context_pending else None
         self.writer.sev_encrypted_pages(block.idstr, offsets, hdrs, trans, context)
         self.writer.check()
+        if context is not None:  # the destination digests it when it meets it: after any shared page before it
+            self.main_digest.context(context)
         self.main_digest.encrypted(block.idstr, offsets, hdrs)
         self._context_pending = False
 

@@ -175,6 +175,10 @@ class TcpListener:
         return [conns[i] for i in range(expected + 1)]
 
     def close(self) -> None:
+        try:  # wakes a thread blocked in accept(); close() alone leaves it (and the port) in place
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._sock.close()
 
 

@@ -1,0 +1,48 @@
+"""``pysev migrate`` end to end through ``pysev.cli.main([...])`` with ``--json``."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from pysev.cli import main
+
+
+def _run(capsys, *argv) -> tuple[int, dict]:
+    rc = main(["migrate", "--memory", "64M", "--json", *argv])
+    out = capsys.readouterr().out
+    return rc, json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("argv", [
+    ["--transport", "tcp", "--channels", "2", "--dirty-rate", "10M"],
+    ["--transport", "inproc", "--channels", "2", "--convert-rate", "500", "--vga-fps", "30"],
+    ["--transport", "inproc", "--no-sev"],
+], ids=["tcp-2ch-dirty", "inproc-flips-vga", "no-sev"])
+def test_cli_migrate_json(capsys, argv):
+    rc, s = _run(capsys, *argv)
+    assert rc == 0, s
+    assert s["status"] == "completed" and s["verified"] is True
+    assert s["destination"]["status"] == "completed"
+    ram = s["ram"]
+    assert ram["normal"] + ram["duplicate"] == sum(p["pages"] for p in s["passes"])
+    assert s["downtime"] <= 300
+    if "--no-sev" in argv:
+        assert s["sev"]["pages-encrypted"] == 0
+    else:
+        assert s["sev"]["pages-encrypted"] >= 64 * 256
+
+
+def test_cli_file_transport_plot_and_save_stream(capsys, tmp_path):
+    path = tmp_path / "guest.mig"
+    png = tmp_path / "passes.png"
+    save = tmp_path / "copy.mig"
+    rc, s = _run(capsys, "--transport", f"file:{path}", "--plot", str(png))
+    assert rc == 0 and s["status"] == "completed" and s["verified"] is True
+    assert s["file"] == str(path) and path.stat().st_size > 64 << 20
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rc, s = _run(capsys, "--channels", "2", "--save-stream", str(save))
+    assert rc == 0 and s["verified"] is True
+    sizes = [os.path.getsize(p) for p in (save, f"{save}.ch1", f"{save}.ch2")]
+    assert sum(sizes) == s["ram"]["transferred"]
