@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import threading
 
 import numpy as np
 
@@ -147,13 +148,16 @@ class _UserMemory:
         return False
 
     def _reload(self) -> None:
-        ranges = []
+        ranges: list[tuple[int, int]] = []
         with open("/proc/self/maps") as f:
             for line in f:
                 span, perms = line.split()[:2]
                 if perms.startswith("rw"):
                     lo, hi = (int(x, 16) for x in span.split("-"))
-                    ranges.append((lo, hi))
+                    if ranges and ranges[-1][1] == lo:   # a buffer may span adjacent mappings
+                        ranges[-1] = (ranges[-1][0], hi)
+                    else:
+                        ranges.append((lo, hi))
         self._ranges = ranges
 
     def read(self, addr: int, length: int) -> bytes:
@@ -204,6 +208,7 @@ class SevKvm:
         self._user = _UserMemory()
         self._dram_base = platform.dram.flat.ctypes.data
         self._kbufs: list[tuple[int, int]] = []
+        self._ioctl_lock = threading.Lock()  # KVM serialises SEV ioctls of one VM under kvm->lock
 
     # -- address helpers ---------------------------------------------------------------------------
     def uaddr_of_hpa(self, hpa: int) -> int:
@@ -249,6 +254,10 @@ class SevKvm:
     # -- the ioctl ---------------------------------------------------------------------------------
     def memory_encrypt_op(self, cmd: kvm_sev_cmd) -> int:
         """KVM_MEMORY_ENCRYPT_OP: 0 on success, else a negative errno (``cmd.error`` = firmware status)."""
+        with self._ioctl_lock:
+            return self._memory_encrypt_op(cmd)
+
+    def _memory_encrypt_op(self, cmd: kvm_sev_cmd) -> int:
         handler = _HANDLERS.get(cmd.id)
         if handler is None:
             return -errno.EINVAL
@@ -459,6 +468,10 @@ class SevKvm:
     # -- lifecycle outside the ioctl (KVM_DESTROY_VM path) ---------------------------------------------
     def destroy(self) -> None:
         """sev_vm_destroy: DEACTIVATE + DECOMMISSION, release the ASID."""
+        with self._ioctl_lock:
+            self._destroy()
+
+    def _destroy(self) -> None:
         if self.handle:
             self.platform.issue(fw.Cmd.DEACTIVATE, fw.HandleBuf(handle=self.handle))
             self.platform.issue(fw.Cmd.DECOMMISSION, fw.HandleBuf(handle=self.handle))
