@@ -6,7 +6,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ("migrate", "certs", "bench")
+SUBCOMMANDS = ("migrate", "certs", "bench", "vm")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,61 @@
+"""``pysev vm``: one simulated host running one SEV guest, driven over QMP like a QEMU process.
+
+Prints one JSON line to stdout once listening: ``{"qmp": ADDRESS, "incoming": URI|"defer"|null, "pid": N}``
+(the real ports when port 0 was asked for); logs go to stderr. SIGTERM, SIGINT and ``quit`` shut it down
+cleanly (SHUTDOWN event, guest destroyed, exit status 0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+from pysev.cli.units import parse_size
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("vm", help="run one SEV guest with a QMP monitor (source or migration destination)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--memory", required=True, help="guest RAM size (K/M/G suffix), e.g. 128M")
+    p.add_argument("--qmp", required=True, metavar="PATH|tcp:HOST:PORT",
+                   help="QMP monitor address: a UNIX socket path or tcp:HOST:PORT (port 0 = any)")
+    p.add_argument("--incoming", metavar="tcp:HOST:PORT|defer",
+                   help="wait for an incoming migration (listen now, or after migrate-incoming with 'defer')")
+    p.add_argument("--policy", type=lambda s: int(s, 0), default=None,
+                   help="SEV guest policy (default 0x11000020: SEV bit, API >= 0.17, debugging allowed)")
+    p.add_argument("--dirty-rate", default="0", help="bytes/s the guest dirties (K/M/G; 0 = idle)")
+    p.add_argument("--workload", choices=("uniform", "hotset", "sequential"), default="uniform",
+                   help="which pages the guest dirties")
+    p.add_argument("--convert-rate", type=float, default=0.0,
+                   help="pages/s the guest flips private<->shared (DMA bounce buffers)")
+    p.add_argument("--vga-fps", type=float, default=0.0, help="framebuffer redraws per second")
+    p.add_argument("--seed", type=int, default=None, help="seed of the guest workload")
+    p.add_argument("--no-sev", action="store_true", help="a plain guest without memory encryption")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pysev.hv.machine import DEFAULT_POLICY
+    from pysev.qmp.vmm import Vmm
+
+    incoming = args.incoming
+    if incoming is not None and incoming != "defer" and not incoming.startswith("tcp:"):
+        print(f"pysev vm: --incoming takes tcp:HOST:PORT or defer, not {incoming!r}", file=sys.stderr)
+        return 2
+    try:
+        vmm = Vmm(parse_size(args.memory), sev=not args.no_sev,
+                  policy=DEFAULT_POLICY if args.policy is None else args.policy, incoming=incoming,
+                  dirty_rate=parse_size(args.dirty_rate), workload=args.workload, convert_rate=args.convert_rate,
+                  vga_fps=args.vga_fps, seed=args.seed)
+        addresses = vmm.start(args.qmp)
+    except (OSError, ValueError, RuntimeError) as err:
+        print(f"pysev vm: {err}", file=sys.stderr)
+        return 1
+    # QEMU's termsig handler: SIGTERM/SIGINT/SIGHUP request a shutdown with reason "host-signal".
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: vmm.request_shutdown("host-signal"))
+    print(json.dumps({**addresses, "pid": os.getpid()}), flush=True)
+    vmm.wait()
+    return 0

@@ -1,0 +1,595 @@
+"""The ``pysev vm`` VMM: one simulated host running one SEV guest, driven over QMP (qemu-migration.md §4).
+
+The lifecycle is QEMU's: a source boots its guest and runs it; ``migrate`` returns ``{}`` at once and the
+engine (``pysev.migration.engine``) runs on a thread of its own; after a completed migration the source
+is in ``postmigrate``, after a failed or cancelled one it runs again (the engine's SEND_CANCEL path) and
+can ``migrate`` again. A destination (``--incoming tcp:HOST:PORT``, or ``defer`` + ``migrate-incoming``)
+waits in ``inmigrate`` and runs the guest once the source commits; a failed incoming migration leaves it
+waiting in ``inmigrate`` with a fresh, empty guest, still listening, and ready for ``migrate-incoming``.
+
+Commands, argument schemas, error classes and messages follow QEMU where QEMU has them; the extension
+``x-guest-digest`` (and ``x-guest-digest`` in query-migrate, taken at switchover) lets a client verify
+that the destination's plaintext equals the source's, through the firmware's debug path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from pysev import kvm as K
+from pysev.firmware.commands import Cmd, GuestState, Policy, PlatformStatusBuf
+from pysev.hv.machine import DEFAULT_POLICY, Host, RunState, VirtualMachine
+from pysev.migration import MigrationCapabilities, MigrationParameters
+from pysev.migration.engine import IncomingMigration, OutgoingMigration
+from pysev.migration.ops import MigrationError
+from pysev.migration.transport import MAX_CHANNELS, TcpListener, parse_tcp, tcp_connect
+from pysev.qmp.server import ArgEnum, CommandTable, QmpError, QmpServer, Session
+
+__all__ = ["Vmm", "HOST_OVERHEAD"]
+
+log = logging.getLogger(__name__)
+
+#: Host DRAM beyond the guest's RAM: firmware and kernel buffers, bounce pages.
+HOST_OVERHEAD = 512 << 20
+
+IN_PROGRESS = frozenset({"setup", "cancelling", "active", "device", "pre-switchover", "wait-unplug"})
+
+# qapi/migration.json MigrationCapability (QEMU 8.2), in schema order.
+QEMU_CAPABILITIES = (
+    "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events", "postcopy-ram", "x-colo",
+    "release-ram", "block", "return-path", "pause-before-switchover", "multifd", "dirty-bitmaps",
+    "postcopy-blocktime", "late-block-activate", "x-ignore-shared", "validate-uuid", "background-snapshot",
+    "zero-copy-send", "postcopy-preempt", "switchover-ack", "dirty-limit")
+_ENGINE_CAPS = {f.name.replace("_", "-") for f in dataclasses.fields(MigrationCapabilities)}
+# What the engine implements; every other capability may be set to false only.
+SUPPORTED_CAPABILITIES = frozenset({"events", "auto-converge", "multifd", "return-path", "zero-blocks"})
+
+# QEMU's SevState (qapi/misc-target.json) by firmware guest state; SENT has no QEMU name.
+_SEV_STATE = {GuestState.UNINIT: "uninit", GuestState.LUPDATE: "launch-update",
+              GuestState.LSECRET: "launch-secret", GuestState.RUNNING: "running",
+              GuestState.SUPDATE: "send-update", GuestState.RUPDATE: "receive-update", GuestState.SENT: "sent"}
+
+# migrate-set-parameters: QMP name -> (min, max, QEMU's wording of the range).
+_PARAM_RANGES: dict[str, tuple[int, int, str]] = {
+    "downtime-limit": (0, 2_000_000, "an integer in the range of 0 to 2000000 ms"),
+    "max-bandwidth": (0, 18446744073709, "an integer in the range of 0 to 18446744073709 bytes/second"),
+    # QEMU allows 1..255; the transport's hello bounds the channels of one migration (the destination
+    # refuses more), so the limit is checked here, where the mistake is made.
+    "multifd-channels": (1, MAX_CHANNELS, f"a value between 1 and {MAX_CHANNELS}"),
+    "throttle-trigger-threshold": (1, 100, "an integer in the range of 1 to 100"),
+    "cpu-throttle-initial": (1, 99, "an integer in the range of 1 to 99"),
+    "cpu-throttle-increment": (1, 99, "an integer in the range of 1 to 99"),
+    "max-cpu-throttle": (1, 99, "an integer in the range of 1 to 99"),
+}
+_PARAM_SCHEMA: dict[str, tuple[Any, bool]] = {
+    **{name: ("uint", False) for name in _PARAM_RANGES},
+    "cpu-throttle-tailslow": ("bool", False),
+    "sev-pdh": ("strornull", False),
+    "sev-plat-cert": ("strornull", False),
+    "sev-amd-cert": ("strornull", False),
+    # libvirt resets these to "" on every migration; TLS itself is not offered (see _set_parameters).
+    "tls-creds": ("strornull", False),
+    "tls-hostname": ("strornull", False),
+    "tls-authz": ("strornull", False),
+}
+# Parameters a running migration picks up at once (QEMU applies these live too).
+_LIVE_PARAMS = ("downtime_limit", "max_bandwidth", "throttle_trigger_threshold", "cpu_throttle_initial",
+                "cpu_throttle_increment", "cpu_throttle_tailslow", "max_cpu_throttle")
+
+
+def _generic(desc: str) -> QmpError:
+    return QmpError("GenericError", desc)
+
+
+class _Outgoing:
+    """One ``migrate``: connecting, then the engine's ``OutgoingMigration`` on a thread of its own."""
+
+    def __init__(self, vmm: Vmm, uri: str, params: MigrationParameters, caps: MigrationCapabilities) -> None:
+        self.vmm = vmm
+        self.uri = uri
+        self.params = params
+        self.caps = caps
+        self.migration: OutgoingMigration | None = None
+        self._status = "setup"           # until the engine takes over
+        self._error_desc: str | None = None
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self.thread = threading.Thread(target=self._run, name="migration", daemon=True)
+
+    @property
+    def status(self) -> str:
+        m = self.migration
+        if m is not None and m.status != "none":
+            return m.status
+        return self._status
+
+    @property
+    def in_progress(self) -> bool:
+        return self.status in IN_PROGRESS
+
+    def info(self) -> dict:
+        m = self.migration
+        if m is not None and m.status != "none":
+            return m.info()
+        info = {"status": self._status}
+        if self._error_desc:
+            info["error-desc"] = self._error_desc
+        return info
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            m = self.migration
+            if m is None and self._status == "setup":
+                self._status = "cancelling"
+                self._event("cancelling")
+        if m is not None:
+            m.cancel()
+
+    def _event(self, status: str) -> None:
+        if self.caps.events:
+            self.vmm.emit("MIGRATION", {"status": status})
+
+    def _end_before_engine(self, status: str, desc: str | None) -> None:
+        with self._lock:
+            self._status, self._error_desc = status, desc
+        self._event(status)
+
+    def _run(self) -> None:
+        self._event("setup")
+        channels = self.params.multifd_channels if self.caps.multifd else 0
+        try:
+            conns = tcp_connect(self.uri, channels)
+        except (OSError, ValueError) as err:
+            log.warning("migration to %s: %s", self.uri, err)
+            if self._cancelled:
+                self._end_before_engine("cancelled", None)
+            else:
+                self._end_before_engine("failed", f"Failed to connect to '{self.uri}': {err}")
+            return
+        m = OutgoingMigration(self.vmm.vm, conns, self.params, self.caps, on_event=self._engine_event)
+        with self._lock:
+            self.migration = m
+            cancelled = self._cancelled
+        if cancelled:
+            m.cancel()
+        m.run()
+        log.info("outgoing migration to %s: %s%s", self.uri, m.status,
+                 f" ({m.error_desc})" if m.error_desc else "")
+
+    def _engine_event(self, name: str, data: dict) -> None:
+        # The engine announces "setup" again when it starts; the client has seen it already.
+        if name == "MIGRATION" and data.get("status") == "setup":
+            return
+        self.vmm.emit(name, data)
+
+
+class Vmm:
+    """One host, one guest, one QMP monitor. ``incoming`` is None, ``"defer"`` or ``"tcp:HOST:PORT"``."""
+
+    def __init__(self, memory: int, *, sev: bool = True, policy: int = DEFAULT_POLICY, incoming: str | None = None,
+                 dirty_rate: float = 0.0, workload: str = "uniform", convert_rate: float = 0.0,
+                 vga_fps: float = 0.0, seed: int | None = None, name: str = "pysev-vm",
+                 host_memory: int | None = None, max_message: int | None = None) -> None:
+        if incoming is not None and incoming != "defer":
+            parse_tcp(incoming)     # ValueError names the problem
+        self.memory = memory
+        self.host = Host(name, host_memory or memory + HOST_OVERHEAD)
+        self._vm_args = dict(sev=sev, policy=policy, dirty_rate=dirty_rate, workload=workload,
+                             convert_rate=convert_rate, vga_fps=vga_fps, seed=seed)
+        self.params = MigrationParameters()
+        self.caps = MigrationCapabilities()
+        self._lock = threading.RLock()
+        self._closing = False
+        self._shutdown_requested = threading.Event()
+        self._shutdown_reason = "host-signal"
+        self._outgoing: _Outgoing | None = None
+        # Incoming side: the command-line setting, the listener and its thread, and the last attempt.
+        self.incoming_setting = incoming
+        self._listener: TcpListener | None = None
+        self._incoming: IncomingMigration | None = None
+        self._incoming_status: str | None = None       # None until listening; setup/active/completed/failed
+        self._incoming_error: str | None = None
+        self._incoming_threads: list[threading.Thread] = []
+        self._autostart = True
+        self.vm = self._new_vm(incoming=incoming is not None)
+        if incoming is None:
+            self.vm.boot_fill()     # every page holds known plaintext, so digests mean something
+        self.table = self._build_table()
+        self.server = QmpServer(self.table, **({"max_message": max_message} if max_message else {}))
+
+    # -- process lifecycle -----------------------------------------------------------------------------
+    def start(self, qmp_address: str) -> dict:
+        """Listen for QMP (and for the incoming migration); return the real addresses."""
+        if self.incoming_setting not in (None, "defer"):
+            self._listen(self.incoming_setting)
+        address = self.server.run_in_thread(qmp_address)
+        log.info("VMM up: QMP %s, guest %s", address, self.vm.state.value)
+        return {"qmp": address, "incoming": self.incoming_uri}
+
+    @property
+    def incoming_uri(self) -> str | None:
+        listener = self._listener
+        if listener is not None:
+            return listener.uri
+        return self.incoming_setting
+
+    def request_shutdown(self, reason: str) -> None:
+        """quit (``host-qmp-quit``) or a signal (``host-signal``); the main thread does the rest."""
+        if not self._shutdown_requested.is_set():
+            self._shutdown_reason = reason
+            self._shutdown_requested.set()
+
+    def wait(self) -> None:
+        """Block (in the main thread, so signals are served) until shutdown is requested, then shut down."""
+        while not self._shutdown_requested.wait(0.2):
+            pass
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """SHUTDOWN event, stop the migration threads, destroy the guest, close the monitor."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+        log.info("shutting down (%s)", self._shutdown_reason)
+        self.server.emit_event("SHUTDOWN", {"guest": False, "reason": self._shutdown_reason})
+        job = self._outgoing
+        if job is not None and job.in_progress:
+            job.cancel()
+            job.thread.join(15)
+        self._close_listener()
+        incoming = self._incoming
+        if incoming is not None and incoming.status == "active":
+            incoming.fail(MigrationError("the destination VMM is shutting down"))
+        for t in self._incoming_threads:
+            t.join(15)
+        try:
+            self.vm.destroy()
+        except Exception:       # noqa: BLE001 — a failed vCPU must not keep the process alive
+            log.exception("destroying the guest failed")
+        time.sleep(0.1)         # let the last replies and the SHUTDOWN event reach the clients
+        self.server.stop()
+
+    # -- guest ----------------------------------------------------------------------------------------
+    def _new_vm(self, *, incoming: bool) -> VirtualMachine:
+        vm = VirtualMachine(self.host, self.memory, incoming=incoming, **self._vm_args)
+        vm.state_listeners.append(self._on_state)
+        return vm
+
+    def emit(self, name: str, data: dict | None = None) -> None:
+        if not self._closing:
+            self.server.emit_event(name, data)
+
+    def _on_state(self, old: RunState, new: RunState) -> None:
+        # QEMU: STOP from vm_stop, RESUME from vm_start; none at process exit.
+        if old == RunState.RUNNING and new != RunState.RUNNING and new != RunState.SHUTDOWN:
+            self.emit("STOP")
+        elif new == RunState.RUNNING and old != RunState.RUNNING:
+            self.emit("RESUME")
+
+    def _check_alive(self) -> None:
+        if self._closing:
+            raise _generic("The VMM is shutting down")
+
+    # -- incoming -------------------------------------------------------------------------------------
+    def _listen(self, uri: str) -> None:
+        try:
+            listener = TcpListener(uri)
+        except ValueError as err:
+            raise _generic(str(err)) from None
+        except OSError as err:
+            raise _generic(f"Failed to bind socket for '{uri}': {err.strerror or err}") from None
+        with self._lock:
+            self._listener = listener
+            self._incoming_status = "setup"
+            self._incoming_error = None
+        t = threading.Thread(target=self._accept_loop, args=(listener,), name="migration-incoming", daemon=True)
+        self._incoming_threads = [x for x in self._incoming_threads if x.is_alive()] + [t]
+        t.start()
+        log.info("waiting for an incoming migration on %s", listener.uri)
+
+    def _close_listener(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+
+    def _accept_loop(self, listener: TcpListener) -> None:
+        """Accept migrations on ``listener`` until one completes; after a failure, start over with an
+        empty guest (QEMU would exit; a VMM under test is more useful alive)."""
+        while True:
+            try:
+                conns = listener.accept(timeout=None)
+            except OSError as err:
+                if self._closing or self._listener is not listener:
+                    return
+                log.warning("incoming migration on %s: %s", listener.uri, err)
+                time.sleep(0.05)
+                continue
+            with self._lock:
+                if self._closing or self._listener is not listener:
+                    for c in conns:
+                        c.close()
+                    return
+                incoming = IncomingMigration(self.vm, conns, commit_timeout=self.params.commit_timeout,
+                                             on_event=self._incoming_event, verify=True)
+                self._incoming = incoming
+                self._incoming_status = "active"
+                self._incoming_error = None
+            if self.caps.events:
+                self.emit("MIGRATION", {"status": "active"})
+            incoming.run()
+            with self._lock:
+                self._incoming_status = incoming.status
+                self._incoming_error = incoming.error_desc
+                if incoming.status == "completed":
+                    if self._listener is listener:
+                        self._listener = None
+                    listener.close()
+                    if not self._autostart:
+                        self.vm.pause()
+                    log.info("incoming migration completed; guest %s", self.vm.state.value)
+                    return
+                if self._closing:
+                    return
+                # A fresh, empty guest for the next attempt: the failed one holds half a stream.
+                old = self.vm
+                try:
+                    old.destroy()
+                except Exception:   # noqa: BLE001
+                    log.exception("discarding the failed incoming guest")
+                self.vm = self._new_vm(incoming=True)
+            log.info("incoming migration failed (%s); waiting for another on %s", incoming.error_desc,
+                     listener.uri)
+
+    def _incoming_event(self, name: str, data: dict) -> None:
+        if self.caps.events:
+            self.emit(name, data)
+
+    # -- command table --------------------------------------------------------------------------------
+    def _build_table(self) -> CommandTable:
+        t = CommandTable()
+        reg: Callable = t.register
+        reg("query-status", self.cmd_query_status)
+        reg("stop", self.cmd_stop)
+        reg("cont", self.cmd_cont)
+        reg("system_reset", self.cmd_system_reset)
+        reg("quit", self.cmd_quit)
+        reg("query-sev", self.cmd_query_sev)
+        reg("query-sev-capabilities", self.cmd_query_sev_capabilities)
+        reg("migrate-set-parameters", self.cmd_migrate_set_parameters, args=_PARAM_SCHEMA)
+        reg("query-migrate-parameters", self.cmd_query_migrate_parameters)
+        reg("migrate-set-capabilities", self.cmd_migrate_set_capabilities, args={
+            "capabilities": ([{"capability": (ArgEnum(*QEMU_CAPABILITIES), True), "state": ("bool", True)}], True)})
+        reg("query-migrate-capabilities", self.cmd_query_migrate_capabilities)
+        reg("migrate", self.cmd_migrate, args={
+            "uri": ("str", False),
+            "channels": ([{"channel-type": (ArgEnum("main"), True), "addr": ("object", True)}], False),
+            "detach": ("bool", False), "resume": ("bool", False), "blk": ("bool", False), "inc": ("bool", False)})
+        reg("migrate-incoming", self.cmd_migrate_incoming, args={
+            "uri": ("str", False),
+            "channels": ([{"channel-type": (ArgEnum("main"), True), "addr": ("object", True)}], False)})
+        reg("migrate_cancel", self.cmd_migrate_cancel)
+        reg("query-migrate", self.cmd_query_migrate)
+        reg("x-guest-digest", self.cmd_x_guest_digest)
+        return t
+
+    # -- run state ------------------------------------------------------------------------------------
+    def cmd_query_status(self, args: dict, session: Session) -> dict:
+        state = self.vm.state
+        return {"status": state.value, "running": state == RunState.RUNNING, "singlestep": False}
+
+    def cmd_stop(self, args: dict, session: Session) -> None:
+        with self._lock:
+            self._check_alive()
+            state = self.vm.state
+            if state == RunState.INMIGRATE:
+                self._autostart = False     # QEMU: the guest stays paused after the incoming migration
+            elif state == RunState.RUNNING:
+                self.vm.pause()
+
+    def cmd_cont(self, args: dict, session: Session) -> None:
+        with self._lock:
+            self._check_alive()
+            state = self.vm.state
+            if state == RunState.INMIGRATE:
+                raise _generic("Guest is waiting for an incoming migration")
+            if state == RunState.FINISH_MIGRATE:
+                raise _generic("Migration is not finalized yet")
+            if state == RunState.POSTMIGRATE:
+                raise _generic("The guest has migrated away (SEND_FINISH): it can no longer run on this host")
+            if state in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
+                raise _generic("Resetting the Virtual Machine is required")
+            if state == RunState.PAUSED:
+                self.vm.resume()
+
+    def cmd_system_reset(self, args: dict, session: Session) -> None:
+        with self._lock:
+            self._check_alive()
+            state = self.vm.state
+            if state == RunState.INMIGRATE:
+                raise _generic("Guest is waiting for an incoming migration")
+            if state == RunState.POSTMIGRATE:
+                raise _generic("The guest has migrated away (SEND_FINISH): it can no longer run on this host")
+            if self._outgoing is not None and self._outgoing.in_progress:
+                raise _generic("There's a migration process in progress")
+            self.vm.reset()
+            self.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+
+    def cmd_quit(self, args: dict, session: Session) -> None:
+        self.request_shutdown("host-qmp-quit")
+
+    # -- SEV ------------------------------------------------------------------------------------------
+    def cmd_query_sev(self, args: dict, session: Session) -> dict:
+        vm = self.vm
+        if not vm.sev_enabled or vm.sev is None:
+            raise _generic("SEV feature is not available")
+        status = PlatformStatusBuf()
+        self.host.platform.issue(Cmd.PLATFORM_STATUS, status)
+        state = "uninit"
+        if vm.sev.handle:
+            try:
+                gs = vm.sev.op(K.sev_cmd_id.KVM_SEV_GUEST_STATUS, K.kvm_sev_guest_status())
+                state = _SEV_STATE.get(GuestState(gs.state), "uninit")
+            except (K.KvmError, ValueError):
+                pass
+        return {"enabled": True, "api-major": status.api_major, "api-minor": status.api_minor,
+                "build-id": status.build, "policy": vm.policy, "state": state, "handle": vm.sev.handle,
+                "sev-type": "sev-es" if vm.policy & Policy.ES else "sev"}
+
+    def cmd_query_sev_capabilities(self, args: dict, session: Session) -> dict:
+        if not self.vm.sev_enabled:
+            raise _generic("SEV is not enabled in KVM")
+        return self.host.sev_capabilities()
+
+    def cmd_x_guest_digest(self, args: dict, session: Session) -> dict:
+        self._check_alive()
+        vm = self.vm
+        if vm.state == RunState.INMIGRATE:
+            raise _generic("Guest is waiting for an incoming migration")
+        try:
+            return {"digest": vm.digest()}
+        except K.KvmError as err:
+            desc = f"x-guest-digest: the firmware refused the debug read: {err}"
+            if vm.policy & Policy.NODBG:
+                desc += f" (the guest policy {vm.policy:#x} has NODBG: debugging is forbidden)"
+            raise _generic(desc) from None
+
+    # -- migration parameters and capabilities --------------------------------------------------------
+    def cmd_migrate_set_parameters(self, args: dict, session: Session) -> None:
+        updates: dict[str, Any] = {}
+        for name, value in args.items():
+            if name in _PARAM_RANGES:
+                lo, hi, words = _PARAM_RANGES[name]
+                if not lo <= value <= hi:
+                    raise _generic(f"Parameter '{name.replace('-', '_')}' expects {words}")
+            elif name.startswith("tls-"):
+                if value:
+                    raise _generic(f"Parameter '{name}': TLS is not supported by pysev (private pages travel "
+                                   "encrypted and authenticated by the SEV transport keys)")
+                continue
+            elif name.startswith("sev-"):
+                value = value or ""     # StrOrNull: null resets
+            updates[name.replace("-", "_")] = value
+        with self._lock:
+            self.params = dataclasses.replace(self.params, **updates)
+            job = self._outgoing
+            if job is not None and job.in_progress:
+                for field in _LIVE_PARAMS:
+                    if field in updates:
+                        setattr(job.params, field, updates[field])
+
+    def cmd_query_migrate_parameters(self, args: dict, session: Session) -> dict:
+        return {**self.params.qmp(), "tls-creds": "", "tls-hostname": "", "tls-authz": ""}
+
+    def cmd_migrate_set_capabilities(self, args: dict, session: Session) -> None:
+        with self._lock:
+            if self._outgoing is not None and self._outgoing.in_progress:
+                raise _generic("There's a migration process in progress")
+            updates = {}
+            for item in args["capabilities"]:
+                name, state = item["capability"], item["state"]
+                if name == "return-path" and not state:
+                    raise _generic("Capability 'return-path' is required: the SEV commit protocol answers "
+                                   "on the return path")
+                if state and name not in SUPPORTED_CAPABILITIES:
+                    raise _generic(f"Migration capability '{name}' is not supported by pysev")
+                if name in _ENGINE_CAPS:
+                    updates[name.replace("-", "_")] = state
+            self.caps = dataclasses.replace(self.caps, **updates)
+
+    def cmd_query_migrate_capabilities(self, args: dict, session: Session) -> list:
+        current = {c["capability"]: c["state"] for c in self.caps.qmp()}
+        return [{"capability": name, "state": bool(current.get(name, False))} for name in QEMU_CAPABILITIES]
+
+    # -- migration ------------------------------------------------------------------------------------
+    @staticmethod
+    def _uri_from(args: dict) -> str:
+        uri, channels = args.get("uri"), args.get("channels")
+        if uri is not None and channels is not None:
+            raise _generic("need either 'uri' or 'channels' argument")
+        if uri is None and channels is None:
+            raise _generic("need either 'uri' or 'channels' argument")
+        if channels is not None:
+            if len(channels) != 1:
+                raise _generic("Channel list has more than one entries")
+            addr = channels[0]["addr"]
+            if addr.get("transport") != "socket" or addr.get("type") != "inet":
+                raise _generic("pysev migrates over TCP only: 'addr' must be "
+                               "{\"transport\": \"socket\", \"type\": \"inet\", \"host\": …, \"port\": …}")
+            host, port = addr.get("host"), addr.get("port")
+            if not isinstance(host, str) or not isinstance(port, str):
+                raise _generic("Parameter 'addr' needs string members 'host' and 'port'")
+            uri = f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+        scheme = uri.split(":", 1)[0]
+        if scheme != "tcp":
+            if scheme in ("unix", "exec", "fd", "file", "rdma", "vsock"):
+                raise _generic(f"pysev migrates over tcp: only; '{scheme}:' is not supported")
+            raise _generic(f"unknown migration protocol: {uri}")
+        try:
+            parse_tcp(uri)
+        except ValueError as err:
+            raise _generic(str(err)) from None
+        return uri
+
+    def cmd_migrate(self, args: dict, session: Session) -> None:
+        if args.get("resume"):
+            raise _generic("Cannot resume if there is no paused migration")
+        if args.get("blk") or args.get("inc"):
+            raise _generic("Block migration is not supported by pysev")
+        uri = self._uri_from(args)
+        with self._lock:
+            self._check_alive()
+            if self._outgoing is not None and self._outgoing.in_progress:
+                raise _generic("There's a migration process in progress")
+            state = self.vm.state
+            if state == RunState.INMIGRATE:
+                raise _generic("Guest is waiting for an incoming migration")
+            if state not in (RunState.RUNNING, RunState.PAUSED):
+                raise _generic(f"The guest cannot be migrated in state '{state.value}'"
+                               + (" (it has migrated away: SEND_FINISH)" if state == RunState.POSTMIGRATE else ""))
+            job = _Outgoing(self, uri, dataclasses.replace(self.params), dataclasses.replace(self.caps))
+            self._outgoing = job
+            job.thread.start()
+        log.info("migration to %s started", uri)
+
+    def cmd_migrate_incoming(self, args: dict, session: Session) -> None:
+        uri = self._uri_from(args)
+        with self._lock:
+            self._check_alive()
+            if self.incoming_setting is None:
+                raise _generic("'-incoming' was not specified on the command line")
+            if self._incoming_status in ("setup", "active", "completed"):
+                raise _generic("The incoming migration has already been started")
+            self._close_listener()      # after a failure: the new URI replaces the old listener
+            self._listen(uri)
+
+    def cmd_migrate_cancel(self, args: dict, session: Session) -> None:
+        job = self._outgoing
+        if job is not None and job.in_progress:
+            job.cancel()
+
+    def cmd_query_migrate(self, args: dict, session: Session) -> dict:
+        job = self._outgoing
+        if job is not None:
+            return job.info()
+        with self._lock:
+            status, error, incoming = self._incoming_status, self._incoming_error, self._incoming
+        if status is None:
+            return {}
+        if status == "active" and incoming is not None:
+            status, error = incoming.status, incoming.error_desc     # live: "completed" once the guest runs
+        info: dict[str, Any] = {"status": status}
+        listener = self._listener
+        if listener is not None and status in ("setup", "failed"):
+            # QEMU's MigrationInfo socket-address: where the destination listens (the real port for port 0).
+            info["socket-address"] = [{"type": "inet", "host": str(listener.host), "port": str(listener.port)}]
+        if error:
+            info["error-desc"] = error
+        if status == "completed" and incoming is not None and incoming.guest_digest:
+            info["x-guest-digest"] = incoming.guest_digest
+        return info
