@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # The main job's default: authenticate the target's AMD chain (SEV bit), require firmware API ≥ 0.17
 # (as the published Naples migration used), and allow debugging so the result can be verified.
 DEFAULT_POLICY = make_policy(Policy.SEV, 0, 17)
+VCPUS = 1  # vCPUs of a simulated guest (one VMSA each under SEV-ES)
 
 
 class RunState(str, enum.Enum):
@@ -98,6 +99,9 @@ class VirtualMachine:
         self._workload_args = dict(dirty_rate=dirty_rate, workload=workload, convert_rate=convert_rate,
                                    vga_fps=vga_fps, seed=seed)
         self._seed = seed
+        # SEV-ES: one VMSA page per vCPU, outside guest RAM (KVM allocates them), encrypted under the VEK.
+        self.es = bool(sev and policy & Policy.ES)
+        self.vmsa_hpas: list[int] = [host.dram.alloc_kernel(PAGE_SIZE) for _ in range(VCPUS)] if self.es else []
         if sev:
             self.sev = host.kvm.create_vm()
             self.sev.op(K.sev_cmd_id.KVM_SEV_ES_INIT if policy & Policy.ES else K.sev_cmd_id.KVM_SEV_INIT)
@@ -144,6 +148,10 @@ class VirtualMachine:
         for frame in ram.frames[:len(boot)]:
             self.sev.op(K.sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_DATA, K.kvm_sev_launch_update_data(
                 uaddr=self.sev.uaddr_of_hpa(int(frame) * PAGE_SIZE), len=PAGE_SIZE))
+        for vcpu, hpa in enumerate(self.vmsa_hpas):      # LAUNCH_UPDATE_VMSA: the initial register state
+            self.host.dram.write(hpa, _initial_vmsa(vcpu))
+            self.sev.op(K.sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_VMSA, K.kvm_sev_launch_update_data(
+                uaddr=self.sev.uaddr_of_hpa(hpa), len=PAGE_SIZE))
         measure = ctypes.create_string_buffer(48)
         self.sev.op(K.sev_cmd_id.KVM_SEV_LAUNCH_MEASURE,
                     K.kvm_sev_launch_measure(uaddr=ctypes.addressof(measure), len=48))
@@ -204,6 +212,9 @@ class VirtualMachine:
             self.workload.stop()
         if self.sev:
             self.sev.destroy()
+        for hpa in self.vmsa_hpas:
+            self.host.dram.free_kernel(hpa, PAGE_SIZE)
+        self.vmsa_hpas = []
         self.memory.free()
         self.set_state(RunState.SHUTDOWN)
 
@@ -223,8 +234,13 @@ class VirtualMachine:
         return out[:count]
 
     def digest(self) -> str:
-        """SHA-256 over every block's plaintext (in block order) and its private/shared map."""
+        """SHA-256 over every block's plaintext (in block order) and its private/shared map, and for
+        SEV-ES guests the plaintext of every vCPU's VMSA."""
         h = hashlib.sha256()
+        if self.vmsa_hpas:
+            vmsas = np.empty((len(self.vmsa_hpas), PAGE_SIZE), dtype=np.uint8)
+            self.sev.dbg_decrypt_batch(np.array(self.vmsa_hpas, dtype=np.uint64) // PAGE_SIZE, vmsas)
+            h.update(b"vmsa\0" + vmsas.tobytes())
         buf = np.empty((4096, PAGE_SIZE), dtype=np.uint8)
         for block in self.memory.blocks:
             h.update(block.idstr.encode() + b"\0")
@@ -233,6 +249,12 @@ class VirtualMachine:
                 count = min(len(buf), block.npages - first)
                 h.update(self.plaintext_pages(block, first, count, buf).tobytes())
         return h.hexdigest()
+
+
+def _initial_vmsa(vcpu: int) -> bytes:
+    """A recognisable stand-in for a vCPU's reset register state (the VMSA layout is not modelled)."""
+    text = b"pysev SEV-ES VMSA of vCPU %d: register state at reset\n" % vcpu
+    return (text * (PAGE_SIZE // len(text) + 1))[:PAGE_SIZE]
 
 
 def _boot_image(npages: int) -> np.ndarray:

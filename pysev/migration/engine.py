@@ -48,6 +48,18 @@ BUFFER_DELAY = 0.1           # QEMU's BUFFER_DELAY: the rate-limit and bandwidth
 MAX_PASSES = 10_000
 RAM_SECTION_ID = 2
 RAM_SECTION = ("ram", 0, 4)
+# SEV-ES: one FULL device section per vCPU after the RAM section (QEMU puts non-iterable devices there),
+# carrying SEND_UPDATE_VMSA's packet: be32 hdr_len (52), hdr, be32 trans_len (4096), trans.
+VMSA_SECTION_ID = 3
+VMSA_SECTION = ("sev-es-vmsa", 1)
+
+
+def _vmsa_vmdesc(vcpu: int) -> dict:
+    """The vmdesc entry that lets analyze-migration.py decode a VMSA section."""
+    return {"name": VMSA_SECTION[0], "instance_id": vcpu, "vmsd_name": VMSA_SECTION[0], "version": VMSA_SECTION[1],
+            "fields": [{"name": "hdr_len", "type": "uint32", "size": 4}, {"name": "hdr", "type": "buffer", "size": 52},
+                       {"name": "trans_len", "type": "uint32", "size": 4},
+                       {"name": "trans", "type": "buffer", "size": PAGE_SIZE}]}
 
 # Return path and commit messages after the QEMU stream, in QEMU's return-path framing
 # (be16 type, be16 length, data; migration/migration.c MIG_RP_MSG_*), with pysev's own types.
@@ -117,6 +129,10 @@ class _Digest:
         self._h.update(b"C%d\0" % ctx.policy)
         self._h.update(ctx.pdh)
         self._h.update(ctx.session)
+
+    def vmsa(self, vcpu: int, hdr: bytes) -> None:
+        self._h.update(b"V%d\0" % vcpu)
+        self._h.update(hdr)
 
     def bitmap(self, block: str, entries) -> None:
         self._h.update(b"B%s\0" % block.encode())
@@ -575,6 +591,15 @@ class OutgoingMigration:
             self.main_digest.bitmap(block.idstr, entries)
         w.ram_eos()
         w.section_footer(RAM_SECTION_ID)
+        vmsas = self.ops.send_vmsas()                   # SEV-ES: SEND_UPDATE_VMSA per vCPU
+        for vcpu, (hdr, trans) in enumerate(vmsas):
+            w.section_full(VMSA_SECTION_ID + vcpu, VMSA_SECTION[0], vcpu, VMSA_SECTION[1])
+            w.put_be32(len(hdr))
+            w.put_bytes(hdr)
+            w.put_be32(len(trans))
+            w.put_bytes(trans)
+            w.section_footer(VMSA_SECTION_ID + vcpu)
+            self.main_digest.vmsa(vcpu, hdr)
         w.write_eof()
         for ch in self.channels:
             ch.queue.put(None)
@@ -583,7 +608,7 @@ class OutgoingMigration:
             if ch.error:
                 raise MigrationError(f"page channel {ch.name} failed: {ch.error}") from ch.error
         self.digest = combined_digest([self.main_digest] + [c.digest for c in self.channels])
-        vmdesc = S.default_vmdesc("pc-q35-sev")
+        vmdesc = S.default_vmdesc("pc-q35-sev", [_vmsa_vmdesc(vcpu) for vcpu in range(len(vmsas))])
         if self.file_mode:
             vmdesc["pysev"] = {"record-sha256": self.digest.hex()}
         w.write_vmdesc(vmdesc)
@@ -840,6 +865,10 @@ class IncomingMigration:
                 return reader.read_vmdesc()
             if isinstance(section, (S.Configuration, S.Footer)):
                 continue
+            if (isinstance(section, S.SectionHeader) and section.kind == S.QEMU_VM_SECTION_FULL
+                    and section.idstr == VMSA_SECTION[0]):
+                self._load_vmsa(reader, section, digest)
+                continue
             if not isinstance(section, S.SectionHeader) or section.idstr != "ram":
                 raise MigrationError(f"unexpected section {section!r} at stream offset {reader.offset}")
             final = section.kind == S.QEMU_VM_SECTION_END
@@ -874,6 +903,24 @@ class IncomingMigration:
                         raise self._error or MigrationError("a page channel failed")
             if self.failed.is_set():
                 raise self._error
+
+    def _load_vmsa(self, reader: S.StreamReader, section: S.SectionHeader, digest: _Digest) -> None:
+        """One ``sev-es-vmsa`` section: bounded fields, then RECEIVE_UPDATE_VMSA."""
+        if section.version_id != VMSA_SECTION[1]:
+            raise MigrationError(f"sev-es-vmsa section version {section.version_id} (expected {VMSA_SECTION[1]}) "
+                                 f"at stream offset {reader.offset}")
+        at = reader.offset
+        hdr_len = reader.get_be32("VMSA hdr_len")
+        if hdr_len != 52:
+            raise MigrationError(f"sev-es-vmsa: hdr_len {hdr_len} (must be 52) at stream offset {at}")
+        hdr = reader.get_bytes(hdr_len, "VMSA packet header")
+        at = reader.offset
+        trans_len = reader.get_be32("VMSA trans_len")
+        if trans_len != PAGE_SIZE:
+            raise MigrationError(f"sev-es-vmsa: trans_len {trans_len} (must be {PAGE_SIZE}) at stream offset {at}")
+        trans = reader.get_bytes(trans_len, "VMSA transport data")
+        self.ops.receive_vmsa(section.instance_id, hdr, trans)
+        digest.vmsa(section.instance_id, hdr)
 
     def _verdict(self, digest: bytes, trailer: dict | None) -> None:
         main = self.conns[0]

@@ -20,6 +20,7 @@ import numpy as np
 import csev
 from pysev import kvm as K
 from pysev.firmware.commands import SESSION_SIZE, SEV_CERT_SIZE, GuestState
+from pysev.hv.hostmem import PAGE_SIZE
 from pysev.migration.stream import SevContext
 from pysev.status import SevStatus
 
@@ -70,6 +71,12 @@ class PlainOps:
 
     def cancel(self) -> None:
         pass
+
+    def send_vmsas(self) -> list[tuple[bytes, bytes]]:
+        return []
+
+    def receive_vmsa(self, vcpu: int, hdr: bytes, trans: bytes) -> None:
+        raise MigrationError("the stream carries a SEV-ES VMSA but this VM is not an SEV-ES guest")
 
     def state_map(self):
         return []
@@ -139,6 +146,31 @@ class SevOps(PlainOps):
         """(block, [(start_gpa, npages, bitmap bytes)]) for every encryptable block (v3 subtype 2)."""
         return [(b, [(b.gpa, b.npages, self.vm.memory.enc_snapshot(b).tobytes())])
                 for b in self.vm.memory.blocks if not b.shared_by_nature]
+
+    def send_vmsas(self) -> list[tuple[bytes, bytes]]:
+        """SEND_UPDATE_VMSA for every vCPU of an SEV-ES guest (at stop-and-copy): (header, transport data)."""
+        out = []
+        for hpa in self.vm.vmsa_hpas:
+            hdr, trans = ctypes.create_string_buffer(52), ctypes.create_string_buffer(PAGE_SIZE)
+            self.sev.op(K.sev_cmd_id.KVM_SEV_SEND_UPDATE_VMSA, K.kvm_sev_send_update_data(
+                hdr_uaddr=ctypes.addressof(hdr), hdr_len=52, guest_uaddr=self.sev.uaddr_of_hpa(hpa),
+                guest_len=PAGE_SIZE, trans_uaddr=ctypes.addressof(trans), trans_len=PAGE_SIZE))
+            out.append((hdr.raw, trans.raw))
+        return out
+
+    def receive_vmsa(self, vcpu: int, hdr: bytes, trans: bytes) -> None:
+        """RECEIVE_UPDATE_VMSA of one vCPU's VMSA (MAC checked by the firmware: BAD_MEASUREMENT)."""
+        if not self.receiving or not 0 <= vcpu < len(self.vm.vmsa_hpas):
+            raise MigrationError(f"SEV-ES VMSA for vCPU {vcpu}: this guest has "
+                                 f"{len(self.vm.vmsa_hpas)} VMSAs{'' if self.receiving else ' and no session yet'}")
+        h, t = ctypes.create_string_buffer(hdr, len(hdr)), ctypes.create_string_buffer(trans, len(trans))
+        try:
+            self.sev.op(K.sev_cmd_id.KVM_SEV_RECEIVE_UPDATE_VMSA, K.kvm_sev_receive_update_data(
+                hdr_uaddr=ctypes.addressof(h), hdr_len=len(hdr),
+                guest_uaddr=self.sev.uaddr_of_hpa(self.vm.vmsa_hpas[vcpu]), guest_len=PAGE_SIZE,
+                trans_uaddr=ctypes.addressof(t), trans_len=len(trans)))
+        except K.KvmError as err:
+            raise MigrationError(f"RECEIVE_UPDATE_VMSA rejected the VMSA of vCPU {vcpu}: {err}") from None
 
     def commit(self) -> None:
         """SEND_FINISH: the source guest becomes unrunnable (SENT) — only after the destination has
