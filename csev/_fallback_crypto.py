@@ -39,13 +39,16 @@ def _fmt(m: memoryview) -> str:
     return m.format[1:] if m.format[:1] in ("@", "=", "<") else m.format
 
 
-def _pages(a, name: str, width: int, min_rows: int, writable: bool) -> np.ndarray:
+def _pages(a, name: str, width: int, min_rows: int, writable: bool, rows_may_stride: bool = False) -> np.ndarray:
     m = _view(a, name)
     if _fmt(m) != "B" or m.itemsize != 1:
         raise ValueError(f"{name}: expected dtype uint8, got buffer format {m.format!r}")
     if m.ndim != 2 or m.shape[1] != width:
         raise ValueError(f"{name}: expected shape (n, {width}), got {tuple(m.shape)}")
-    if not m.c_contiguous:
+    if rows_may_stride:
+        if m.strides[1] != 1 or m.strides[0] < width:
+            raise ValueError(f"{name}: rows must be contiguous and must not overlap")
+    elif not m.c_contiguous:
         raise ValueError(f"{name}: must be C-contiguous")
     if writable and m.readonly:
         raise ValueError(f"{name}: is read-only")
@@ -266,8 +269,8 @@ def send_pages(vek, tek, tik, mem, index, tweaks, headers, trans, ivs=None, *, t
     tw = _words(tweaks, "tweaks", False, -1)
     k = tw.shape[0]
     mm = _pages(mem, "mem", PAGE, 0 if index is not None else k, False)
-    h = _pages(headers, "headers", HEADER, k, True)
-    tr = _pages(trans, "trans", PAGE, k, True)
+    h = _pages(headers, "headers", HEADER, k, True, rows_may_stride=True)
+    tr = _pages(trans, "trans", PAGE, k, True, rows_may_stride=True)
     ix = _words(index, "index", True, k) if index is not None else None
     iv_all = os.urandom(16 * k) if ivs is None else _key(ivs, "ivs", 16 * k)
     if k == 0:
@@ -288,8 +291,8 @@ def receive_pages(vek, tek, tik, headers, trans, mem, index, tweaks, *, threads=
     _threads(threads)
     tw = _words(tweaks, "tweaks", False, -1)
     k = tw.shape[0]
-    h = _pages(headers, "headers", HEADER, k, False)
-    tr = _pages(trans, "trans", PAGE, k, False)
+    h = _pages(headers, "headers", HEADER, k, False, rows_may_stride=True)
+    tr = _pages(trans, "trans", PAGE, k, False, rows_may_stride=True)
     mm = _pages(mem, "mem", PAGE, 0 if index is not None else k, True)
     ix = _words(index, "index", True, k) if index is not None else None
     status = np.zeros(k, dtype=np.uint32)

@@ -51,7 +51,8 @@ cdef int hmac_end(Hmac* h, uint8_t* mac) noexcept nogil
 cdef bint ct_equal(const uint8_t* a, const uint8_t* b, size_t n) noexcept nogil
 
 # Shared argument checks (with the GIL, before any memory is touched); they raise and return -1.
-cdef int check_pages(object a, str name, Py_ssize_t width, Py_ssize_t min_rows, bint writable) except -1
+cdef int check_pages(object a, str name, Py_ssize_t width, Py_ssize_t min_rows, bint writable,
+                     bint rows_may_stride=*) except -1
 cdef int check_words(object a, str name, bint signed, Py_ssize_t length) except -1
 cdef int check_rows(const int64_t* idx, Py_ssize_t k, Py_ssize_t nrows, str name) except -1
 cdef bytes key_bytes(object key, str name, Py_ssize_t size)

@@ -303,13 +303,19 @@ cdef object _view(object a, str name):
         raise TypeError(f"{name}: expected a buffer (numpy array), got {type(a).__name__}") from None
 
 
-cdef int check_pages(object a, str name, Py_ssize_t width, Py_ssize_t min_rows, bint writable) except -1:
+cdef int check_pages(object a, str name, Py_ssize_t width, Py_ssize_t min_rows, bint writable,
+                     bint rows_may_stride=False) except -1:
+    """``rows_may_stride``: rows need only be contiguous and not overlap (e.g. the page fields of
+    migration-stream records, so the pipelines read and write the wire layout in place)."""
     m = _view(a, name)
     if _fmt(m) != "B" or m.itemsize != 1:
         raise ValueError(f"{name}: expected dtype uint8, got buffer format {m.format!r}")
     if m.ndim != 2 or m.shape[1] != width:
         raise ValueError(f"{name}: expected shape (n, {width}), got {tuple(m.shape)}")
-    if not m.c_contiguous:
+    if rows_may_stride:
+        if m.strides[1] != 1 or m.strides[0] < width:
+            raise ValueError(f"{name}: rows must be contiguous and must not overlap")
+    elif not m.c_contiguous:
         raise ValueError(f"{name}: must be C-contiguous")
     if writable and m.readonly:
         raise ValueError(f"{name}: is read-only")

@@ -175,6 +175,7 @@ cdef int _mac_page(Hmac* mac, const uint8_t* aad, const uint8_t* page, uint8_t* 
 cdef int _send_core(const uint8_t* vek, const uint8_t* tek, const uint8_t* tik,
                     const uint8_t* mem, const int64_t* idx, const uint64_t* tweaks,
                     uint8_t* headers, uint8_t* trans, const uint8_t* ivs,
+                    Py_ssize_t hdr_stride, Py_ssize_t trans_stride,
                     Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
     cdef Ctxs c
     cdef uint8_t aad[AAD]
@@ -188,7 +189,7 @@ cdef int _send_core(const uint8_t* vek, const uint8_t* tek, const uint8_t* tik,
     i = start
     while rc == OK and i < stop:
         row = idx[i] if idx != NULL else i
-        hdr = headers + i * HEADER
+        hdr = headers + i * hdr_stride
         iv = ivs + i * 16
         nxt = NULL
         if i + 1 < stop:
@@ -207,7 +208,7 @@ cdef int _send_core(const uint8_t* vek, const uint8_t* tek, const uint8_t* tik,
         memcpy(aad + 5, iv, 16)
         if rc == OK:
             rc = _mac_page(&c.mac, aad, c.scratch + PAGE, hdr + HDR_MAC,
-                           trans + i * PAGE, c.scratch + PAGE, nxt)
+                           trans + i * trans_stride, c.scratch + PAGE, nxt)
         _le32(hdr, 0)
         memcpy(hdr + HDR_IV, iv, 16)
         i += 1
@@ -219,6 +220,7 @@ cdef int _send_core(const uint8_t* vek, const uint8_t* tek, const uint8_t* tik,
 cdef int _receive_core(const uint8_t* vek, const uint8_t* tek, const uint8_t* tik,
                        const uint8_t* headers, const uint8_t* trans, uint8_t* mem,
                        const int64_t* idx, const uint64_t* tweaks, uint32_t* status,
+                       Py_ssize_t hdr_stride, Py_ssize_t trans_stride,
                        Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
     cdef Ctxs c
     cdef uint8_t aad[AAD]
@@ -233,8 +235,8 @@ cdef int _receive_core(const uint8_t* vek, const uint8_t* tek, const uint8_t* ti
     _aad_init(aad)
     i = start
     while rc == OK and i < stop:
-        hdr = headers + i * HEADER
-        ct = trans + i * PAGE
+        hdr = headers + i * hdr_stride
+        ct = trans + i * trans_stride
         flags = _rd_le32(hdr)
         i += 1
         if flags & FLAG_COMPRESSED:                     # §2.6 step 3
@@ -243,7 +245,7 @@ cdef int _receive_core(const uint8_t* vek, const uint8_t* tek, const uint8_t* ti
         memcpy(aad + 1, hdr, 4 + 16)                    # FLAGS ‖ IV as received
         # the previous page goes out to guest memory while this one is MACed
         rc = _mac_page(&c.mac, aad, ct, mac, pending, c.scratch + PAGE,
-                       ct + PAGE if i < stop else NULL)
+                       ct + trans_stride if i < stop else NULL)
         pending = NULL
         if rc != OK:
             break
@@ -286,12 +288,15 @@ cdef class _Job:
     cdef uint8_t* trans_out
     cdef const uint8_t* ivs
     cdef uint32_t* status
+    cdef Py_ssize_t hdr_stride      # bytes between rows: 52/4096 for plain arrays, the record size
+    cdef Py_ssize_t trans_stride    # when the rows are fields of migration-stream records
 
     def send(self, Py_ssize_t start, Py_ssize_t stop):
         cdef int rc
         with nogil:
             rc = _send_core(self.vek, self.tek, self.tik, self.mem_in, self.idx, self.tweaks,
-                            self.hdr_out, self.trans_out, self.ivs, start, stop)
+                            self.hdr_out, self.trans_out, self.ivs, self.hdr_stride, self.trans_stride,
+                            start, stop)
         if rc != OK:
             raise error_for(rc)
 
@@ -299,7 +304,8 @@ cdef class _Job:
         cdef int rc
         with nogil:
             rc = _receive_core(self.vek, self.tek, self.tik, self.hdr_in, self.trans_in,
-                               self.mem_out, self.idx, self.tweaks, self.status, start, stop)
+                               self.mem_out, self.idx, self.tweaks, self.status, self.hdr_stride,
+                               self.trans_stride, start, stop)
         if rc != OK:
             raise error_for(rc)
 
@@ -328,11 +334,11 @@ def send_pages(vek, tek, tik, mem, index, tweaks, headers, trans, ivs=None, *, t
     cdef const uint64_t[::1] tw = tweaks
     cdef Py_ssize_t k = tw.shape[0]
     check_pages(mem, "mem", PAGE, 0 if index is not None else k, False)
-    check_pages(headers, "headers", HEADER, k, True)
-    check_pages(trans, "trans", PAGE, k, True)
+    check_pages(headers, "headers", HEADER, k, True, True)
+    check_pages(trans, "trans", PAGE, k, True, True)
     cdef const uint8_t[:, ::1] m = mem
-    cdef uint8_t[:, ::1] h = headers
-    cdef uint8_t[:, ::1] t = trans
+    cdef uint8_t[:, :] h = headers
+    cdef uint8_t[:, :] t = trans
     cdef const int64_t[::1] ix = None
     if index is not None:
         check_words(index, "index", True, k)
@@ -347,6 +353,8 @@ def send_pages(vek, tek, tik, mem, index, tweaks, headers, trans, ivs=None, *, t
     job.mem_in = &m[0, 0]
     job.hdr_out = &h[0, 0]
     job.trans_out = &t[0, 0]
+    job.hdr_stride = h.strides[0]
+    job.trans_stride = t.strides[0]
     job.tweaks = &tw[0]
     job.ivs = iv
     _libcrypto.run_chunks(job.send, k, nthreads)
@@ -360,11 +368,11 @@ def receive_pages(vek, tek, tik, headers, trans, mem, index, tweaks, *, threads=
     check_words(tweaks, "tweaks", False, -1)
     cdef const uint64_t[::1] tw = tweaks
     cdef Py_ssize_t k = tw.shape[0]
-    check_pages(headers, "headers", HEADER, k, False)
-    check_pages(trans, "trans", PAGE, k, False)
+    check_pages(headers, "headers", HEADER, k, False, True)
+    check_pages(trans, "trans", PAGE, k, False, True)
     check_pages(mem, "mem", PAGE, 0 if index is not None else k, True)
-    cdef const uint8_t[:, ::1] h = headers
-    cdef const uint8_t[:, ::1] t = trans
+    cdef const uint8_t[:, :] h = headers
+    cdef const uint8_t[:, :] t = trans
     cdef uint8_t[:, ::1] m = mem
     cdef const int64_t[::1] ix = None
     if index is not None:
@@ -381,6 +389,8 @@ def receive_pages(vek, tek, tik, headers, trans, mem, index, tweaks, *, threads=
     job.mem_out = &m[0, 0]
     job.hdr_in = &h[0, 0]
     job.trans_in = &t[0, 0]
+    job.hdr_stride = h.strides[0]
+    job.trans_stride = t.strides[0]
     job.tweaks = &tw[0]
     job.status = &st[0]
     _libcrypto.run_chunks(job.receive, k, nthreads)

@@ -248,7 +248,10 @@ class EncryptedBatch:
     """
 
     def __init__(self, capacity: int = 256, *, hdrs: np.ndarray | None = None, trans: np.ndarray | None = None,
-                 offsets: np.ndarray | None = None) -> None:
+                 offsets: np.ndarray | None = None, zero_copy: bool = False) -> None:
+        """``zero_copy=True``: runs of CONTINUE records already in the reader's buffer are handed out as
+        views of the wire layout (``hdrs``/``trans`` with a row stride of one record) instead of copies."""
+        self.zero_copy = zero_copy
         if capacity <= 0:
             raise ValueError(f"batch capacity must be positive, got {capacity}")
         self.hdrs = _checked_rows(hdrs, capacity, SEV_PACKET_HEADER_SIZE, "hdrs")
@@ -277,18 +280,21 @@ class EncryptedPages:
     count: int
     batch: EncryptedBatch
     context: SevContext | None  # only on the batch holding the stream's first encrypted page (index 0)
+    records: np.ndarray | None = None  # zero-copy: the ENC_PAGE_RECORDs in the reader's buffer
 
     @property
     def offsets(self) -> np.ndarray:
+        if self.records is not None:
+            return self.records["header"] & np.uint64(~_FLAGS_MASK & _U64_MAX)
         return self.batch.offsets[:self.count]
 
     @property
     def hdrs(self) -> np.ndarray:
-        return self.batch.hdrs[:self.count]
+        return self.records["hdr"] if self.records is not None else self.batch.hdrs[:self.count]
 
     @property
     def trans(self) -> np.ndarray:
-        return self.batch.trans[:self.count]
+        return self.records["trans"] if self.records is not None else self.batch.trans[:self.count]
 
 
 SectionRecord = Union[Configuration, SectionHeader, Footer, Command, Eof]
@@ -624,11 +630,7 @@ class StreamWriter:
             raise ValueError("need offsets (k,), hdrs (k, 52) uint8 and trans (k, 4096) uint8")
         if k == 0:
             return
-        size = self._block_sizes.get(block)
-        if size is None:
-            raise ValueError(f"RAM block {block!r} was not announced with ram_mem_size()")
-        if (offs & np.uint64(_FLAGS_MASK)).any() or int(offs.max()) + TARGET_PAGE_SIZE > size:
-            raise ValueError(f"offsets must be pages inside RAM block {block!r}")
+        self._check_offsets(block, offs)
         self._context_rule(context)
         start = 0
         if context is not None or block != self._last_block:
@@ -654,6 +656,40 @@ class StreamWriter:
                 self._fill_records(rec, offs, hdrs, trans, start)
                 self.put_bytes(rec.view(np.uint8))
             start += m
+
+    def continuation_records(self, block: str, offsets: Any, out: np.ndarray | None = None) -> np.ndarray | None:
+        """CONTINUE encrypted-page records of ``block`` with everything but ``hdr`` and ``trans`` filled in,
+        for a producer that writes those two fields in place (the SEND_UPDATE_DATA pipeline writes its
+        output straight into the wire layout: no copy per page). Write them with ``put_records``.
+
+        Returns None when the next record cannot be a CONTINUE record of ``block`` (another block was sent
+        last, or the SEND_START context is still due): use ``sev_encrypted_pages`` for the first page then.
+        ``out`` (an ``ENC_PAGE_RECORD`` array of at least ``len(offsets)`` records) is reused if given.
+        """
+        offs = np.ascontiguousarray(offsets, dtype=np.uint64)
+        if block != self._last_block or not self._context_sent:
+            return None
+        self._check_offsets(block, offs)
+        k = offs.shape[0]
+        rec = np.empty(k, ENC_PAGE_RECORD) if out is None else out[:k]
+        rec["header"] = offs | np.uint64(ENC_PAGE_CONTINUE_FLAGS)
+        rec["subtype"] = RAM_SAVE_ENCRYPTED_PAGE
+        rec["hdr_len"] = SEV_PACKET_HEADER_SIZE
+        rec["trans_len"] = TARGET_PAGE_SIZE
+        return rec
+
+    def put_records(self, rec: np.ndarray) -> None:
+        """Write records from ``continuation_records`` (filled in by the caller) in one go."""
+        if rec.dtype != ENC_PAGE_RECORD or rec.ndim != 1 or not rec.flags.c_contiguous:
+            raise ValueError("put_records takes a contiguous ENC_PAGE_RECORD array")
+        self.put_bytes(rec.view(np.uint8))
+
+    def _check_offsets(self, block: str, offs: np.ndarray) -> None:
+        size = self._block_sizes.get(block)
+        if size is None:
+            raise ValueError(f"RAM block {block!r} was not announced with ram_mem_size()")
+        if offs.size and ((offs & np.uint64(_FLAGS_MASK)).any() or int(offs.max()) + TARGET_PAGE_SIZE > size):
+            raise ValueError(f"offsets must be pages inside RAM block {block!r}")
 
     @staticmethod
     def _fill_records(rec: np.ndarray, offs: np.ndarray, hdrs: np.ndarray, trans: np.ndarray, start: int) -> None:
@@ -940,6 +976,14 @@ class StreamReader:
         block: tuple[str, int] | None = None
         context: SevContext | None = None
         while True:
+            if batch.zero_copy and block is not None and self._context_seen and block is self._last_block:
+                run = self._encrypted_run(batch.capacity, block)
+                if run is not None:
+                    if n:
+                        yield EncryptedPages(block[0], n, batch, context)
+                        n, context = 0, None
+                    yield EncryptedPages(block[0], len(run), batch, None, run)
+                    continue
             if n and self._context_seen and block is self._last_block:
                 n += self._fast_encrypted(batch, n, block)
                 if n == batch.capacity:
@@ -969,15 +1013,12 @@ class StreamReader:
             if type(rec) is Eos:
                 return
 
-    def _fast_encrypted(self, batch: EncryptedBatch, n: int, block: tuple[str, int]) -> int:
-        """Copy buffered CONTINUE encrypted-page records into ``batch`` from row ``n``; returns how many.
-
-        Stops at the first record that is not a well-formed in-range CONTINUE page; the scalar path then
-        parses (and, if need be, rejects) it with a precise error.
-        """
-        m = min((self._end - self._pos) // ENC_PAGE_RECORD_SIZE, batch.capacity - n)
+    def _encrypted_run(self, limit: int, block: tuple[str, int]) -> np.ndarray | None:
+        """The well-formed CONTINUE records of ``block`` at the read position, as a view of the buffer
+        (at most ``limit``), consumed; None when there is none (the scalar path takes over)."""
+        m = min((self._end - self._pos) // ENC_PAGE_RECORD_SIZE, limit)
         if m <= 0:
-            return 0
+            return None
         rec = np.frombuffer(self._buf, ENC_PAGE_RECORD, m, self._pos)
         head = rec["header"]
         ok = ((head & np.uint64(_FLAGS_MASK)) == ENC_PAGE_CONTINUE_FLAGS)
@@ -986,12 +1027,24 @@ class StreamReader:
         ok &= rec["trans_len"] == TARGET_PAGE_SIZE
         ok &= head < np.uint64(block[1])  # offset + 4096 <= size, as size and offset are page multiples
         good = m if ok.all() else int(np.argmin(ok))
-        if good:
-            batch.offsets[n:n + good] = head[:good] & np.uint64(~_FLAGS_MASK & _U64_MAX)
-            batch.hdrs[n:n + good] = rec["hdr"][:good]
-            batch.trans[n:n + good] = rec["trans"][:good]
-        del rec, head, ok
+        if not good:
+            return None
         self._pos += good * ENC_PAGE_RECORD_SIZE
+        return rec[:good]
+
+    def _fast_encrypted(self, batch: EncryptedBatch, n: int, block: tuple[str, int]) -> int:
+        """Copy buffered CONTINUE encrypted-page records into ``batch`` from row ``n``; returns how many.
+
+        Stops at the first record that is not a well-formed in-range CONTINUE page; the scalar path then
+        parses (and, if need be, rejects) it with a precise error.
+        """
+        run = self._encrypted_run(batch.capacity - n, block)
+        if run is None:
+            return 0
+        good = len(run)
+        batch.offsets[n:n + good] = run["header"] & np.uint64(~_FLAGS_MASK & _U64_MAX)
+        batch.hdrs[n:n + good] = run["hdr"]
+        batch.trans[n:n + good] = run["trans"]
         return good
 
     def _ram_record(self) -> RamRecord:
