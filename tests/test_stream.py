@@ -753,3 +753,29 @@ def test_analyze_migration_cannot_read_encrypted_records(tmp_path):
     res = _run_analyzer(ANALYZER, f, "-x", cwd=tmp_path)
     extracted = (tmp_path / "pc.ram").read_bytes() if (tmp_path / "pc.ram").exists() else b""
     assert res.returncode != 0 or extracted[8192:12288] != page(0xCD)
+
+
+def test_reader_hands_over_a_pending_batch_before_waiting_on_a_live_stream():
+    """A batch is yielded as soon as the buffered input is used up: on a live stream the sender may wait
+    for those pages (e.g. the SEND_START context) before sending anything more."""
+    import socket
+    import threading
+
+    a, b = socket.socketpair()
+    try:
+        w = S.StreamWriter(a.makefile("wb", buffering=0))
+        w.ram_mem_size([("pc.ram", 16 * 4096)])
+        context = S.SevContext(0x11000020, bytes(2084), bytes(128))
+        w.sev_encrypted_page("pc.ram", 0, bytes(52), bytes(4096), context)
+        w.flush()                                 # ... and nothing more until the reader has the page
+        r = S.StreamReader(b.makefile("rb"), ram_blocks={"pc.ram": 16 * 4096})
+        got = []
+        t = threading.Thread(target=lambda: got.extend(
+            rec for rec, _ in zip(r.ram_records(S.EncryptedBatch(8)), range(2))), daemon=True)
+        t.start()
+        t.join(5)
+        assert [type(x).__name__ for x in got[:2]] == ["MemSize", "EncryptedPages"]
+        assert got[1].context == context and got[1].count == 1
+    finally:
+        a.close()
+        b.close()

@@ -990,6 +990,11 @@ class StreamReader:
                     yield EncryptedPages(block[0], n, batch, context)
                     n, context = 0, None
                     continue
+            if n and self._end == self._pos:
+                # Nothing more is buffered: hand over what we have before blocking on a live stream (the
+                # sender may be waiting for these pages to be applied, e.g. the SEND_START context).
+                yield EncryptedPages(block[0], n, batch, context)
+                n, context = 0, None
             rec = self._ram_record()
             if type(rec) is EncryptedPage:
                 if n and (self._last_block is not block or rec.context is not None):
