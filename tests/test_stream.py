@@ -758,24 +758,27 @@ def test_analyze_migration_cannot_read_encrypted_records(tmp_path):
 def test_reader_hands_over_a_pending_batch_before_waiting_on_a_live_stream():
     """A batch is yielded as soon as the buffered input is used up: on a live stream the sender may wait
     for those pages (e.g. the SEND_START context) before sending anything more."""
+    import itertools
     import socket
     import threading
 
     a, b = socket.socketpair()
+    wfile, rfile = a.makefile("wb", buffering=0), b.makefile("rb")
     try:
-        w = S.StreamWriter(a.makefile("wb", buffering=0))
+        w = S.StreamWriter(wfile)
         w.ram_mem_size([("pc.ram", 16 * 4096)])
         context = S.SevContext(0x11000020, bytes(2084), bytes(128))
         w.sev_encrypted_page("pc.ram", 0, bytes(52), bytes(4096), context)
         w.flush()                                 # ... and nothing more until the reader has the page
-        r = S.StreamReader(b.makefile("rb"), ram_blocks={"pc.ram": 16 * 4096})
+        r = S.StreamReader(rfile, ram_blocks={"pc.ram": 16 * 4096})
         got = []
-        t = threading.Thread(target=lambda: got.extend(
-            rec for rec, _ in zip(r.ram_records(S.EncryptedBatch(8)), range(2))), daemon=True)
+        t = threading.Thread(target=lambda: got.extend(itertools.islice(r.ram_records(S.EncryptedBatch(8)), 2)),
+                             daemon=True)
         t.start()
         t.join(5)
-        assert [type(x).__name__ for x in got[:2]] == ["MemSize", "EncryptedPages"]
+        assert not t.is_alive(), "the reader held the batch back while waiting for more input"
+        assert [type(x).__name__ for x in got] == ["MemSize", "EncryptedPages"]
         assert got[1].context == context and got[1].count == 1
     finally:
-        a.close()
-        b.close()
+        for f in (wfile, rfile, a, b):
+            f.close()
