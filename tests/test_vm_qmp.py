@@ -432,6 +432,77 @@ def test_corrupted_byte_in_transit(vms):
     d.close()
 
 
+class ImpairedLink:
+    """A TCP relay on 127.0.0.1 that makes a bad link out of loopback, where ``tc netem`` is missing: every
+    chunk waits ``delay`` seconds, writes are re-fragmented at random sizes, and 1 % of chunks stall for
+    ``loss_stall`` seconds, as a TCP retransmission after a lost segment looks to the application."""
+
+    def __init__(self, target: tuple[str, int], delay: float = 0.020, loss: float = 0.01,
+                 loss_stall: float = 0.2, seed: int = 7) -> None:
+        import random
+        self.target, self.delay, self.loss, self.loss_stall = target, delay, loss, loss_stall
+        self._rng = random.Random(seed)
+        self.stalls = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"tcp:127.0.0.1:{self._sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(1 << 18):
+                time.sleep(self.delay)
+                if self._rng.random() < self.loss:
+                    self.stalls += 1
+                    time.sleep(self.loss_stall)
+                while data:
+                    cut = self._rng.randint(1, len(data))
+                    b.sendall(data[:cut])
+                    data = data[cut:]
+        except OSError:
+            pass
+        finally:
+            for s_ in (a, b):
+                with contextlib.suppress(OSError):
+                    s_.shutdown(socket.SHUT_RDWR)
+                s_.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def test_migration_over_an_impaired_link_completes_and_verifies(vms):
+    """Delay, re-fragmentation and loss-like stalls on every connection (main and page channels): the
+    migration still completes, and the destination's memory equals the source's at switchover."""
+    src = vms("src", "--dirty-rate", "4M")
+    dst = vms("dst", "--incoming", "tcp:127.0.0.1:0")
+    s, d = src.client(), dst.client()
+    prepare(s, d, **{"max-bandwidth": FAST, "multifd-channels": 2, "downtime-limit": 2000})
+    s.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+    host, port = dst.incoming[4:].rsplit(":", 1)
+    link = ImpairedLink((host, int(port)))
+    try:
+        s.cmd("migrate", uri=link.uri)
+        info = wait_status(s, timeout=120)
+    finally:
+        link.close()
+    assert info["status"] == "completed", (info, dst.log())
+    assert info["x-guest-digest"] == wait_incoming(d)["x-guest-digest"]
+    assert link.stalls > 0
+    assert s.cmd("query-status")["status"] == "postmigrate" and d.cmd("query-status")["status"] == "running"
+    s.close()
+    d.close()
+
+
 # -- the rest of the command set -----------------------------------------------------------------------
 
 def test_lifecycle_commands_and_events(vms):
