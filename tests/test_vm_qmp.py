@@ -353,18 +353,18 @@ def test_destination_killed_midway(vms):
     d2.close()
 
 
-class CorruptingProxy:
-    """A TCP relay on 127.0.0.1 that flips one byte of the first connection's forward stream at ``offset``."""
+class Relay:
+    """A TCP relay on 127.0.0.1 in front of ``target``; subclasses decide how each chunk is forwarded."""
 
-    def __init__(self, target: tuple[str, int], offset: int) -> None:
+    def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
-        self.offset = offset
-        self.flipped = False
         self._sock = socket.create_server(("127.0.0.1", 0))
         self.uri = f"tcp:127.0.0.1:{self._sock.getsockname()[1]}"
-        self._first = True
-        self._threads: list[threading.Thread] = []
+        self._connections = 0
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def forward(self, data: bytes, out: socket.socket, forward: bool, connection: int, seen: int) -> None:
+        out.sendall(data)
 
     def _accept(self) -> None:
         while True:
@@ -373,34 +373,44 @@ class CorruptingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
-            corrupt, self._first = self._first, False
-            for a, b, flip in ((client, upstream, corrupt), (upstream, client, False)):
-                t = threading.Thread(target=self._pump, args=(a, b, flip), daemon=True)
-                t.start()
-                self._threads.append(t)
+            n, self._connections = self._connections, self._connections + 1
+            for a, b, fwd in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(a, b, fwd, n), daemon=True).start()
 
-    def _pump(self, a: socket.socket, b: socket.socket, flip: bool) -> None:
+    def _pump(self, a: socket.socket, b: socket.socket, forward: bool, connection: int) -> None:
         seen = 0
         try:
-            while data := a.recv(1 << 16):
-                if flip and not self.flipped and seen <= self.offset < seen + len(data):
-                    buf = bytearray(data)
-                    buf[self.offset - seen] ^= 0x40
-                    data = bytes(buf)
-                    self.flipped = True
+            while data := a.recv(1 << 18):
+                self.forward(data, b, forward, connection, seen)
                 seen += len(data)
-                b.sendall(data)
         except OSError:
             pass
         finally:
             # As a dying relay would: the peers see the connection reset, not a silent half-open socket.
-            for s in (a, b):
+            for s_ in (a, b):
                 with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
+                    s_.shutdown(socket.SHUT_RDWR)
+                s_.close()
 
     def close(self) -> None:
         self._sock.close()
+
+
+class CorruptingProxy(Relay):
+    """Flips one byte of the first connection's forward stream at ``offset``."""
+
+    def __init__(self, target: tuple[str, int], offset: int) -> None:
+        self.offset = offset
+        self.flipped = False
+        super().__init__(target)
+
+    def forward(self, data: bytes, out: socket.socket, forward: bool, connection: int, seen: int) -> None:
+        if forward and connection == 0 and not self.flipped and seen <= self.offset < seen + len(data):
+            buf = bytearray(data)
+            buf[self.offset - seen] ^= 0x40
+            data = bytes(buf)
+            self.flipped = True
+        out.sendall(data)
 
 
 def test_corrupted_byte_in_transit(vms):
@@ -432,52 +442,28 @@ def test_corrupted_byte_in_transit(vms):
     d.close()
 
 
-class ImpairedLink:
-    """A TCP relay on 127.0.0.1 that makes a bad link out of loopback, where ``tc netem`` is missing: every
-    chunk waits ``delay`` seconds, writes are re-fragmented at random sizes, and 1 % of chunks stall for
-    ``loss_stall`` seconds, as a TCP retransmission after a lost segment looks to the application."""
+class ImpairedLink(Relay):
+    """Makes a bad link out of loopback, where ``tc netem`` is missing: every chunk waits ``delay``
+    seconds, writes are re-fragmented at random sizes, and 1 % of chunks stall for ``loss_stall`` seconds,
+    as a TCP retransmission after a lost segment looks to the application."""
 
     def __init__(self, target: tuple[str, int], delay: float = 0.020, loss: float = 0.01,
                  loss_stall: float = 0.2, seed: int = 7) -> None:
         import random
-        self.target, self.delay, self.loss, self.loss_stall = target, delay, loss, loss_stall
+        self.delay, self.loss, self.loss_stall = delay, loss, loss_stall
         self._rng = random.Random(seed)
         self.stalls = 0
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.uri = f"tcp:127.0.0.1:{self._sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(target)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._sock.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(1 << 18):
-                time.sleep(self.delay)
-                if self._rng.random() < self.loss:
-                    self.stalls += 1
-                    time.sleep(self.loss_stall)
-                while data:
-                    cut = self._rng.randint(1, len(data))
-                    b.sendall(data[:cut])
-                    data = data[cut:]
-        except OSError:
-            pass
-        finally:
-            for s_ in (a, b):
-                with contextlib.suppress(OSError):
-                    s_.shutdown(socket.SHUT_RDWR)
-                s_.close()
-
-    def close(self) -> None:
-        self._sock.close()
+    def forward(self, data: bytes, out: socket.socket, forward: bool, connection: int, seen: int) -> None:
+        time.sleep(self.delay)
+        if self._rng.random() < self.loss:
+            self.stalls += 1
+            time.sleep(self.loss_stall)
+        while data:
+            cut = self._rng.randint(1, len(data))
+            out.sendall(data[:cut])
+            data = data[cut:]
 
 
 def test_migration_over_an_impaired_link_completes_and_verifies(vms):
