@@ -380,7 +380,8 @@ class Vmm:
 
     # -- run state ------------------------------------------------------------------------------------
     def cmd_query_status(self, args: dict, session: Session) -> dict:
-        state = self.vm.state
+        with self._lock:    # never the discarded guest of a failed incoming migration mid-replacement
+            state = self.vm.state
         return {"status": state.value, "running": state == RunState.RUNNING, "singlestep": False}
 
     def cmd_stop(self, args: dict, session: Session) -> None:
@@ -581,8 +582,10 @@ class Vmm:
             status, error, incoming = self._incoming_status, self._incoming_error, self._incoming
         if status is None:
             return {}
-        if status == "active" and incoming is not None:
-            status, error = incoming.status, incoming.error_desc     # live: "completed" once the guest runs
+        if status == "active" and incoming is not None and incoming.status == "completed":
+            # Live: "completed" as soon as the guest runs. A failure is reported only once recorded under
+            # the lock, i.e. after the failed guest has been replaced by a fresh one waiting in inmigrate.
+            status, error = incoming.status, incoming.error_desc
         info: dict[str, Any] = {"status": status}
         listener = self._listener
         if listener is not None and status in ("setup", "failed"):
