@@ -186,14 +186,6 @@ def _read_msg(conn: Connection) -> tuple[int, bytes]:
     return kind, data
 
 
-def _wait_readable(conn: Connection, timeout: float) -> None:
-    """Bound the wait for the other side's verdict (a silent peer is a failure, not a hang)."""
-    raw = getattr(conn.rfile, "raw", None)
-    sock = getattr(raw, "_sock", None)
-    if sock is not None:
-        sock.settimeout(timeout)
-
-
 class _Cancelled(MigrationError):
     pass
 
@@ -681,7 +673,7 @@ class OutgoingMigration:
             self._committed = True
             self._finish_ok()
             return
-        _wait_readable(main, self.params.commit_timeout)
+        main.set_timeout(self.params.commit_timeout)   # a silent peer is a failure, not a hang
         try:
             kind, data = _read_msg(main)
         except TimeoutError:
@@ -758,7 +750,7 @@ class OutgoingMigration:
         if main is None or main.rfile is None:
             return None
         try:
-            _wait_readable(main, 1.0)
+            main.set_timeout(1.0)
             kind, data = _read_msg(main)
         except (OSError, ValueError, MigrationError):
             return None
@@ -980,7 +972,7 @@ class IncomingMigration:
             self._run_guest()
             return
         _write_msg(main, RP_SEV_RECEIVED, digest)
-        _wait_readable(main, self.commit_timeout)
+        main.set_timeout(self.commit_timeout)
         try:
             kind, _ = _read_msg(main)
         except (TimeoutError, OSError, MigrationError) as err:

@@ -43,11 +43,18 @@ class _SocketWriter(io.RawIOBase):
 
 
 class Connection:
-    def __init__(self, name: str, wfile: BinaryIO | None, rfile: BinaryIO | None, closer=None) -> None:
+    def __init__(self, name: str, wfile: BinaryIO | None, rfile: BinaryIO | None, closer=None,
+                 sock: socket.socket | None = None) -> None:
         self.name = name
         self.wfile = wfile
         self.rfile = rfile
         self._closer = closer
+        self._sock = sock
+
+    def set_timeout(self, seconds: float | None) -> None:
+        """Bound blocking reads (a silent peer becomes a ``TimeoutError``, not a hang); files: no-op."""
+        if self._sock is not None:
+            self._sock.settimeout(seconds)
 
     def __repr__(self) -> str:
         return f"Connection({self.name})"
@@ -89,7 +96,7 @@ def _socket_connection(name: str, sock: socket.socket) -> Connection:
         except OSError:
             pass
 
-    return Connection(name, _SocketWriter(sock), sock.makefile("rb", buffering=1 << 20), closer)
+    return Connection(name, _SocketWriter(sock), sock.makefile("rb", buffering=1 << 20), closer, sock)
 
 
 def inproc_pairs(channels: int) -> tuple[list[Connection], list[Connection]]:
