@@ -60,7 +60,7 @@ class MigrationView:
             ("pages shared (in the clear)", f"{sev.get('pages-shared', 0):,}"),
             ("  of which zero pages", f"{ram.get('duplicate', 0):,}"),
             ("bytes transferred", f"{ram.get('transferred', 0):,}"),
-            ("throughput, last pass", f"{ram.get('mbps', 0) / 8:,.1f} MB/s ({ram.get('pages-per-second', 0):,} pages/s)"),
+            ("throughput, last pre-copy pass", f"{ram.get('mbps', 0) / 8:,.1f} MB/s ({ram.get('pages-per-second', 0):,} pages/s)"),
             ("downtime", f"{s.get('downtime', '-')} ms"),
             ("setup time", f"{s.get('setup-time', 0)} ms"),
             ("total time", f"{s.get('total-time', 0)} ms"),
@@ -79,9 +79,11 @@ class MigrationView:
             per_pass = Table("pass", "pages", "MB", "seconds", "MB/s", "dirtied after", "throttle %",
                              title="passes", title_justify="left")
             for p in s["passes"]:
-                per_pass.add_row(str(p["pass"]), f"{p['pages']:,}", f"{p['bytes'] / 1e6:,.1f}",
-                                 f"{p['seconds']:.3f}", f"{p['bytes'] / 1e6 / p['seconds']:,.0f}",
-                                 f"{p['dirty_pages']:,}", str(p["throttle"]))
+                stop = p.get("stop_and_copy")
+                per_pass.add_row(f"{p['pass']}{' stop' if stop else ''}", f"{p['pages']:,}",
+                                 f"{p['bytes'] / 1e6:,.1f}", f"{p['seconds']:.3f}",
+                                 "-" if stop and p["pages"] < 256 else f"{p['bytes'] / 1e6 / p['seconds']:,.0f}",
+                                 "-" if stop else f"{p['dirty_pages']:,}", str(p["throttle"]))
             Console().print(per_pass)
 
 
