@@ -9,6 +9,8 @@ MB/s everywhere is 10^6 bytes of guest pages per second.
 """
 from __future__ import annotations
 
+import functools
+
 import hmac
 import os
 import re
@@ -188,8 +190,8 @@ def measure_kernels(mib: int = 64, seconds: int = 2, repeats: int = 5,
     w.send(threads)                    # warm up: page faults, pool threads
     w.receive(threads)
     for tag, nthreads in (("1t", 1), ("nt", threads)):
-        result[f"send_mbps_{tag}"] = w.mbps(best_of(lambda: w.send(nthreads), repeats))
-        result[f"recv_mbps_{tag}"] = w.mbps(best_of(lambda: w.receive(nthreads), repeats))
+        result[f"send_mbps_{tag}"] = w.mbps(best_of(functools.partial(w.send, nthreads), repeats))
+        result[f"recv_mbps_{tag}"] = w.mbps(best_of(functools.partial(w.receive, nthreads), repeats))
     del w
     limit = result["limit_mbps"]
     result["ratio_send_1t"] = result["send_mbps_1t"] / limit

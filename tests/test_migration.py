@@ -26,7 +26,6 @@ import numpy as np
 import pytest
 
 from pysev.firmware.commands import Cmd, GuestState, GuestStatusBuf
-from pysev.hv.guest import framebuffer_lines
 from pysev.hv.hostmem import PAGE_SIZE
 from pysev.hv.machine import Host, RunState, VirtualMachine
 from pysev.hv.memory import (BIOS_IDSTR, FLASH_VARS_IDSTR, KVM_MAP_GPA_RANGE_DECRYPTED,

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 
-from pysev.cli.units import parse_size
+from pysev.cli.units import add_guest_arguments, parse_size
 
 DEFAULT_MEMORY = "1G"
 
@@ -19,15 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("migrate", help="live-migrate a running SEV guest between two simulated hosts",
                        description=__doc__)
     p.add_argument("--memory", default=DEFAULT_MEMORY, help="guest RAM size (K/M/G suffix; default 1G)")
-    p.add_argument("--dirty-rate", default="0", help="bytes/s the guest dirties while migrating (K/M/G; 0 = idle)")
-    p.add_argument("--workload", choices=("uniform", "hotset", "sequential"), default="uniform",
-                   help="which pages the guest dirties")
-    p.add_argument("--convert-rate", type=float, default=0.0,
-                   help="pages/s the guest flips private<->shared (DMA bounce buffers)")
-    p.add_argument("--vga-fps", type=float, default=0.0, help="framebuffer redraws per second")
-    p.add_argument("--policy", type=lambda s: int(s, 0), default=None,
-                   help="SEV guest policy (default 0x11000020: SEV bit, API >= 0.17, debugging allowed)")
-    p.add_argument("--no-sev", action="store_true", help="a plain guest without memory encryption")
+    add_guest_arguments(p)
     p.add_argument("--transport", default="inproc",
                    help="inproc (default), tcp (a second process over loopback) or file:PATH")
     p.add_argument("--channels", type=int, default=0, help="parallel page channels for encrypted pages")
@@ -38,7 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--plot", metavar="FILE", help="PNG with dirty pages and throughput per pass")
     p.add_argument("--save-stream", metavar="FILE", help="keep a copy of the migration stream")
-    p.add_argument("--seed", type=int, default=None, help="seed of the guest workload")
     p.add_argument("--serve", metavar="URI", help=argparse.SUPPRESS)  # the destination process of --transport tcp
     p.set_defaults(func=run)
 

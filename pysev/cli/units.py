@@ -1,4 +1,4 @@
-"""Command-line units: sizes and rates with K/M/G/T suffixes (binary, as QEMU's -m and migrate_set_*)."""
+"""Command-line units (sizes and rates with K/M/G/T suffixes, binary as QEMU's -m) and shared options."""
 from __future__ import annotations
 
 import argparse
@@ -18,3 +18,17 @@ def parse_size(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"size must not be negative: {text!r}")
     return int(value)
+
+
+def add_guest_arguments(p: argparse.ArgumentParser) -> None:
+    """The guest options ``pysev migrate`` and ``pysev vm`` share (workload, policy, SEV on/off)."""
+    p.add_argument("--dirty-rate", default="0", help="bytes/s the guest dirties (K/M/G; 0 = idle)")
+    p.add_argument("--workload", choices=("uniform", "hotset", "sequential"), default="uniform",
+                   help="which pages the guest dirties")
+    p.add_argument("--convert-rate", type=float, default=0.0,
+                   help="pages/s the guest flips private<->shared (DMA bounce buffers)")
+    p.add_argument("--vga-fps", type=float, default=0.0, help="framebuffer redraws per second")
+    p.add_argument("--policy", type=lambda s: int(s, 0), default=None,
+                   help="SEV guest policy (default 0x11000020: SEV bit, API >= 0.17, debugging allowed)")
+    p.add_argument("--no-sev", action="store_true", help="a plain guest without memory encryption")
+    p.add_argument("--seed", type=int, default=None, help="seed of the guest workload")

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from pysev.cli.units import parse_size
+from pysev.cli.units import add_guest_arguments, parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,16 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="QMP monitor address: a UNIX socket path or tcp:HOST:PORT (port 0 = any)")
     p.add_argument("--incoming", metavar="tcp:HOST:PORT|defer",
                    help="wait for an incoming migration (listen now, or after migrate-incoming with 'defer')")
-    p.add_argument("--policy", type=lambda s: int(s, 0), default=None,
-                   help="SEV guest policy (default 0x11000020: SEV bit, API >= 0.17, debugging allowed)")
-    p.add_argument("--dirty-rate", default="0", help="bytes/s the guest dirties (K/M/G; 0 = idle)")
-    p.add_argument("--workload", choices=("uniform", "hotset", "sequential"), default="uniform",
-                   help="which pages the guest dirties")
-    p.add_argument("--convert-rate", type=float, default=0.0,
-                   help="pages/s the guest flips private<->shared (DMA bounce buffers)")
-    p.add_argument("--vga-fps", type=float, default=0.0, help="framebuffer redraws per second")
-    p.add_argument("--seed", type=int, default=None, help="seed of the guest workload")
-    p.add_argument("--no-sev", action="store_true", help="a plain guest without memory encryption")
+    add_guest_arguments(p)
     p.set_defaults(func=run)
 
 

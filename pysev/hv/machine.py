@@ -18,7 +18,7 @@ import numpy as np
 
 from pysev import kvm as K
 from pysev.firmware import CBITPOS, REDUCED_PHYS_BITS, Platform, Policy, make_policy
-from pysev.firmware.commands import InitBuf, INIT_FLAGS_SEV_ES, Cmd, PlatformState
+from pysev.firmware.commands import INIT_FLAGS_SEV_ES, Cmd, InitBuf
 from pysev.hv.guest import Guest, Workload, page_pattern
 from pysev.hv.hostmem import PAGE_SIZE, HostMemory
 from pysev.hv.memory import GuestMemory
