@@ -480,3 +480,31 @@ def test_64gib_guest_stays_small(sev):
     finally:
         m.free()
     assert dram.resident_bytes() - res0 < 64 * MiB
+
+
+def _anon_huge_bytes() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("AnonHugePages:"))
+
+
+def test_populated_ram_is_huge_page_backed_and_freed_chunks_are_not():
+    """populate() (a prealloc'd destination, a guest that fills its RAM) backs each 2 MiB chunk with one
+    transparent huge page where the kernel offers them; freed chunks go back to 4 KiB pages so the next,
+    sparse guest on them stays small."""
+    dram = HostMemory(96 * MiB, seed=5)
+    assert dram.flat.ctypes.data % (2 * MiB) == 0        # HPA 0 on a huge-page boundary
+    frames = dram.alloc_ram(32 * MiB // PAGE_SIZE)
+    huge0 = _anon_huge_bytes()
+    dram.populate(frames)
+    assert dram.resident_bytes() >= 32 * MiB
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        thp = "[never]" not in f.read()
+    if thp:
+        assert _anon_huge_bytes() - huge0 >= 16 * MiB   # most chunks (the kernel may refuse a few)
+    dram.frames[frames[:3].astype(np.int64)] = 7
+    assert (dram.frames[frames[:3].astype(np.int64)] == 7).all()
+    dram.free_ram(frames)
+    assert dram.resident_bytes() < 2 * MiB
+    again = dram.alloc_ram(32 * MiB // PAGE_SIZE)        # the same chunks, now for a sparse guest
+    dram.frames[again[::512].astype(np.int64)] = 1       # one page per chunk
+    assert dram.resident_bytes() < 4 * MiB

@@ -183,6 +183,7 @@ class VirtualMachine:
         """The guest initialises all of its RAM (as an OS populates memory), so every page holds known
         plaintext that verification can compare."""
         ram = self.memory.ram
+        self.host.dram.populate(ram.frames)      # all of it will be touched: back it with huge pages
         chunk = 4096
         for first in range(0, ram.npages, chunk):
             gfns = np.arange(first, min(first + chunk, ram.npages), dtype=np.int64) + ram.gpa // PAGE_SIZE
