@@ -11,6 +11,7 @@ that differ between hosts (the reason ciphertext cannot be copied between them).
 """
 from __future__ import annotations
 
+import ctypes
 import mmap
 import threading
 
@@ -26,6 +27,7 @@ _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 _MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", 15)
 CHUNK_BYTES = CHUNK_FRAMES * PAGE_SIZE
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class OutOfHostMemory(MemoryError):
@@ -134,18 +136,15 @@ class HostMemory:
         self._map.madvise(mmap.MADV_DONTNEED, self._base + start, length)
 
     def resident_bytes(self) -> int:
-        """Bytes of this mapping actually backed by RAM (from /proc/self/smaps), for memory tests.
-        madvise splits the mapping into several VMAs; their Rss add up."""
-        lo_map = np.frombuffer(self._map, dtype=np.uint8).ctypes.data
-        hi_map = lo_map + len(self._map)
-        total = 0
-        with open("/proc/self/smaps") as f:
-            inside = False
-            for line in f:
-                head = line.split(" ", 1)[0]
-                if "-" in head and not line.startswith(("Rss", "Size")):
-                    lo = int(head.split("-", 1)[0], 16)
-                    inside = lo_map <= lo < hi_map
-                elif inside and line.startswith("Rss:"):
-                    total += int(line.split()[1]) * 1024
-        return total
+        """Bytes of host memory actually backed by RAM (mincore(2) over exactly this mapping, so an
+        adjacent mapping that the kernel merged into the same VMA is not counted), for memory tests."""
+        resident = 0
+        step = 1 << 30
+        vec = np.empty(step // PAGE_SIZE, dtype=np.uint8)
+        addr = self.flat.ctypes.data
+        for off in range(0, self.size, step):
+            n = min(step, self.size - off)
+            if _libc.mincore(ctypes.c_void_p(addr + off), ctypes.c_size_t(n), vec.ctypes.data_as(ctypes.c_void_p)):
+                raise OSError(ctypes.get_errno(), "mincore failed")
+            resident += int(np.count_nonzero(vec[:n // PAGE_SIZE] & 1))
+        return resident * PAGE_SIZE
