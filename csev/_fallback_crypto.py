@@ -259,30 +259,46 @@ def _keys(vek, tek, tik) -> tuple[bytes, bytes, bytes]:
     return _xts_key(vek, "vek"), _key(tek, "tek", 16), _key(tik, "tik", 16)
 
 
-def send_pages(vek, tek, tik, mem, index, tweaks, headers, trans, ivs=None, *, threads=None) -> None:
+def send_pages(vek, tek, tik, mem, index, tweaks, headers, trans, ivs=None, *, threads=None,
+               nontemporal: bool = True, on_slice=None) -> None:
     """SEND_UPDATE_DATA for ``k = len(tweaks)`` pages ``mem[index[i]]`` into ``headers[i]``/``trans[i]``.
 
     ``ivs``: None for fresh random IVs, else a C-contiguous buffer of ``16 * k`` bytes.
+    ``nontemporal``: a store hint for the native kernel; the output is the same either way.
+    ``on_slice``: ``headers``/``trans`` are a ring of ``n = len(trans)`` rows: page i goes to row
+    ``i % n``, and after each ``n`` pages (and the last) ``on_slice(start, stop)`` consumes rows
+    ``[0, stop - start)``; an exception from it ends the batch.
     """
     v, t, m = _keys(vek, tek, tik)
+    if on_slice is not None and threads not in (None, 1):
+        raise ValueError("on_slice: the batch runs on the calling thread (threads must be None or 1)")
     _threads(threads)
     tw = _words(tweaks, "tweaks", False, -1)
     k = tw.shape[0]
+    ring = k
+    if on_slice is not None:
+        if not callable(on_slice):
+            raise TypeError("on_slice must be callable")
+        ring = min(k, _pages(trans, "trans", PAGE, 1, True, rows_may_stride=True).shape[0])
     mm = _pages(mem, "mem", PAGE, 0 if index is not None else k, False)
-    h = _pages(headers, "headers", HEADER, k, True, rows_may_stride=True)
-    tr = _pages(trans, "trans", PAGE, k, True, rows_may_stride=True)
+    h = _pages(headers, "headers", HEADER, ring, True, rows_may_stride=True)
+    tr = _pages(trans, "trans", PAGE, ring, True, rows_may_stride=True)
     ix = _words(index, "index", True, k) if index is not None else None
     iv_all = os.urandom(16 * k) if ivs is None else _key(ivs, "ivs", 16 * k)
     if k == 0:
         return
     rows = _rows(ix, k, mm.shape[0], "index")
-    plain = _xts_pages(v, mm[rows], tw, False)
     flags = bytes(4)
-    for i in range(k):
-        iv = iv_all[16 * i:16 * i + 16]
-        ct = _ctr(t, iv, plain[i].data)
-        tr[i] = np.frombuffer(ct, dtype=np.uint8)
-        h[i] = np.frombuffer(flags + iv + hmac.digest(m, _aad(flags, iv) + ct, "sha256"), np.uint8)
+    for start in range(0, k, ring):
+        stop = min(start + ring, k)
+        plain = _xts_pages(v, mm[rows[start:stop]], tw[start:stop], False)
+        for i in range(start, stop):
+            iv = iv_all[16 * i:16 * i + 16]
+            ct = _ctr(t, iv, plain[i - start].data)
+            tr[i - start] = np.frombuffer(ct, dtype=np.uint8)
+            h[i - start] = np.frombuffer(flags + iv + hmac.digest(m, _aad(flags, iv) + ct, "sha256"), np.uint8)
+        if on_slice is not None:
+            on_slice(start, stop)
 
 
 def receive_pages(vek, tek, tik, headers, trans, mem, index, tweaks, *, threads=None) -> np.ndarray:

@@ -15,6 +15,7 @@ def send_pages(
     ivs: Buffer | None = ...,
     *,
     threads: int | None = ...,
+    nontemporal: bool = ...,
 ) -> None: ...
 def receive_pages(
     vek: Buffer,

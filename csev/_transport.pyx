@@ -198,24 +198,26 @@ cdef int _mac_page(Hmac* mac, const uint8_t* aad, const uint8_t* page, uint8_t* 
     return rc
 
 
-cdef int _send_core(const uint8_t* vek, const uint8_t* tek, const uint8_t* tik,
-                    const uint8_t* mem, const int64_t* idx, const uint64_t* tweaks,
-                    uint8_t* headers, uint8_t* trans, const uint8_t* ivs,
-                    Py_ssize_t hdr_stride, Py_ssize_t trans_stride,
-                    Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
-    cdef Ctxs c
+cdef int _send_run(Ctxs* c, const uint8_t* mem, const int64_t* idx, const uint64_t* tweaks,
+                   uint8_t* headers, uint8_t* trans, const uint8_t* ivs,
+                   Py_ssize_t hdr_stride, Py_ssize_t trans_stride, Py_ssize_t ring, bint nontemporal,
+                   Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
+    """Pages [start, stop) with open contexts; page i goes to output row i % ring."""
     cdef uint8_t aad[AAD]
     cdef uint8_t tweak[16]
-    cdef Py_ssize_t i, row
+    cdef Py_ssize_t i, row, out
     cdef uint8_t* hdr
+    cdef uint8_t* dst
     cdef const uint8_t* iv
     cdef const uint8_t* nxt
-    cdef int rc = _ctxs_open(&c, vek, 0, tek, tik)
+    cdef int rc = OK
     _aad_init(aad)                                      # FLAGS = 0: no compression
     i = start
     while rc == OK and i < stop:
         row = idx[i] if idx != NULL else i
-        hdr = headers + i * hdr_stride
+        out = i % ring
+        hdr = headers + out * hdr_stride
+        dst = trans + out * trans_stride
         iv = ivs + i * 16
         nxt = NULL
         if i + 1 < stop:
@@ -226,7 +228,7 @@ cdef int _send_core(const uint8_t* vek, const uint8_t* tek, const uint8_t* tik,
         if rc == OK:
             rc = cipher_update(c.xts, c.scratch, mem + row * PAGE, PAGE)
         # step 6: CTR under TEK, then encrypt-then-MAC under TIK; the ciphertext goes out to TRANS
-        # while it is MACed, and the next guest page comes in
+        # while it is MACed (non-temporal) or after it (ordinary stores), and the next guest page comes in
         if rc == OK:
             rc = cipher_set_iv(c.ctr, iv)
         if rc == OK:
@@ -234,11 +236,26 @@ cdef int _send_core(const uint8_t* vek, const uint8_t* tek, const uint8_t* tik,
         memcpy(aad + 5, iv, 16)
         if rc == OK:
             rc = _mac_page(&c.mac, aad, c.scratch + PAGE, hdr + HDR_MAC,
-                           trans + i * trans_stride, c.scratch + PAGE, nxt)
+                           dst if nontemporal else NULL, c.scratch + PAGE, nxt)
+        if rc == OK and not nontemporal:
+            memcpy(dst, c.scratch + PAGE, PAGE)
         _le32(hdr, 0)
         memcpy(hdr + HDR_IV, iv, 16)
         i += 1
     store_fence()
+    return rc
+
+
+cdef int _send_core(const uint8_t* vek, const uint8_t* tek, const uint8_t* tik,
+                    const uint8_t* mem, const int64_t* idx, const uint64_t* tweaks,
+                    uint8_t* headers, uint8_t* trans, const uint8_t* ivs,
+                    Py_ssize_t hdr_stride, Py_ssize_t trans_stride, bint nontemporal,
+                    Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
+    cdef Ctxs c
+    cdef int rc = _ctxs_open(&c, vek, 0, tek, tik)
+    if rc == OK:
+        rc = _send_run(&c, mem, idx, tweaks, headers, trans, ivs, hdr_stride, trans_stride, stop,
+                       nontemporal, start, stop)
     _ctxs_close(&c)
     return rc
 
@@ -316,15 +333,41 @@ cdef class _Job:
     cdef uint32_t* status
     cdef Py_ssize_t hdr_stride      # bytes between rows: 52/4096 for plain arrays, the record size
     cdef Py_ssize_t trans_stride    # when the rows are fields of migration-stream records
+    cdef bint nontemporal           # send: TRANS streamed past the cache (else ordinary stores)
 
     def send(self, Py_ssize_t start, Py_ssize_t stop):
         cdef int rc
         with nogil:
             rc = _send_core(self.vek, self.tek, self.tik, self.mem_in, self.idx, self.tweaks,
                             self.hdr_out, self.trans_out, self.ivs, self.hdr_stride, self.trans_stride,
-                            start, stop)
+                            self.nontemporal, start, stop)
         if rc != OK:
             raise error_for(rc)
+
+    def send_ring(self, Py_ssize_t k, Py_ssize_t ring, on_slice):
+        """All k pages on this thread, ``ring`` at a time into rows [0, ring), each slice handed to
+        ``on_slice(start, stop)`` (with the GIL) before the next overwrites it; contexts opened once."""
+        cdef Ctxs c
+        cdef int rc
+        cdef Py_ssize_t a = 0
+        cdef Py_ssize_t b
+        with nogil:
+            rc = _ctxs_open(&c, self.vek, 0, self.tek, self.tik)
+        try:
+            if rc != OK:
+                raise error_for(rc)
+            while a < k:
+                b = min(a + ring, k)
+                with nogil:
+                    rc = _send_run(&c, self.mem_in, self.idx, self.tweaks, self.hdr_out, self.trans_out,
+                                   self.ivs, self.hdr_stride, self.trans_stride, ring, self.nontemporal,
+                                   a, b)
+                if rc != OK:
+                    raise error_for(rc)
+                on_slice(a, b)
+                a = b
+        finally:
+            _ctxs_close(&c)
 
     def receive(self, Py_ssize_t start, Py_ssize_t stop):
         cdef int rc
@@ -348,20 +391,36 @@ cdef tuple _keys(_Job job, object vek, object tek, object tik):
     return (v, t, m)
 
 
-def send_pages(vek, tek, tik, mem, index, tweaks, headers, trans, ivs=None, *, threads=None):
+def send_pages(vek, tek, tik, mem, index, tweaks, headers, trans, ivs=None, *, threads=None,
+               bint nontemporal=True, on_slice=None):
     """SEND_UPDATE_DATA for ``k = len(tweaks)`` pages ``mem[index[i]]`` into ``headers[i]``/``trans[i]``.
 
     ``ivs``: None for fresh random IVs, else a C-contiguous buffer of ``16 * k`` bytes.
+    ``nontemporal``: stream TRANS past the cache (right for output larger than the cache, read later);
+    False writes it with ordinary stores, for a consumer that reads a small output at once (a socket
+    send of a ring of records: the socket's copy then reads it from cache, not from DRAM).
+    ``on_slice``: ``headers``/``trans`` are a ring of ``n = len(trans)`` rows: page i goes to row
+    ``i % n``, and after each ``n`` pages (and the last) ``on_slice(start, stop)`` is called to consume
+    rows ``[0, stop - start)``. The batch then runs on the calling thread; an exception from
+    ``on_slice`` ends it and propagates.
     """
     cdef _Job job = _Job()
     keys = _keys(job, vek, tek, tik)
+    if on_slice is not None and threads not in (None, 1):
+        raise ValueError("on_slice: the batch runs on the calling thread (threads must be None or 1)")
     nthreads = _libcrypto.resolve_threads(threads)
     check_words(tweaks, "tweaks", False, -1)
     cdef const uint64_t[::1] tw = tweaks
     cdef Py_ssize_t k = tw.shape[0]
+    cdef Py_ssize_t rows = k
+    if on_slice is not None:
+        if not callable(on_slice):
+            raise TypeError("on_slice must be callable")
+        check_pages(trans, "trans", PAGE, 1, True, True)
+        rows = min(k, memoryview(trans).shape[0])
     check_pages(mem, "mem", PAGE, 0 if index is not None else k, False)
-    check_pages(headers, "headers", HEADER, k, True, True)
-    check_pages(trans, "trans", PAGE, k, True, True)
+    check_pages(headers, "headers", HEADER, rows, True, True)
+    check_pages(trans, "trans", PAGE, rows, True, True)
     cdef const uint8_t[:, ::1] m = mem
     cdef uint8_t[:, :] h = headers
     cdef uint8_t[:, :] t = trans
@@ -381,9 +440,13 @@ def send_pages(vek, tek, tik, mem, index, tweaks, headers, trans, ivs=None, *, t
     job.trans_out = &t[0, 0]
     job.hdr_stride = h.strides[0]
     job.trans_stride = t.strides[0]
+    job.nontemporal = nontemporal
     job.tweaks = &tw[0]
     job.ivs = iv
-    _libcrypto.run_chunks(job.send, k, nthreads)
+    if on_slice is not None:
+        job.send_ring(k, rows, on_slice)
+    else:
+        _libcrypto.run_chunks(job.send, k, nthreads)
 
 
 def receive_pages(vek, tek, tik, headers, trans, mem, index, tweaks, *, threads=None):

@@ -22,6 +22,7 @@ import ctypes
 import errno
 import logging
 import threading
+from typing import Callable
 
 import numpy as np
 
@@ -483,8 +484,10 @@ class SevKvm:
 
     # -- pysev batch extension: many pages per call through the csev pipelines -------------------------
     def send_update_data_batch(self, frames: np.ndarray, headers: np.ndarray, trans: np.ndarray, *,
-                               threads: int | None = None) -> None:
-        status = self.platform.send_update_data_batch(self.handle, frames, headers, trans, threads=threads)
+                               threads: int | None = None,
+                               on_slice: Callable[[int, int], None] | None = None) -> None:
+        status = self.platform.send_update_data_batch(self.handle, frames, headers, trans, threads=threads,
+                                                      on_slice=on_slice)
         if status != SevStatus.SUCCESS:
             raise KvmError("SEND_UPDATE_DATA(batch)", errno.EIO, status)
 

@@ -271,6 +271,59 @@ def test_send_into_stream_records_at_every_alignment(k, base):
         assert np.array_equal(rec[field], before[field]), field
 
 
+@pytest.mark.parametrize("ring", [1, 3, 7, 20, 64])
+def test_send_through_a_ring_equals_the_batch(k, ring):
+    """``on_slice``: the batch comes out ``ring`` packets at a time into the same rows (records of the
+    wire layout, ordinary stores), each slice handed over in order before the rows are reused; the
+    packets are those of the whole batch at once."""
+    from pysev.migration.stream import ENC_PAGE_RECORD
+    rng = np.random.default_rng(40 + ring)
+    vek, tek, tik = _keys()
+    n = 20
+    mem = rand_pages(rng, 32)
+    index = rng.permutation(32)[:n].astype(np.int64)
+    tweaks = rng.integers(0, 2**40, size=n, dtype=np.uint64) << np.uint64(12)
+    ivs = os.urandom(16 * n)
+    headers, trans = _send(k, vek, tek, tik, mem, index, tweaks, ivs)
+    rec = np.zeros(ring, ENC_PAGE_RECORD)
+    got_h, got_t, calls = np.zeros_like(headers), np.zeros_like(trans), []
+
+    def on_slice(start, stop):
+        calls.append((start, stop))
+        got_h[start:stop] = rec["hdr"][:stop - start]
+        got_t[start:stop] = rec["trans"][:stop - start]
+
+    k.send_pages(vek, tek, tik, mem, index, tweaks, rec["hdr"], rec["trans"], ivs, threads=1,
+                 nontemporal=False, on_slice=on_slice)
+    step = min(ring, n)
+    assert calls == [(a, min(a + step, n)) for a in range(0, n, step)]
+    assert np.array_equal(got_h, headers) and np.array_equal(got_t, trans)
+    assert not rec["header"].any() and not rec["trans_len"].any()     # only hdr/trans are written
+
+
+def test_send_ring_stops_at_a_failing_consumer_and_checks_its_arguments(k):
+    rng = np.random.default_rng(41)
+    vek, tek, tik = _keys()
+    mem = rand_pages(rng, 8)
+    tweaks = np.arange(8, dtype=np.uint64) << np.uint64(12)
+    h, t = np.zeros((2, HEADER), np.uint8), np.zeros((2, PAGE), np.uint8)
+    calls = []
+
+    def failing(start, stop):
+        calls.append((start, stop))
+        raise OSError("connection reset")
+
+    with pytest.raises(OSError, match="connection reset"):
+        k.send_pages(vek, tek, tik, mem, None, tweaks, h, t, on_slice=failing)
+    assert calls == [(0, 2)]                       # nothing produced after the consumer failed
+    with pytest.raises(ValueError, match="calling thread"):
+        k.send_pages(vek, tek, tik, mem, None, tweaks, h, t, threads=2, on_slice=lambda a, b: None)
+    with pytest.raises(TypeError, match="callable"):
+        k.send_pages(vek, tek, tik, mem, None, tweaks, h, t, on_slice=42)
+    with pytest.raises(ValueError, match="headers"):
+        k.send_pages(vek, tek, tik, mem, None, tweaks, h[:1], t, on_slice=lambda a, b: None)
+
+
 def test_send_fresh_ivs(k):
     vek, tek, tik = _keys()
     mem = np.zeros((2, PAGE), np.uint8)

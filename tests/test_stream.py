@@ -237,6 +237,51 @@ def test_batch_writer_with_context_on_first_page():
     assert a.getvalue() == b.getvalue()
 
 
+@pytest.mark.parametrize("ring_len", [1, 4, 16])
+def test_record_ring_writes_the_bytes_of_the_per_page_writer(ring_len):
+    """RecordRing: packets written into the ring's rows slice by slice make the same stream as
+    ``sev_encrypted_page`` per page; only the field bytes the producer writes come from it."""
+    from pysev.migration.stream import RecordRing
+    k = 11
+    rng = np.random.default_rng(ring_len)
+    offs = rng.permutation(MIB // 4096)[:k].astype(np.uint64) * 4096
+    hdrs = rng.integers(0, 256, (k, 52), dtype=np.uint8)
+    trans = rng.integers(0, 256, (k, 4096), dtype=np.uint8)
+    a, b = io.BytesIO(), io.BytesIO()
+    wa, wb = StreamWriter(a), StreamWriter(b)
+    for w in (wa, wb):
+        w.ram_mem_size(BLOCKS)
+        w.sev_encrypted_page("pc.ram", 0, HDR, page(1), CTX)
+    ring = RecordRing(wb, ring_len)
+    assert not ring.begin("vga.vram", offs)          # another block: its first record must name it
+    assert ring.begin("pc.ram", offs)
+    for start in range(0, k, ring_len):
+        stop = min(start + ring_len, k)
+        ring.hdr[:stop - start] = hdrs[start:stop]
+        ring.trans[:stop - start] = trans[start:stop]
+        ring.put(start, stop)
+    for i in range(k):
+        wa.sev_encrypted_page("pc.ram", int(offs[i]), hdrs[i], trans[i])
+    wa.close()
+    wb.close()
+    assert a.getvalue() == b.getvalue()
+    assert wa.transferred == wb.transferred
+
+
+def test_record_ring_refuses_what_a_continue_record_cannot_carry():
+    from pysev.migration.stream import RecordRing
+    w = StreamWriter(io.BytesIO())
+    w.ram_mem_size(BLOCKS)
+    ring = RecordRing(w, 4)
+    assert not ring.begin("pc.ram", [0])             # the SEND_START context has not gone out yet
+    w.sev_encrypted_page("pc.ram", 0, HDR, page(1), CTX)
+    for bad in ([4097], [dict(BLOCKS)["pc.ram"]]):
+        with pytest.raises(ValueError, match="pc.ram"):
+            ring.begin("pc.ram", bad)
+    with pytest.raises(ValueError, match="at least one"):
+        RecordRing(w, 0)
+
+
 # -------------------------------------------------------------------------------------------- vmdesc edge
 def _analyzer_finds_json(data: bytes) -> bool:
     """analyze-migration.py's trailer search (§3.3 item 1), re-stated."""

@@ -671,8 +671,17 @@ class Platform:
         return guest
 
     def send_update_data_batch(self, handle: int, frames: np.ndarray, headers: np.ndarray,
-                               trans: np.ndarray, *, threads: int | None = None) -> SevStatus:
-        """SEND_UPDATE_DATA for whole pages: ``frames`` are host frame numbers of guest pages."""
+                               trans: np.ndarray, *, threads: int | None = None,
+                               on_slice: Callable[[int, int], None] | None = None) -> SevStatus:
+        """SEND_UPDATE_DATA for whole pages: ``frames`` are host frame numbers of guest pages.
+
+        With ``on_slice``, ``headers``/``trans`` are a ring of ``n`` rows that the hypervisor drains: the
+        packets are produced ``n`` at a time into rows ``[0, stop - start)``, and ``on_slice(start, stop)``
+        consumes them before the next slice reuses the rows, as QEMU writes each packet to the stream
+        right after its SEND_UPDATE_DATA (qemu-migration.md §1.4 step 4). The ring is written with
+        ordinary stores: its consumer (a socket send) then copies it from cache, not from DRAM.
+        An exception from ``on_slice`` ends the batch there.
+        """
         frames = np.ascontiguousarray(frames, dtype=np.uint64)
         with self._lock:
             try:
@@ -685,7 +694,7 @@ class Platform:
         # guest's pages, so page channels can encrypt concurrently (a later SEND_FINISH/CANCEL cannot
         # change what this batch produces).
         csev.send_pages(*keys, self.dram.frames, frames.astype(np.int64), frames << np.uint64(PAGE_SHIFT),
-                        headers, trans, ivs, threads=threads)
+                        headers, trans, ivs, threads=threads, nontemporal=on_slice is None, on_slice=on_slice)
         return S.SUCCESS
 
     def receive_update_data_batch(self, handle: int, frames: np.ndarray, headers: np.ndarray,

@@ -15,6 +15,8 @@ import base64
 import binascii
 import ctypes
 import logging
+from typing import Callable
+
 import numpy as np
 
 import csev
@@ -137,10 +139,12 @@ class SevOps(PlainOps):
             return super().classify(block, dirty, private, shared)
         return csev.bitmap_split(dirty, self.vm.memory.enc_snapshot(block), private, shared)
 
-    def send_pages(self, block, pages: np.ndarray, hdrs: np.ndarray, trans: np.ndarray, threads: int = 1) -> None:
+    def send_pages(self, block, pages: np.ndarray, hdrs: np.ndarray, trans: np.ndarray, threads: int = 1,
+                   on_slice: Callable[[int, int], None] | None = None) -> None:
         """SEND_UPDATE_DATA for ``pages`` (indices into ``block``), batched through the csev pipeline;
-        ``threads`` cores work on the batch."""
-        self.sev.send_update_data_batch(block.frames[pages], hdrs, trans, threads=threads)
+        ``threads`` cores work on the batch. With ``on_slice``, ``hdrs``/``trans`` are a ring the
+        caller drains in ``on_slice(start, stop)`` (``Platform.send_update_data_batch``)."""
+        self.sev.send_update_data_batch(block.frames[pages], hdrs, trans, threads=threads, on_slice=on_slice)
 
     def state_map(self):
         """(block, [(start_gpa, npages, bitmap bytes)]) for every encryptable block (v3 subtype 2)."""

@@ -657,32 +657,10 @@ class StreamWriter:
                 self.put_bytes(rec.view(np.uint8))
             start += m
 
-    def continuation_records(self, block: str, offsets: Any, out: np.ndarray | None = None) -> np.ndarray | None:
-        """CONTINUE encrypted-page records of ``block`` with everything but ``hdr`` and ``trans`` filled in,
-        for a producer that writes those two fields in place (the SEND_UPDATE_DATA pipeline writes its
-        output straight into the wire layout: no copy per page). Write them with ``put_records``.
-
-        Returns None when the next record cannot be a CONTINUE record of ``block`` (another block was sent
-        last, or the SEND_START context is still due): use ``sev_encrypted_pages`` for the first page then.
-        ``out`` (an ``ENC_PAGE_RECORD`` array of at least ``len(offsets)`` records) is reused if given.
-        """
-        offs = np.ascontiguousarray(offsets, dtype=np.uint64)
-        if block != self._last_block or not self._context_sent:
-            return None
-        self._check_offsets(block, offs)
-        k = offs.shape[0]
-        rec = np.empty(k, ENC_PAGE_RECORD) if out is None else out[:k]
-        rec["header"] = offs | np.uint64(ENC_PAGE_CONTINUE_FLAGS)
-        rec["subtype"] = RAM_SAVE_ENCRYPTED_PAGE
-        rec["hdr_len"] = SEV_PACKET_HEADER_SIZE
-        rec["trans_len"] = TARGET_PAGE_SIZE
-        return rec
-
-    def put_records(self, rec: np.ndarray) -> None:
-        """Write records from ``continuation_records`` (filled in by the caller) in one go."""
-        if rec.dtype != ENC_PAGE_RECORD or rec.ndim != 1 or not rec.flags.c_contiguous:
-            raise ValueError("put_records takes a contiguous ENC_PAGE_RECORD array")
-        self.put_bytes(rec.view(np.uint8))
+    def continues(self, block: str) -> bool:
+        """True when the next encrypted-page record of ``block`` can be a CONTINUE record: ``block`` was
+        sent last and the SEND_START context has gone out."""
+        return block == self._last_block and self._context_sent
 
     def _check_offsets(self, block: str, offs: np.ndarray) -> None:
         size = self._block_sizes.get(block)
@@ -717,6 +695,47 @@ class StreamWriter:
             self._pack(_BITMAP_ENTRY, ENCRYPTED_BITMAP_CONTINUE, start_gpa, npages, len(mv))
             self.put_bytes(mv)
         self.put_be32(ENCRYPTED_BITMAP_END)
+
+
+class RecordRing:
+    """CONTINUE encrypted-page records (``ENC_PAGE_RECORD``) reused slice after slice by a producer that
+    writes their ``hdr``/``trans`` fields in place: the SEND_UPDATE_DATA pipeline puts its packets straight
+    into the wire layout, and each slice goes to the stream while it is still in cache, so a page is
+    written once, by the pipeline, and read once, by the socket's copy.
+
+        if ring.begin(block, offsets):      # False: the next record must name the block (or carry the context)
+            pipeline(hdr=ring.hdr, trans=ring.trans, on_slice=ring.put)
+    """
+
+    def __init__(self, writer: StreamWriter, n: int) -> None:
+        if n < 1:
+            raise ValueError("a record ring needs at least one record")
+        self._w = writer
+        self.records = np.empty(n, ENC_PAGE_RECORD)
+        self.records["subtype"] = RAM_SAVE_ENCRYPTED_PAGE
+        self.records["hdr_len"] = SEV_PACKET_HEADER_SIZE
+        self.records["trans_len"] = TARGET_PAGE_SIZE
+        self.hdr = self.records["hdr"]          # (n, 52) rows for the packet headers
+        self.trans = self.records["trans"]      # (n, 4096) rows for the transport data
+        self._headers = np.empty(0, np.uint64)  # this batch's record headers: offset | flags
+
+    def begin(self, block: str, offsets: Any) -> bool:
+        """Start a batch of ``block`` pages at ``offsets``; False when its first record cannot be a CONTINUE
+        record (another block was sent last, or the SEND_START context is still due)."""
+        if not self._w.continues(block):
+            return False
+        offs = np.ascontiguousarray(offsets, dtype=np.uint64)
+        self._w._check_offsets(block, offs)
+        self._headers = offs | np.uint64(ENC_PAGE_CONTINUE_FLAGS)
+        return True
+
+    def put(self, start: int, stop: int) -> None:
+        """Write the batch's records ``[start, stop)``, whose packets are in rows ``[0, stop - start)``;
+        raises the stream's error if the write failed."""
+        rec = self.records[:stop - start]
+        rec["header"] = self._headers[start:stop]
+        self._w.put_bytes(rec.view(np.uint8))
+        self._w.check()
 
 
 def _vmdesc_len_ambiguous(n: int) -> bool:
@@ -1202,7 +1221,8 @@ def open_reader(data: bytes, **kw: Any) -> StreamReader:
 
 __all__ = [name for name in dir() if name.isupper() and not name.startswith("_")] + [
     "BitmapEntry", "Command", "Configuration", "EncryptedBatch", "EncryptedBitmap", "EncryptedPage",
-    "EncryptedPages", "Eof", "Eos", "Footer", "MemSize", "Page", "RamRecord", "ReaderLimits", "SectionHeader",
+    "EncryptedPages", "Eof", "Eos", "Footer", "MemSize", "Page", "RamRecord", "ReaderLimits", "RecordRing",
+    "SectionHeader",
     "SectionRecord", "SevContext", "StreamError", "StreamReader", "StreamWriter", "Zero", "bitmap_size",
     "default_vmdesc", "open_reader",
 ]
