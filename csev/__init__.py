@@ -19,12 +19,14 @@ Memory encryption, the SEV memory controller model (sev-api.md §8)
 
 Transport pipelines (sev-api.md §2.3, §2.6, §4)
     ``send_pages(vek, tek, tik, mem, index, tweaks, headers, trans, ivs=None, *, threads=None,
-    nontemporal=True)``
+    nontemporal=True, on_slice=None)``
         SEND_UPDATE_DATA for a batch: XTS-decrypt ``mem[index[i]]`` at ``tweaks[i]`` → AES-128-CTR
         under TEK with IV ``ivs[i]`` (fresh random when None) → MAC = HMAC-SHA256(TIK, 0x02 ‖
         LE32(flags=0) ‖ IV ‖ LE32(4096) ‖ LE32(4096) ‖ ciphertext). Writes ``headers[i]`` (52 bytes:
         flags ‖ IV ‖ MAC) and ``trans[i]`` (4096 bytes). ``trans`` goes past the cache (non-temporal
-        stores) unless ``nontemporal=False``, for a small output read again at once.
+        stores) unless ``nontemporal=False``, for a small output read again at once. With
+        ``on_slice``, ``headers``/``trans`` are a ring of n rows (page i → row i % n) and
+        ``on_slice(start, stop)`` consumes each n-page slice before the rows are reused (one thread).
     ``receive_pages(vek, tek, tik, headers, trans, mem, index, tweaks, *, threads=None) -> status``
         RECEIVE_UPDATE_DATA for a batch: per packet, COMPRESSED flag → UNSUPPORTED (0x15); MAC checked
         in constant time before decrypting → BAD_MEASUREMENT (0x0B); else CTR-decrypt and

@@ -1,3 +1,5 @@
+from typing import Callable
+
 from typing_extensions import Buffer
 
 import numpy as np
@@ -16,6 +18,7 @@ def send_pages(
     *,
     threads: int | None = ...,
     nontemporal: bool = ...,
+    on_slice: Callable[[int, int], object] | None = ...,
 ) -> None: ...
 def receive_pages(
     vek: Buffer,

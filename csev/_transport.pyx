@@ -15,6 +15,11 @@ SHA-256 with the ipad/opad states hashed once per call and copied per page (``EV
 validated against the RFC 4231 vectors in the tests. Contexts are created once per call and thread;
 per page only IVs/tweaks are re-initialised (performance.md A3). ``headers``/``trans``/``mem`` must
 not be modified by another thread while a call runs.
+
+Output stores: a large batch is streamed past the cache (non-temporal: nobody reads it soon, and it
+would evict the guest pages being read). A ring (``on_slice``) is written with ordinary stores and
+handed over slice by slice while the batch runs, so its consumer (a socket send) copies it from L2:
+measured over loopback TCP, the sender's kernel time per page fell from ~0.9 to ~0.5 us.
 """
 
 import numpy as np
