@@ -208,7 +208,8 @@ class _Encrypter:
 
     # 128 records (533 KB) stay in a core's L2 beside the guest pages being read and the socket's
     # buffers. Measured over loopback TCP (2 GiB idle guest, alternating runs): the socket's copy from
-    # cache instead of DRAM took the source from ~4.4 to ~4.0 us per page; 512 records gave it back.
+    # cache instead of DRAM took the source from ~4.4 to ~4.2 us per page (0.74 -> 0.80 of the send
+    # kernel); 256-512 records gave it back. benchmarks/test_migration.py (e) keeps the comparison.
     RING_RECORDS = 128
 
     def __init__(self, writer: S.StreamWriter, ops, digest: _Digest) -> None:
