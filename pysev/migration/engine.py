@@ -44,6 +44,12 @@ from pysev.migration.transport import Connection
 log = logging.getLogger(__name__)
 
 BATCH_PAGES = 2048            # pages per SEND/RECEIVE_UPDATE_DATA batch (8 MiB of guest memory: fewer round trips)
+# A send batch goes out through a ring of this many records (533 KB), each slice sent while in cache. It
+# fits a core's L2 beside the guest pages being read and the socket's buffers. Measured over loopback TCP
+# (2 GiB idle guest, alternating runs): the socket's copy from cache instead of DRAM took the source from
+# ~4.4 to ~4.2 us per page (0.74 -> 0.80 of the send kernel); 256-512 records gave it back.
+# benchmarks/test_migration.py (e) keeps the comparison.
+SEND_RING_RECORDS = 128
 # The destination reads ahead 8 MiB: runs of ~2000 encrypted-page records are then handed to
 # RECEIVE_UPDATE_DATA in place, without a copy (stream.EncryptedBatch zero_copy).
 READER_LIMITS = dataclasses.replace(S.ReaderLimits(), read_chunk=8 << 20)
@@ -206,15 +212,9 @@ class _Encrypter:
     the one carrying the SEND_START context) takes the ordinary path.
     """
 
-    # 128 records (533 KB) stay in a core's L2 beside the guest pages being read and the socket's
-    # buffers. Measured over loopback TCP (2 GiB idle guest, alternating runs): the socket's copy from
-    # cache instead of DRAM took the source from ~4.4 to ~4.2 us per page (0.74 -> 0.80 of the send
-    # kernel); 256-512 records gave it back. benchmarks/test_migration.py (e) keeps the comparison.
-    RING_RECORDS = 128
-
     def __init__(self, writer: S.StreamWriter, ops, digest: _Digest) -> None:
         self.writer, self.ops, self.digest = writer, ops, digest
-        self._ring = S.RecordRing(writer, self.RING_RECORDS)
+        self._ring = S.RecordRing(writer, SEND_RING_RECORDS)
         self._hdr1 = np.empty((1, S.SEV_PACKET_HEADER_SIZE), dtype=np.uint8)
         self._trans1 = np.empty((1, PAGE_SIZE), dtype=np.uint8)
 
