@@ -48,3 +48,23 @@ def test_cli_file_transport_plot_and_save_stream(capsys, tmp_path):
     assert rc == 0 and s["verified"] is True
     sizes = [os.path.getsize(p) for p in (save, f"{save}.ch1", f"{save}.ch2")]
     assert sum(sizes) == s["ram"]["transferred"]
+
+
+def test_cli_migrate_default_guest_is_running_a_workload(capsys):
+    """The main job's guest dirties memory, redraws its framebuffer and flips DMA pages by default, so the
+    migration re-sends dirty pages and carries shared pages in the clear."""
+    rc, s = _run(capsys)
+    assert rc == 0 and s["status"] == "completed" and s["verified"] is True
+    assert s["passes"][0]["dirty_pages"] > 0 and len(s["passes"]) >= 2
+    assert s["sev"]["pages-shared"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--memory", "12Q"], "not a size: '12Q'"),
+    (["--no-sev", "--convert-rate", "3"], "a guest without SEV has no private pages to convert"),
+])
+def test_cli_migrate_bad_input_is_one_clear_line(capsys, argv, message):
+    rc = main(["migrate", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("pysev migrate: error: ") and message in err and "Traceback" not in err

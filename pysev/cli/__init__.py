@@ -26,6 +26,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        # Bad input found past argument parsing (a size, a policy, an option the guest cannot have):
+        # one line that names it, as argparse does; -v keeps the traceback for a bug report.
+        if args.verbose:
+            raise
+        print(f"pysev {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from pysev.cli.units import add_guest_arguments, parse_size
+from pysev.cli.units import add_guest_arguments, convert_rate_of, parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         vmm = Vmm(parse_size(args.memory), sev=not args.no_sev,
                   policy=DEFAULT_POLICY if args.policy is None else args.policy, incoming=incoming,
-                  dirty_rate=parse_size(args.dirty_rate), workload=args.workload, convert_rate=args.convert_rate,
+                  dirty_rate=parse_size(args.dirty_rate), workload=args.workload, convert_rate=convert_rate_of(args),
                   vga_fps=args.vga_fps, seed=args.seed)
         addresses = vmm.start(args.qmp)
     except (OSError, ValueError, RuntimeError) as err:

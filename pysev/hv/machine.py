@@ -83,6 +83,9 @@ class VirtualMachine:
     def __init__(self, host: Host, memory_size: int, *, sev: bool = True, policy: int = DEFAULT_POLICY,
                  incoming: bool = False, dirty_rate: float = 0.0, workload: str = "uniform",
                  convert_rate: float = 0.0, vga_fps: float = 0.0, seed: int | None = None) -> None:
+        if convert_rate and not sev:
+            raise ValueError("convert_rate: a guest without SEV has no private pages to convert "
+                             "(KVM_HC_MAP_GPA_RANGE changes the encryption state of SEV guest pages)")
         self.host = host
         self.sev_enabled = sev
         self.policy = policy if sev else 0
