@@ -31,14 +31,8 @@ def _read_some(conn, size=8 << 20) -> bytes:
     return bytes(buf[:n])
 
 
-def test_bulk_reads_wait_for_lowat_and_small_messages_stay_prompt(tcp_pair):
-    src, dst = tcp_pair
-    reader = dst._reader
-    assert reader.lowat >= T.BULK_READ
-    payload = bytes(range(256)) * (reader.lowat // 256)
-
-    pieces = len(payload) // (64 << 10)
-
+def _burst_then_trickle(src, dst, payload: bytes) -> list[int]:
+    """The sender writes ``payload`` at once, then again in paced 64 KiB pieces; the sizes of the reads."""
     def writer():
         src.wfile.write(payload)                     # a burst: the reader turns to bulk reads
         for i in range(0, len(payload), 64 << 10):   # then the sender trickles 64 KiB pieces
@@ -56,8 +50,24 @@ def test_bulk_reads_wait_for_lowat_and_small_messages_stay_prompt(tcp_pair):
         got += piece
     t.join()
     assert bytes(got) == payload * 2
-    # in bulk mode the trickle is gathered (lowat or the bulk wait), not read piece by piece
-    assert len(sizes) < pieces // 2, sizes
+    return sizes
+
+
+def test_bulk_reads_wait_for_lowat_and_small_messages_stay_prompt(tcp_pair):
+    src, dst = tcp_pair
+    reader = dst._reader
+    assert reader.lowat >= T.BULK_READ
+    payload = bytes(range(256)) * (reader.lowat // 256)
+    pieces = len(payload) // (64 << 10)
+    # In bulk mode the trickle is gathered (lowat or the bulk wait), not read piece by piece. A writer
+    # starved by a loaded machine can fall below BULK_READ per bulk wait, which ends bulk mode, so the
+    # property must hold in one of three tries (without bulk reads it fails every time).
+    tries = []
+    for _ in range(3):
+        tries.append(_burst_then_trickle(src, dst, payload))
+        if len(tries[-1]) < pieces // 2:
+            break
+    assert len(tries[-1]) < pieces // 2, tries
 
     # After a bulk transfer a small control message arrives within one bulk wait, not at lowat.
     t0 = time.monotonic()
