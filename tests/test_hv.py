@@ -508,3 +508,27 @@ def test_populated_ram_is_huge_page_backed_and_freed_chunks_are_not():
     again = dram.alloc_ram(32 * MiB // PAGE_SIZE)        # the same chunks, now for a sparse guest
     dram.frames[again[::512].astype(np.int64)] = 1       # one page per chunk
     assert dram.resident_bytes() < 4 * MiB
+
+
+def test_running_vcpus_are_stopped_at_interpreter_exit():
+    """A VM left running at exit: its daemon vCPU threads are stopped before finalization (a daemon thread
+    killed there inside numpy's C++ loops aborts the process). The check runs in an atexit handler
+    registered before pysev's, so it runs after it."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import atexit, threading
+        def check():
+            alive = [t.name for t in threading.enumerate() if t.name.startswith("vcpu") and t.is_alive()]
+            print("alive at exit:", alive, flush=True)
+        atexit.register(check)
+        from pysev.hv.machine import Host, VirtualMachine
+        vm = VirtualMachine(Host("h", 96 << 20, seed=1), 32 << 20, dirty_rate=50e6, vga_fps=30, seed=2)
+        import time; time.sleep(0.2)
+        print("started:", vm.workload.pages_written > 0, flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "started: True" in out.stdout and "alive at exit: []" in out.stdout, out.stdout
+    assert "terminate called" not in out.stderr

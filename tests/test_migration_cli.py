@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import pytest
 
@@ -50,13 +51,19 @@ def test_cli_file_transport_plot_and_save_stream(capsys, tmp_path):
     assert sum(sizes) == s["ram"]["transferred"]
 
 
-def test_cli_migrate_default_guest_is_running_a_workload(capsys):
+@pytest.mark.parametrize("transport", ["inproc", "file"])
+def test_cli_migrate_default_guest_is_running_a_workload_and_nothing_keeps_running(capsys, tmp_path, transport):
     """The main job's guest dirties memory, redraws its framebuffer and flips DMA pages by default, so the
-    migration re-sends dirty pages and carries shared pages in the clear."""
-    rc, s = _run(capsys)
+    migration re-sends dirty pages and carries shared pages in the clear. main() tears both VMs down:
+    no vCPU thread outlives the call (a caller's process goes on)."""
+    before = set(threading.enumerate())
+    argv = [] if transport == "inproc" else ["--transport", f"file:{tmp_path / 'g.mig'}"]
+    rc, s = _run(capsys, *argv)
     assert rc == 0 and s["status"] == "completed" and s["verified"] is True
     assert s["passes"][0]["dirty_pages"] > 0 and len(s["passes"]) >= 2
     assert s["sev"]["pages-shared"] > 0
+    left = [t.name for t in set(threading.enumerate()) - before if t.name.startswith("vcpu")]
+    assert not left, left
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import tempfile
 import time
 
 from pysev.cli.units import add_guest_arguments, convert_rate_of, parse_size
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY = "1G"
 # The main job migrates a guest that is doing something: it dirties 100 MB/s (the rate the downtime
@@ -62,29 +65,45 @@ def run(args: argparse.Namespace) -> int:
                             convert_rate=convert_rate_of(args), vga_fps=args.vga_fps, seed=args.seed)
         vm.boot_fill()
     verify = not args.no_verify
-    start = time.monotonic()
-    if args.transport == "inproc":
-        from pysev.migration import migrate_local
-        dest_host = Host("destination", _hosts_size(memory), seed=2)
-        with view.progress() as progress:
-            result = migrate_local(vm, dest_host, params=params, caps=caps, channels=args.channels, verify=verify,
-                                   save_stream=args.save_stream, on_progress=progress)
-        summary = _summary(result.info, result.passes, result.verified if verify else None,
-                           result.destination_status)
-    elif args.transport == "tcp":
-        summary = _run_tcp(args, vm, memory, policy, params, caps, view, verify)
-    elif args.transport.startswith("file:"):
-        summary = _run_file(args, vm, memory, policy, params, view, verify)
-    else:
-        print(f"pysev migrate: unknown transport {args.transport!r} (inproc, tcp, file:PATH)", file=sys.stderr)
-        return 2
-    summary["wall-seconds"] = round(time.monotonic() - start, 3)
-    if args.plot:
-        from pysev.cli.report import plot_passes
-        plot_passes(summary["passes"], args.plot)
-    view.summary(summary, as_json=args.json)
-    ok = summary["status"] == "completed" and summary.get("verified") is not False
-    return 0 if ok else 1
+    vms = [vm]           # torn down at the end: main() may be called from a longer-lived process
+    try:
+        start = time.monotonic()
+        if args.transport == "inproc":
+            from pysev.migration import migrate_local
+            dest_host = Host("destination", _hosts_size(memory), seed=2)
+            with view.progress() as progress:
+                result = migrate_local(vm, dest_host, params=params, caps=caps, channels=args.channels,
+                                       verify=verify, save_stream=args.save_stream, on_progress=progress)
+            vms.append(result.destination)
+            summary = _summary(result.info, result.passes, result.verified if verify else None,
+                               result.destination_status)
+        elif args.transport == "tcp":
+            summary = _run_tcp(args, vm, memory, policy, params, caps, view, verify)
+        elif args.transport.startswith("file:"):
+            summary = _run_file(args, vm, memory, policy, params, view, verify, vms)
+        else:
+            print(f"pysev migrate: unknown transport {args.transport!r} (inproc, tcp, file:PATH)", file=sys.stderr)
+            return 2
+        summary["wall-seconds"] = round(time.monotonic() - start, 3)
+        if args.plot:
+            from pysev.cli.report import plot_passes
+            plot_passes(summary["passes"], args.plot)
+        view.summary(summary, as_json=args.json)
+        ok = summary["status"] == "completed" and summary.get("verified") is not False
+        return 0 if ok else 1
+    finally:
+        for machine in vms:
+            _destroy(machine)
+
+
+def _destroy(vm) -> None:
+    """Stop a VM's vCPUs and free it; a failure found now (a vCPU's) is logged, the result stands."""
+    if vm is None:
+        return
+    try:
+        vm.destroy()
+    except Exception as exc:  # noqa: BLE001 — teardown must not mask the migration's own result
+        log.warning("tearing down %r: %s", vm, exc)
 
 
 def _summary(info: dict, passes: list[dict], verified: bool | None, dest: dict) -> dict:
@@ -142,7 +161,7 @@ def _serve(args, memory) -> int:
     return 0 if incoming.status == "completed" else 1
 
 
-def _run_file(args, vm, memory, policy, params, view, verify) -> dict:
+def _run_file(args, vm, memory, policy, params, view, verify, vms: list) -> dict:
     """Save the guest into a file, then restore it on the second host (the file is sealed for it)."""
     from pysev.hv.machine import Host
     from pysev.migration import restore_from_file, save_to_file, with_destination_certs
@@ -155,6 +174,7 @@ def _run_file(args, vm, memory, policy, params, view, verify) -> dict:
         return _summary(outgoing.info(), outgoing.passes, None, {"status": "not started"})
     with view.status(f"restoring from {path}"):
         dest, incoming = restore_from_file(dest_host, path, memory, sev=not args.no_sev, verify=verify)
+    vms.append(dest)
     verified = None
     if verify:
         verified = incoming.guest_digest is not None and incoming.guest_digest == outgoing.digest_at_switchover

@@ -14,9 +14,11 @@ migration has to converge against. Throttling follows QEMU's cpu_throttle (auto-
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
+import weakref
 
 import numpy as np
 
@@ -286,6 +288,7 @@ class Workload:
             self._active = self.vcpus
         self._threads = [threading.Thread(target=self._vcpu, args=(i,), name=f"vcpu{i}", daemon=True)
                          for i in range(self.vcpus)]
+        _running.add(self)
         for t in self._threads:
             t.start()
 
@@ -309,6 +312,7 @@ class Workload:
             self._cv.notify_all()
         for t in self._threads:
             t.join()
+        _running.discard(self)
         if self.error is not None:
             raise RuntimeError("a vCPU thread failed") from self.error
 
@@ -443,3 +447,19 @@ class Workload:
             with self._cv:
                 self._bounce_set.discard(page)
         return 1
+
+
+# vCPU threads are daemons, so a VM left running does not keep the interpreter alive. But a daemon
+# thread that is still running at finalization is killed by a forced unwind when it next takes the GIL,
+# and one inside numpy's C++ loops then aborts the process ("terminate called without an active
+# exception"). Stopping every running workload at exit, before finalization, prevents that.
+_running: weakref.WeakSet[Workload] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running_workloads() -> None:
+    for workload in list(_running):
+        try:
+            workload.stop()
+        except Exception:  # noqa: BLE001 — exiting anyway; a vCPU failure was already logged by its thread
+            pass
