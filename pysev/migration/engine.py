@@ -721,7 +721,8 @@ class OutgoingMigration:
         if getattr(self, "_committed", False):
             # Past SEND_FINISH the guest is SENT: it must never run here again (the destination may
             # already run it). Fail without resuming; nothing to cancel.
-            self.error_desc = f"failed after SEND_FINISH (the source cannot resume the guest): {err}"
+            commit = "SEND_FINISH" if self.vm.sev_enabled else "the commit"
+            self.error_desc = f"failed after {commit} (the source cannot resume the guest): {err}"
             log.warning("migration failed after commit: %s", err)
             if self.vm.state != RunState.POSTMIGRATE:
                 self.vm.set_state(RunState.POSTMIGRATE)
