@@ -305,13 +305,14 @@ class Workload:
             self._paused = False
             self._cv.notify_all()
 
-    def stop(self) -> None:
-        """Stop and join the vCPU threads; re-raises a vCPU's failure."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop and join the vCPU threads (each within ``timeout`` seconds if given); re-raises a vCPU's
+        failure."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
         for t in self._threads:
-            t.join()
+            t.join(timeout)
         _running.discard(self)
         if self.error is not None:
             raise RuntimeError("a vCPU thread failed") from self.error
@@ -460,6 +461,6 @@ _running: weakref.WeakSet[Workload] = weakref.WeakSet()
 def _stop_running_workloads() -> None:
     for workload in list(_running):
         try:
-            workload.stop()
+            workload.stop(timeout=5.0)           # never hang the exit on a stuck vCPU
         except Exception:  # noqa: BLE001 — exiting anyway; a vCPU failure was already logged by its thread
             pass
