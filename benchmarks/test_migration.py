@@ -172,4 +172,4 @@ def test_send_ring_beats_streamed_batches_over_loopback(benchmark):
              "ring_records": SEND_RING_RECORDS, "batch_pages": BATCH_PAGES}
     benchmark.extra_info.update(extra)
     print(json.dumps(extra, indent=1))
-    assert ring / streamed >= 1.05                # measured 1.17-1.19 on this project's machine
+    assert ring / streamed >= 1.05                # measured 1.12-1.18 on this project's machine

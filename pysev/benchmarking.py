@@ -10,7 +10,6 @@ MB/s everywhere is 10^6 bytes of guest pages per second.
 from __future__ import annotations
 
 import functools
-
 import hmac
 import os
 import re

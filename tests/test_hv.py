@@ -5,6 +5,9 @@ LAUNCH_FINISH), so the guest's VEK is installed for ``kvm.asid`` in the platform
 """
 import ctypes
 import errno
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -514,9 +517,6 @@ def test_running_vcpus_are_stopped_at_interpreter_exit():
     """A VM left running at exit: its daemon vCPU threads are stopped before finalization (a daemon thread
     killed there inside numpy's C++ loops aborts the process). The check runs in an atexit handler
     registered before pysev's, so it runs after it."""
-    import subprocess
-    import sys
-    import textwrap
     code = textwrap.dedent("""
         import atexit, threading
         def check():

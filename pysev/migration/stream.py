@@ -1222,7 +1222,6 @@ def open_reader(data: bytes, **kw: Any) -> StreamReader:
 __all__ = [name for name in dir() if name.isupper() and not name.startswith("_")] + [
     "BitmapEntry", "Command", "Configuration", "EncryptedBatch", "EncryptedBitmap", "EncryptedPage",
     "EncryptedPages", "Eof", "Eos", "Footer", "MemSize", "Page", "RamRecord", "ReaderLimits", "RecordRing",
-    "SectionHeader",
-    "SectionRecord", "SevContext", "StreamError", "StreamReader", "StreamWriter", "Zero", "bitmap_size",
-    "default_vmdesc", "open_reader",
+    "SectionHeader", "SectionRecord", "SevContext", "StreamError", "StreamReader", "StreamWriter", "Zero",
+    "bitmap_size", "default_vmdesc", "open_reader",
 ]
