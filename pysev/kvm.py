@@ -26,10 +26,10 @@ from typing import Callable
 
 import numpy as np
 
-from pysev.firmware import commands as fw
-from pysev.firmware.platform import CBITPOS, Platform
-from pysev.hv.hostmem import PAGE_SIZE
-from pysev.status import SevStatus
+from pysev.firmware.sev import abi as fw
+from pysev.firmware.sev.platform import CBITPOS, Platform
+from pysev.hw.hostmem import PAGE_SIZE
+from pysev.firmware.status import SevStatus
 
 log = logging.getLogger(__name__)
 

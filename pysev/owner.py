@@ -14,10 +14,11 @@ from typing import Callable
 from Crypto.PublicKey import ECC
 
 import csev
-from pysev import certs, session
-from pysev.certs import Algo, SevCert, Usage
-from pysev.firmware.commands import MEASURE_SIZE, SCRATCH_BUF_LEN
-from pysev.status import SevError, SevStatus
+from pysev.firmware import certs
+from pysev.firmware.sev import session
+from pysev.firmware.certs import Algo, SevCert, Usage
+from pysev.firmware.sev.abi import MEASURE_SIZE, SCRATCH_BUF_LEN
+from pysev.firmware.status import SevError, SevStatus
 
 _FLAGS = struct.Struct("<I")
 

@@ -1,4 +1,4 @@
-"""pysev.amdroot: the simulated AMD root, its key server, CEK derivation, and the shared default root."""
+"""pysev.firmware.amdroot: the simulated AMD root, its key server, CEK derivation, and the shared default root."""
 from __future__ import annotations
 
 import hashlib
@@ -13,11 +13,11 @@ import pytest
 from Crypto.PublicKey import ECC
 
 import pysev
-from pysev import amdroot
-from pysev import certs as C
-from pysev.amdroot import SimulatedRoot, default_root, derive_cek
-from pysev.certs import Algo, SevCert, Usage
-from pysev.status import SevStatus
+from pysev.firmware import amdroot
+from pysev.firmware import certs as C
+from pysev.firmware.amdroot import SimulatedRoot, default_root, derive_cek
+from pysev.firmware.certs import Algo, SevCert, Usage
+from pysev.firmware.status import SevStatus
 
 OK = SevStatus.SUCCESS
 CHIP = bytes.fromhex("5E1FDB617787B6D516F5CC5A5BB48FAE868DD57C71EC81F3FD59AD7C84A761C7"
@@ -194,7 +194,7 @@ def test_create_rejects_unknown_generation():
         SimulatedRoot.create(generation="milan")
 
 
-_CHILD = ("import sys; from pysev.amdroot import default_root; r = default_root(); "
+_CHILD = ("import sys; from pysev.firmware.amdroot import default_root; r = default_root(); "
           "sys.stdout.write(r.ark.key_id.hex() + ' ' + r.ask.key_id.hex())")
 
 

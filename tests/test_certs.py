@@ -1,4 +1,4 @@
-"""pysev.certs against the real AMD data in shared/testdata/sev-certs (its README's conclusions),
+"""pysev.firmware.certs against the real AMD data in shared/testdata/sev-certs (its README's conclusions),
 the spec layout (sev-api.md §5), the firmware validation rules, and hostile input."""
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from Crypto.PublicKey import ECC
 from Crypto.Signature import DSS
 from Crypto.Hash import SHA256
 
-from pysev import certs as C
-from pysev.certs import Algo, AmdCert, CertError, SevCert, Signature, TrustAnchor, Usage
-from pysev.status import SevError, SevStatus
+from pysev.firmware import certs as C
+from pysev.firmware.certs import Algo, AmdCert, CertError, SevCert, Signature, TrustAnchor, Usage
+from pysev.firmware.status import SevError, SevStatus
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "sev-certs"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real SEV test data not found at {DATA}")

@@ -1,6 +1,6 @@
 """Independent conformance tests of the simulated SEV firmware against sev-api.md (§1–§5).
 
-Expected statuses come from tables written here from the spec, not from ``pysev.firmware.platform.COMMANDS``.
+Expected statuses come from tables written here from the spec, not from ``pysev.firmware.sev.platform.COMMANDS``.
 Packets and sessions are built with an independent oracle (``cryptography``) or by ``pysev.owner``.
 """
 from __future__ import annotations
@@ -18,16 +18,16 @@ from Crypto.PublicKey import ECC
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from pysev import kvm as K
-from pysev.amdroot import SimulatedRoot, default_root
-from pysev.certs import Algo, SevCert, Usage
-from pysev.firmware import commands as C
-from pysev.firmware.commands import Cmd, Policy, make_policy
-from pysev.firmware.commands import GuestState as G
-from pysev.firmware.commands import PlatformState as P
-from pysev.firmware.platform import API_MAJOR, API_MINOR, BUILD, CBITPOS, Platform
-from pysev.hv.hostmem import PAGE_SIZE, HostMemory
+from pysev.firmware.amdroot import SimulatedRoot, default_root
+from pysev.firmware.certs import Algo, SevCert, Usage
+from pysev.firmware.sev import abi as C
+from pysev.firmware.sev.abi import Cmd, Policy, make_policy
+from pysev.firmware.sev.abi import GuestState as G
+from pysev.firmware.sev.abi import PlatformState as P
+from pysev.firmware.sev.platform import API_MAJOR, API_MINOR, BUILD, CBITPOS, Platform
+from pysev.hw.hostmem import PAGE_SIZE, HostMemory
 from pysev.owner import GuestOwner
-from pysev.status import SevStatus as S
+from pysev.firmware.status import SevStatus as S
 
 MiB = 1 << 20
 CBIT = 1 << CBITPOS
@@ -896,7 +896,7 @@ def test_launch_with_owner(target, root):
 
 
 def test_owner_rejects_foreign_chain(target, other_root):
-    from pysev.status import SevError
+    from pysev.firmware.status import SevError
     c = target.certs
     with pytest.raises(SevError):
         GuestOwner(c["pdh"], 0, plat_certs=c["cert_chain"], amd_certs=other_root.amd_chain())

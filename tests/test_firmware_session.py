@@ -21,9 +21,10 @@ from cryptography.hazmat.primitives import hmac as chmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 import csev
-from pysev import certs, session
+from pysev.firmware import certs
+from pysev.firmware.sev import session
 from pysev.owner import GuestOwner
-from pysev.status import SevError, SevStatus
+from pysev.firmware.status import SevError, SevStatus
 
 CERTS = Path("/work/shared/testdata/sev-certs")
 

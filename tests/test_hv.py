@@ -16,10 +16,10 @@ import pytest
 
 import csev
 from pysev import kvm as K
-from pysev.firmware import Platform, Policy, make_policy
+from pysev.firmware.sev import Platform, Policy, make_policy
 from pysev.hv import memory as hvmem
 from pysev.hv.guest import FB_BAND, Guest, Workload, framebuffer_lines, page_pattern
-from pysev.hv.hostmem import PAGE_SIZE, HostMemory
+from pysev.hw.hostmem import PAGE_SIZE, HostMemory
 from pysev.hv.memory import (
     BIOS_IDSTR,
     FLASH_VARS_IDSTR,

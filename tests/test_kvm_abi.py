@@ -1,7 +1,7 @@
 """Wire layouts pinned to their sources, and the KVM_MEMORY_ENCRYPT_OP facade's Linux semantics.
 
 * ``pysev.kvm`` ctypes structs vs ``/usr/include/linux/kvm.h`` (compiled with ``cc``).
-* Firmware command buffers (``pysev.firmware.commands.BUFFERS``) vs sev-api.md §2 / ``psp-sev.h``.
+* Firmware command buffers (``pysev.firmware.sev.abi.BUFFERS``) vs sev-api.md §2 / ``psp-sev.h``.
 * Session blob and packet header offsets vs sev-api.md §2.1.
 """
 from __future__ import annotations
@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from pysev import kvm as K
-from pysev import session
-from pysev.firmware import commands as C
-from pysev.firmware.commands import Cmd
-from pysev.firmware.platform import Platform
-from pysev.hv.hostmem import PAGE_SIZE, HostMemory
-from pysev.status import SevStatus as S
+from pysev.firmware.sev import session
+from pysev.firmware.sev import abi as C
+from pysev.firmware.sev.abi import Cmd
+from pysev.firmware.sev.platform import Platform
+from pysev.hw.hostmem import PAGE_SIZE, HostMemory
+from pysev.firmware.status import SevStatus as S
 
 KVM_H = "/usr/include/linux/kvm.h"
 

@@ -25,8 +25,8 @@ import time
 import numpy as np
 import pytest
 
-from pysev.firmware.commands import Cmd, GuestState, GuestStatusBuf
-from pysev.hv.hostmem import PAGE_SIZE
+from pysev.firmware.sev.abi import Cmd, GuestState, GuestStatusBuf
+from pysev.hw.hostmem import PAGE_SIZE
 from pysev.hv.machine import Host, RunState, VirtualMachine
 from pysev.hv.memory import (BIOS_IDSTR, FLASH_VARS_IDSTR, KVM_MAP_GPA_RANGE_DECRYPTED,
                              KVM_MAP_GPA_RANGE_ENCRYPTED, RAM_IDSTR, VRAM_IDSTR)

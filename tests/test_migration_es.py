@@ -7,8 +7,8 @@ import io
 import numpy as np
 import pytest
 
-from pysev.firmware import Policy, make_policy
-from pysev.hv.hostmem import PAGE_SIZE
+from pysev.firmware.sev import Policy, make_policy
+from pysev.hw.hostmem import PAGE_SIZE
 from pysev.hv.machine import Host, RunState, VirtualMachine
 from pysev.migration import MigrationParameters, migrate_local
 from pysev.migration import stream as S
@@ -52,7 +52,7 @@ def test_tampered_vmsa_fails_the_migration_and_the_source_keeps_running(hosts, m
     vm = VirtualMachine(a, MEM, policy=ES_POLICY, seed=2)
     vm.boot_fill()
     digest = vm.digest()
-    from pysev.migration import ops as ops_mod
+    from pysev.migration import sev_ops as ops_mod
     original = ops_mod.SevOps.send_vmsas
 
     def flipped(self):

@@ -20,8 +20,8 @@ import time
 import numpy as np
 import pytest
 
-from pysev.firmware.commands import GuestState
-from pysev.hv.hostmem import PAGE_SIZE
+from pysev.firmware.sev.abi import GuestState
+from pysev.hw.hostmem import PAGE_SIZE
 from pysev.hv.machine import RunState, VirtualMachine
 from pysev.migration import (IncomingMigration, MigrationParameters, migrate_tcp, save_to_file,
                              with_destination_certs)

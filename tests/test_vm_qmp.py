@@ -23,7 +23,7 @@ from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 import pysev
-from pysev.firmware.commands import SEV_CERT_SIZE
+from pysev.firmware.sev.abi import SEV_CERT_SIZE
 
 START_TIMEOUT = 30.0
 MIGRATE_TIMEOUT = 40.0

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pysev.certs import (
+from pysev.firmware.certs import (
     AmdCert, CertError, ChainReport, SevCert, load_amd_cert, load_sev_cert, read_cert_file, verify_chain,
 )
 

@@ -1,3 +1,6 @@
-"""The simulated SEV firmware: ``Platform`` (state machines, commands) and its command buffers."""
-from pysev.firmware.commands import Cmd, GuestState, PlatformState, Policy, make_policy, policy_api  # noqa: F401
-from pysev.firmware.platform import CBITPOS, REDUCED_PHYS_BITS, Platform  # noqa: F401
+"""The simulated AMD Secure Processor (PSP) firmware of one host.
+
+Shared by every command set: ``status`` (firmware statuses), ``certs`` (SEV and AMD certificate
+formats), ``amdroot`` (the simulated AMD root and key server). ``pysev.firmware.sev`` is the SEV /
+SEV-ES command set (AMD pub. #55766).
+"""

@@ -23,8 +23,8 @@ import weakref
 import numpy as np
 
 import csev
-from pysev.firmware.memctl import MemoryController
-from pysev.hv.hostmem import PAGE_SHIFT, PAGE_SIZE
+from pysev.hw.memctl import MemoryController
+from pysev.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from pysev.hv.memory import (
     KVM_MAP_GPA_RANGE_DECRYPTED,
     KVM_MAP_GPA_RANGE_ENCRYPTED,

@@ -3,7 +3,7 @@
 ``Host``: one server — its DRAM, its SEV firmware (``Platform``) and the kernel's KVM side.
 ``VirtualMachine``: one guest on a host — RAM blocks, the SEV context (KVM_SEV_*), the guest's vCPU
 workload and QEMU's run states. The migration engine moves a ``VirtualMachine`` between hosts; it sees
-only this object and the ``MemoryEncryptionOps`` that ``pysev.migration.ops`` builds from it.
+only this object and the ``MemoryEncryptionOps`` that ``pysev.migration.sev_ops`` builds from it.
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import threading
 import numpy as np
 
 from pysev import kvm as K
-from pysev.firmware import CBITPOS, REDUCED_PHYS_BITS, Platform, Policy, make_policy
-from pysev.firmware.commands import INIT_FLAGS_SEV_ES, Cmd, InitBuf
+from pysev.firmware.sev import CBITPOS, REDUCED_PHYS_BITS, Platform, Policy, make_policy
+from pysev.firmware.sev.abi import INIT_FLAGS_SEV_ES, Cmd, InitBuf
 from pysev.hv.guest import Guest, Workload, page_pattern
-from pysev.hv.hostmem import PAGE_SIZE, HostMemory
+from pysev.hw.hostmem import PAGE_SIZE, HostMemory
 from pysev.hv.memory import GuestMemory
 
 log = logging.getLogger(__name__)

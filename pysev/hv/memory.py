@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import csev
-from pysev.hv.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
+from pysev.hw.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import threading
 from pysev.hv.machine import Host, VirtualMachine
 from pysev.migration.engine import (IncomingMigration, MigrationCapabilities, MigrationParameters,
                                     OutgoingMigration)
-from pysev.migration.ops import MigrationError
+from pysev.migration.sev_ops import MigrationError
 from pysev.migration.transport import (Connection, TcpListener, file_reader, file_writer, inproc_pairs,
                                        tcp_connect)
 

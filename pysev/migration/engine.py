@@ -1,5 +1,5 @@
 """The pre-copy live-migration engine (QEMU ``migration/``), SEV-agnostic: SEV specifics live in
-``pysev.migration.ops``; the wire format in ``pysev.migration.stream``; transports in ``transport``.
+``pysev.migration.sev_ops``; the wire format in ``pysev.migration.stream``; transports in ``transport``.
 
 Source (``OutgoingMigration.run``): setup (SEND_START via ops, MEM_SIZE), iterative passes — each pass
 sends every page of the migration bitmap (private pages as batched SEND_UPDATE_DATA records, shared
@@ -35,10 +35,10 @@ from typing import Callable
 import numpy as np
 
 import csev
-from pysev.hv.hostmem import PAGE_SIZE
+from pysev.hw.hostmem import PAGE_SIZE
 from pysev.hv.machine import RunState, VirtualMachine
 from pysev.migration import stream as S
-from pysev.migration.ops import MigrationError, ops_for
+from pysev.migration.sev_ops import MigrationError, ops_for
 from pysev.migration.transport import Connection
 
 log = logging.getLogger(__name__)
@@ -672,7 +672,7 @@ class OutgoingMigration:
                             "throttle": self.throttle, "stop_and_copy": True})
 
     def _can_digest(self) -> bool:
-        from pysev.firmware.commands import Policy
+        from pysev.firmware.sev.abi import Policy
         return not (self.vm.sev_enabled and self.vm.policy & Policy.NODBG)
 
     # -- commit ------------------------------------------------------------------------------------------
@@ -870,7 +870,7 @@ class IncomingMigration:
         statuses = self.ops.receive_pages(block, pages, rec.hdrs, rec.trans)
         bad = np.flatnonzero(statuses)
         if bad.size:
-            from pysev.status import SevStatus
+            from pysev.firmware.status import SevStatus
             i = int(bad[0])
             raise MigrationError(
                 f"RECEIVE_UPDATE_DATA rejected the encrypted page at {rec.block}+{int(rec.offsets[i]):#x} "
@@ -999,7 +999,7 @@ class IncomingMigration:
 
     def _run_guest(self) -> None:
         self.ops.finish()                                   # RECEIVE_FINISH
-        from pysev.firmware.commands import Policy
+        from pysev.firmware.sev.abi import Policy
         # Past COMMIT nothing may fail: under NODBG (policy from the stream) there is no debug path to hash.
         if self.verify and not (self.vm.sev_enabled and self.vm.policy & Policy.NODBG):
             self.guest_digest = self.vm.digest()            # before its vCPUs change anything

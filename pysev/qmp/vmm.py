@@ -20,11 +20,11 @@ import time
 from typing import Any, Callable
 
 from pysev import kvm as K
-from pysev.firmware.commands import Cmd, GuestState, Policy, PlatformStatusBuf
+from pysev.firmware.sev.abi import Cmd, GuestState, Policy, PlatformStatusBuf
 from pysev.hv.machine import DEFAULT_POLICY, Host, RunState, VirtualMachine
 from pysev.migration import MigrationCapabilities, MigrationParameters
 from pysev.migration.engine import IncomingMigration, OutgoingMigration
-from pysev.migration.ops import MigrationError
+from pysev.migration.sev_ops import MigrationError
 from pysev.migration.transport import MAX_CHANNELS, TcpListener, parse_tcp, tcp_connect
 from pysev.qmp.server import ArgEnum, CommandTable, QmpError, QmpServer, Session
 

@@ -21,10 +21,10 @@ import numpy as np
 
 import csev
 from pysev import kvm as K
-from pysev.firmware.commands import SESSION_SIZE, SEV_CERT_SIZE, GuestState
-from pysev.hv.hostmem import PAGE_SIZE
+from pysev.firmware.sev.abi import SESSION_SIZE, SEV_CERT_SIZE, GuestState
+from pysev.hw.hostmem import PAGE_SIZE
 from pysev.migration.stream import SevContext
-from pysev.status import SevStatus
+from pysev.firmware.status import SevStatus
 
 log = logging.getLogger(__name__)
 

@@ -26,11 +26,11 @@ from pathlib import Path
 from Crypto.IO import PEM
 from Crypto.PublicKey import ECC, RSA
 
-from pysev.certs import (
+from pysev.firmware.certs import (
     P384_N, AmdCert, Algo, CertError, SevCert, TrustAnchor, Usage, amd_cert_validate,
 )
-from pysev.session import kdf
-from pysev.status import SevStatus
+from pysev.firmware.sev.session import kdf
+from pysev.firmware.status import SevStatus
 
 __all__ = ["GENERATIONS", "KeyServer", "SimulatedRoot", "default_root", "derive_cek", "pysev_home"]
 

@@ -9,7 +9,7 @@ import struct
 
 import csev
 
-from pysev.status import SevError, SevStatus
+from pysev.firmware.status import SevError, SevStatus
 
 _LE32 = struct.Struct("<I")
 

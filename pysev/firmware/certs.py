@@ -7,7 +7,7 @@ Two wire formats, each declared once and shared by reader and writer:
 
 Readers treat their input as hostile and raise :class:`CertError` naming the field and its offset.
 Validation follows AMD's firmware (ASPFW ``sev_cert.c`` / ``amd_cert.c`` / ``sev_mcmd.c``) and returns a
-:class:`~pysev.status.SevStatus`, as the firmware does; :func:`verify_chain` is the host-side verifier that
+:class:`~pysev.firmware.status.SevStatus`, as the firmware does; :func:`verify_chain` is the host-side verifier that
 checks every link and names the first one that fails.
 
 Everything here is pure data: no globals, no I/O except the explicit ``load_*`` helpers.
@@ -26,7 +26,7 @@ from Crypto.Protocol.DH import key_agreement
 from Crypto.PublicKey import ECC, RSA
 from Crypto.Signature import DSS, pss
 
-from pysev.status import SevError, SevStatus
+from pysev.firmware.status import SevError, SevStatus
 
 __all__ = [
     "AMD_CERT_FIXED_SIZE", "AMD_CERT_SIZE_2K", "AMD_CERT_SIZE_4K", "AMD_CERT_UNSIGNED_SIZE_2K",

@@ -2,7 +2,7 @@
 
 Firmware statuses and OS/transport errors are kept apart (house-style.md): a command that the firmware
 refuses returns a ``SevStatus``; ``SevError`` carries one across Python call boundaries where a status
-return would be lost (e.g. ``pysev.session.open_session``).
+return would be lost (e.g. ``pysev.firmware.sev.session.open_session``).
 """
 from __future__ import annotations
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from Crypto.PublicKey import ECC
 
-from pysev import amdroot, certs
-from pysev.certs import Algo, SevCert, Usage
-from pysev.status import SevStatus
+from pysev.firmware import amdroot, certs
+from pysev.firmware.certs import Algo, SevCert, Usage
+from pysev.firmware.status import SevStatus
 
 # ASK‖ARK lengths the firmware accepts: both 2048-bit (Naples) or both 4096-bit (Rome and later).
 # The AMD-published 1408-byte Naples bundle (ARK without signature) is rejected, as AMD's current

@@ -24,9 +24,9 @@ from typing import Callable
 import numpy as np
 
 import csev
-from pysev import session as sess
-from pysev.firmware import identity as ident
-from pysev.firmware.commands import (
+from pysev.firmware.sev import session as sess
+from pysev.firmware.sev import identity as ident
+from pysev.firmware.sev.abi import (
     GET_ID_SIZE,
     INIT_FLAGS_SEV_ES,
     MEASURE_SIZE,
@@ -46,9 +46,9 @@ from pysev.firmware.commands import (
     Policy,
     policy_api,
 )
-from pysev.firmware.memctl import MemoryController
-from pysev.hv.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
-from pysev.status import SevStatus
+from pysev.hw.memctl import MemoryController
+from pysev.hw.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
+from pysev.firmware.status import SevStatus
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class Platform:
 
     ``dram`` is the host's physical memory (command buffers, certificates and guest RAM all live there,
     addressed by host physical address). ``root`` is the simulated AMD root that manufactured this chip
-    and that its SEND_START trusts (default: the machine-wide root, ``pysev.amdroot.default_root``).
+    and that its SEND_START trusts (default: the machine-wide root, ``pysev.firmware.amdroot.default_root``).
     ``trng`` is the firmware's random source (injectable so tests can replay identical output). It must
     behave as a byte stream: the batch forms draw all their IVs in one ``trng(16·k)`` call where the
     per-page commands make k calls of ``trng(16)``; a stream gives both the same bytes.
@@ -163,7 +163,7 @@ class Platform:
 
     def __init__(self, dram: HostMemory, *, root=None, chip_id: bytes | None = None,
                  trng: Callable[[int], bytes] = os.urandom, max_asid: int = MAX_ASID) -> None:
-        from pysev import amdroot
+        from pysev.firmware import amdroot
 
         self.dram = dram
         self.memctl = MemoryController(dram)

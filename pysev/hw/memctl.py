@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 import csev
-from pysev.hv.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
+from pysev.hw.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
 
 
 class MemoryController:
