@@ -11,6 +11,8 @@ import enum
 import struct
 from typing import ClassVar
 
+from csev.packet import PACKET_FLAG_COMPRESSED, PACKET_HEADER_SIZE  # noqa: F401  (re-exported)
+
 
 class Cmd(enum.IntEnum):
     """PSP mailbox command ids (§1.1)."""
@@ -95,8 +97,8 @@ class GuestState(enum.IntEnum):
 SEV_CERT_SIZE = 2084
 PLAT_CERTS_SIZE = 3 * SEV_CERT_SIZE        # PEK ‖ OCA ‖ CEK
 SESSION_SIZE = 128
-PACKET_HEADER_SIZE = 52                     # FLAGS ‖ IV ‖ MAC
-PACKET_HEADER_COMPRESSED = 1 << 0
+PACKET_HEADER_COMPRESSED = PACKET_FLAG_COMPRESSED
+SEV_FW_BLOB_MAX_SIZE = 0x4000               # Linux include/uapi/linux/psp-sev.h: largest blob KVM copies in
 MEASURE_SIZE = 48                           # MEASURE(32) ‖ MNONCE(16)
 GET_ID_SIZE = 64
 SCRATCH_BUF_LEN = 0x5000                    # largest packet the firmware accepts (SEV_SCRATCH_BUF_LEN)

@@ -1,0 +1,27 @@
+"""Page and transport-packet geometry: declared here once, imported by the kernels and by every pysev
+layer (firmware, KVM face, migration stream).
+
+A guest page is 4 KiB (one XTS data unit, one transport packet). The SEND/RECEIVE_UPDATE_DATA packet
+header is ``LE32 FLAGS ‖ IV[16] ‖ MAC[32]`` (AMD SEV API, pub. #55766, §6.11.1 "packet header"; see
+``docs/formats.md``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+#: Bytes per guest page.
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+#: The transport packet header, field by field (little-endian FLAGS).
+PACKET_HEADER = np.dtype([("flags", "<u4"), ("iv", "u1", (16,)), ("mac", "u1", (32,))])
+PACKET_HEADER_SIZE = PACKET_HEADER.itemsize               # 52
+PACKET_FLAGS_OFFSET = PACKET_HEADER.fields["flags"][1]    # 0
+PACKET_IV_OFFSET = PACKET_HEADER.fields["iv"][1]          # 4
+PACKET_MAC_OFFSET = PACKET_HEADER.fields["mac"][1]        # 20
+PACKET_IV_SIZE = 16
+PACKET_MAC_SIZE = 32
+#: FLAGS bit 0: the payload is compressed (no firmware supports it: UNSUPPORTED).
+PACKET_FLAG_COMPRESSED = 1 << 0
+
+assert PACKET_HEADER_SIZE == 52 and PACKET_MAC_OFFSET + PACKET_MAC_SIZE == PACKET_HEADER_SIZE
