@@ -2,8 +2,8 @@
 layer (firmware, KVM face, migration stream).
 
 A guest page is 4 KiB (one XTS data unit, one transport packet). The SEND/RECEIVE_UPDATE_DATA packet
-header is ``LE32 FLAGS ‖ IV[16] ‖ MAC[32]`` (AMD SEV API, pub. #55766, §6.11.1 "packet header"; see
-``docs/formats.md``).
+header is ``LE32 FLAGS ‖ IV[16] ‖ MAC[32]`` (AMD SEV API pub. #55766, SEND_UPDATE_DATA; AMD's firmware
+source ``sev_mcmd.h``; byte offsets in ``docs/formats.md``).
 """
 from __future__ import annotations
 
