@@ -1,8 +1,8 @@
 """The KVM face of the simulated firmware: ``KVM_MEMORY_ENCRYPT_OP`` as Linux implements it.
 
-ctypes structures carry the names and fields of ``/usr/include/linux/kvm.h`` (a test compiles a C
-program against that header and pins every size and offset). ``SevKvm.memory_encrypt_op`` takes a
-``kvm_sev_cmd`` exactly as the ioctl does: ``id`` is the KVM sub-command (``enum sev_cmd_id``),
+ctypes structures carry the names and fields of ``include/uapi/linux/kvm.h`` (a test compiles a C
+program against ``/usr/include/linux/kvm.h`` and pins every size and offset). ``SevKvm.memory_encrypt_op``
+takes a ``kvm_sev_cmd`` exactly as the ioctl does: ``id`` is the KVM sub-command (``enum sev_cmd_id``),
 ``data`` the user address of the sub-command's struct, ``error`` receives the firmware status, and the
 return value is 0 or a negative errno. Like KVM (``arch/x86/kvm/svm/sev.c``) it:
 
@@ -13,8 +13,12 @@ return value is 0 or a negative errno. Like KVM (``arch/x86/kvm/svm/sev.c``) it:
 - binds an ASID right after LAUNCH_START/RECEIVE_START (ACTIVATE) and enforces one page per
   SEND/RECEIVE_UPDATE_DATA.
 
-Upstream KVM has no handler for SEND/RECEIVE_UPDATE_VMSA (sev-api.md §2, §10.9); pysev adds them, marked
-as an extension, because SEV-ES migration needs them.
+Upstream KVM has no handler for SEND/RECEIVE_UPDATE_VMSA (the dispatch switch of
+``arch/x86/kvm/svm/sev.c`` ``sev_mem_enc_ioctl``); pysev adds them, marked as an extension, because SEV-ES
+migration needs them.
+
+SEND_UPDATE_DATA and the other migration commands: the KVM face is here (``SevKvm._send_update``), the
+firmware handler in ``pysev/firmware/sev/transport.py``, the batch kernel in ``csev/_transport.pyx``.
 """
 from __future__ import annotations
 
@@ -22,20 +26,20 @@ import ctypes
 import errno
 import logging
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from pysev.firmware.sev import abi as fw
-from pysev.firmware.sev.platform import CBITPOS, Platform
-from pysev.hw.hostmem import PAGE_SIZE
+from csev.packet import PAGE_SIZE
+from pysev.firmware.sev import abi
+from pysev.firmware.sev.abi import CBITPOS, SEV_FW_BLOB_MAX_SIZE
+from pysev.firmware.sev.platform import Platform
 from pysev.firmware.status import SevStatus
 
 log = logging.getLogger(__name__)
 
 u32, u64, u8 = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_uint8
 
-SEV_FW_BLOB_MAX_SIZE = 0x4000
 KVMIO = 0xAE
 KVM_MEMORY_ENCRYPT_OP = (3 << 30) | (ctypes.sizeof(ctypes.c_ulong) << 16) | (KVMIO << 8) | 0xBA  # _IOWR
 
@@ -163,20 +167,22 @@ class _UserMemory:
 
     def read(self, addr: int, length: int) -> bytes:
         if length < 0 or not addr or not self._mapped(addr, length):
-            raise _Fault
+            raise _UserFaultError
         return ctypes.string_at(addr, length)
 
     def write(self, addr: int, data: bytes) -> None:
         if not addr or not self._mapped(addr, len(data)):
-            raise _Fault
+            raise _UserFaultError
         ctypes.memmove(addr, data, len(data))
 
 
-class _Fault(Exception):
-    pass
+class _UserFaultError(Exception):
+    """A user address outside this process's writable mappings (KVM's copy_from_user fails: -EFAULT)."""
 
 
-class _Return(Exception):
+class _IoctlError(Exception):
+    """Ends a sub-command with ``err``, a negative errno, as KVM's handlers return one."""
+
     def __init__(self, err: int) -> None:
         self.err = err
 
@@ -219,17 +225,17 @@ class SevKvm:
         """HPA | C-bit of guest RAM at ``uaddr`` (KVM: pin the page, __sme_page_pa | sev_me_mask)."""
         hpa = uaddr - self._dram_base
         if not self.platform.dram.contains(hpa, length):
-            raise _Return(-errno.EFAULT)
+            raise _IoctlError(-errno.EFAULT)
         return hpa | (1 << CBITPOS)
 
     def _blob_in(self, uaddr: int, length: int) -> int:
         """psp_copy_user_blob: bounded copy into a kernel buffer; returns its physical address."""
         if not uaddr or not length or length > SEV_FW_BLOB_MAX_SIZE:
-            raise _Return(-errno.EINVAL)
+            raise _IoctlError(-errno.EINVAL)
         try:
             data = self._user.read(uaddr, length)
-        except _Fault:
-            raise _Return(-errno.EFAULT) from None
+        except _UserFaultError:
+            raise _IoctlError(-errno.EFAULT) from None
         return self._kbuf(data)
 
     def _kbuf(self, data: bytes | int) -> int:
@@ -243,14 +249,14 @@ class SevKvm:
     def _to_user(self, uaddr: int, pa: int, length: int) -> None:
         try:
             self._user.write(uaddr, self.platform.dram.read(pa, length))
-        except _Fault:
-            raise _Return(-errno.EFAULT) from None
+        except _UserFaultError:
+            raise _IoctlError(-errno.EFAULT) from None
 
-    def _fw(self, cmd: fw.Cmd, buf, sev_cmd: kvm_sev_cmd) -> None:
+    def _fw(self, cmd: abi.Cmd, buf, sev_cmd: kvm_sev_cmd) -> None:
         status = self.platform.issue(cmd, buf)
         sev_cmd.error = int(status)
         if status != SevStatus.SUCCESS:
-            raise _Return(-errno.EIO)
+            raise _IoctlError(-errno.EIO)
 
     # -- the ioctl ---------------------------------------------------------------------------------
     def memory_encrypt_op(self, cmd: kvm_sev_cmd) -> int:
@@ -274,9 +280,9 @@ class SevKvm:
             if arg is not None:
                 self._user.write(cmd.data, bytes(arg))
             return 0
-        except _Fault:
+        except _UserFaultError:
             return -errno.EFAULT
-        except _Return as ret:
+        except _IoctlError as ret:
             if arg is not None and ret.err == -errno.EIO:
                 self._user.write(cmd.data, bytes(arg))  # length queries report through the struct
             return ret.err
@@ -295,13 +301,13 @@ class SevKvm:
     # -- sub-commands --------------------------------------------------------------------------------
     def _init(self, cmd, arg, es: bool = False) -> None:
         if self.asid:
-            raise _Return(-errno.EBUSY)
-        if self.platform.state == fw.PlatformState.UNINIT:
-            self._fw(fw.Cmd.INIT, fw.InitBuf(flags=fw.INIT_FLAGS_SEV_ES), cmd)
+            raise _IoctlError(-errno.EBUSY)
+        if self.platform.state == abi.PlatformState.UNINIT:
+            self._fw(abi.Cmd.INIT, abi.InitBuf(flags=abi.INIT_FLAGS_SEV_ES), cmd)
         used = self.host.asids_in_use
         free = [a for a in range(1, self.platform.max_asid + 1) if a not in used]
         if not free:
-            raise _Return(-errno.EBUSY)
+            raise _IoctlError(-errno.EBUSY)
         self.asid = free[0]
         used.add(self.asid)
         self.es = es
@@ -311,23 +317,23 @@ class SevKvm:
 
     def _bind_asid(self, cmd) -> None:
         # sev_bind_asid: a recycled ASID needs DF_FLUSH first, which KVM does on recycling.
-        status = self.platform.issue(fw.Cmd.ACTIVATE, fw.ActivateBuf(handle=self.handle, asid=self.asid))
+        status = self.platform.issue(abi.Cmd.ACTIVATE, abi.ActivateBuf(handle=self.handle, asid=self.asid))
         if status == SevStatus.DF_FLUSH_REQUIRED:
-            self.platform.issue(fw.Cmd.DF_FLUSH)
-            status = self.platform.issue(fw.Cmd.ACTIVATE, fw.ActivateBuf(handle=self.handle, asid=self.asid))
+            self.platform.issue(abi.Cmd.DF_FLUSH)
+            status = self.platform.issue(abi.Cmd.ACTIVATE, abi.ActivateBuf(handle=self.handle, asid=self.asid))
         cmd.error = int(status)
         if status != SevStatus.SUCCESS:
-            raise _Return(-errno.EIO)
+            raise _IoctlError(-errno.EIO)
         self.active = True
 
     def _launch_start(self, cmd, arg: kvm_sev_launch_start) -> None:
-        buf = fw.LaunchStartBuf(handle=arg.handle, policy=arg.policy)
+        buf = abi.LaunchStartBuf(handle=arg.handle, policy=arg.policy)
         if arg.dh_uaddr:
             buf.dh_cert_address, buf.dh_cert_len = self._blob_in(arg.dh_uaddr, arg.dh_len), arg.dh_len
         if arg.session_uaddr:
             buf.session_address = self._blob_in(arg.session_uaddr, arg.session_len)
             buf.session_len = arg.session_len
-        self._fw(fw.Cmd.LAUNCH_START, buf, cmd)
+        self._fw(abi.Cmd.LAUNCH_START, buf, cmd)
         self.handle = arg.handle = buf.handle
         self._bind_asid(cmd)
 
@@ -339,44 +345,44 @@ class SevKvm:
             yield uaddr, step
             uaddr += step
 
-    def _launch_update(self, cmd, arg: kvm_sev_launch_update_data, fw_cmd=fw.Cmd.LAUNCH_UPDATE_DATA) -> None:
+    def _launch_update(self, cmd, arg: kvm_sev_launch_update_data, fw_cmd=abi.Cmd.LAUNCH_UPDATE_DATA) -> None:
         if not arg.len or arg.uaddr % 16 or arg.len % 16:
-            raise _Return(-errno.EINVAL)
+            raise _IoctlError(-errno.EINVAL)
         for uaddr, length in self._page_chunks(arg.uaddr, arg.len):
-            self._fw(fw_cmd, fw.LaunchUpdateBuf(handle=self.handle, address=self._guest_pa(uaddr, length),
+            self._fw(fw_cmd, abi.LaunchUpdateBuf(handle=self.handle, address=self._guest_pa(uaddr, length),
                                                 len=length), cmd)
 
     def _launch_measure(self, cmd, arg: kvm_sev_launch_measure) -> None:
-        buf = fw.LaunchMeasureBuf(handle=self.handle)
+        buf = abi.LaunchMeasureBuf(handle=self.handle)
         if arg.uaddr and arg.len:
             if arg.len > SEV_FW_BLOB_MAX_SIZE:
-                raise _Return(-errno.EINVAL)
+                raise _IoctlError(-errno.EINVAL)
             buf.address, buf.len = self._kbuf(arg.len), arg.len
-        status = self.platform.issue(fw.Cmd.LAUNCH_MEASURE, buf)
+        status = self.platform.issue(abi.Cmd.LAUNCH_MEASURE, buf)
         cmd.error, arg.len = int(status), buf.len
         if status != SevStatus.SUCCESS:
-            raise _Return(-errno.EIO)
+            raise _IoctlError(-errno.EIO)
         self._to_user(arg.uaddr, buf.address, buf.len)
 
     def _launch_secret(self, cmd, arg: kvm_sev_launch_secret) -> None:
         if not arg.guest_len or arg.guest_uaddr // PAGE_SIZE != (arg.guest_uaddr + arg.guest_len - 1) // PAGE_SIZE:
-            raise _Return(-errno.EINVAL)
-        buf = fw.TransportBuf(handle=self.handle, hdr_address=self._blob_in(arg.hdr_uaddr, arg.hdr_len),
+            raise _IoctlError(-errno.EINVAL)
+        buf = abi.TransportBuf(handle=self.handle, hdr_address=self._blob_in(arg.hdr_uaddr, arg.hdr_len),
                               hdr_len=arg.hdr_len, guest_address=self._guest_pa(arg.guest_uaddr, arg.guest_len),
                               guest_len=arg.guest_len, trans_address=self._blob_in(arg.trans_uaddr, arg.trans_len),
                               trans_len=arg.trans_len)
-        self._fw(fw.Cmd.LAUNCH_SECRET, buf, cmd)
+        self._fw(abi.Cmd.LAUNCH_SECRET, buf, cmd)
 
     def _send_start(self, cmd, arg: kvm_sev_send_start) -> None:
-        if not arg.session_len:  # length query: a zeroed buffer; the firmware answers INVALID_LENGTH + 128
-            buf = fw.SendStartBuf(handle=self.handle)
-            cmd.error = int(self.platform.issue(fw.Cmd.SEND_START, buf))
+        if not arg.session_len:  # length query: a zeroed buffer; the firmware answers INVALID_LENGTH + SESSION_SIZE
+            buf = abi.SendStartBuf(handle=self.handle)
+            cmd.error = int(self.platform.issue(abi.Cmd.SEND_START, buf))
             arg.session_len = buf.session_len
-            raise _Return(-errno.EIO)
+            raise _IoctlError(-errno.EIO)
         if not (arg.pdh_cert_uaddr and arg.plat_certs_uaddr and arg.amd_certs_uaddr) or \
                 arg.session_len > SEV_FW_BLOB_MAX_SIZE:
-            raise _Return(-errno.EINVAL)
-        buf = fw.SendStartBuf(
+            raise _IoctlError(-errno.EINVAL)
+        buf = abi.SendStartBuf(
             handle=self.handle,
             pdh_cert_address=self._blob_in(arg.pdh_cert_uaddr, arg.pdh_cert_len), pdh_cert_len=arg.pdh_cert_len,
             plat_certs_address=self._blob_in(arg.plat_certs_uaddr, arg.plat_certs_len),
@@ -384,87 +390,89 @@ class SevKvm:
             amd_certs_address=self._blob_in(arg.amd_certs_uaddr, arg.amd_certs_len),
             amd_certs_len=arg.amd_certs_len,
             session_address=self._kbuf(arg.session_len), session_len=arg.session_len)
-        self._fw(fw.Cmd.SEND_START, buf, cmd)
+        self._fw(abi.Cmd.SEND_START, buf, cmd)
         arg.policy = buf.policy
-        self._to_user(arg.session_uaddr, buf.session_address, fw.SESSION_SIZE)
+        self._to_user(arg.session_uaddr, buf.session_address, abi.SESSION_SIZE)
 
-    def _send_update(self, cmd, arg: kvm_sev_send_update_data, fw_cmd=fw.Cmd.SEND_UPDATE_DATA) -> None:
+    def _send_update(self, cmd, arg: kvm_sev_send_update_data, fw_cmd=abi.Cmd.SEND_UPDATE_DATA) -> None:
+        """KVM_SEV_SEND_UPDATE_DATA (``sev_send_update_data``); the firmware handler is in
+        ``pysev/firmware/sev/transport.py``, the batch kernel in ``csev/_transport.pyx``."""
         if not arg.hdr_len or not arg.trans_len:  # length query
-            buf = fw.TransportBuf(handle=self.handle)
+            buf = abi.TransportBuf(handle=self.handle)
             cmd.error = int(self.platform.issue(fw_cmd, buf))
             arg.hdr_len, arg.trans_len = buf.hdr_len, buf.trans_len
-            raise _Return(-errno.EIO)
+            raise _IoctlError(-errno.EIO)
         if (not arg.guest_len or arg.guest_len > PAGE_SIZE
                 or arg.guest_uaddr % PAGE_SIZE + arg.guest_len > PAGE_SIZE or arg.hdr_len > SEV_FW_BLOB_MAX_SIZE
                 or arg.trans_len > SEV_FW_BLOB_MAX_SIZE):
-            raise _Return(-errno.EINVAL)
-        buf = fw.TransportBuf(handle=self.handle, hdr_address=self._kbuf(arg.hdr_len), hdr_len=arg.hdr_len,
+            raise _IoctlError(-errno.EINVAL)
+        buf = abi.TransportBuf(handle=self.handle, hdr_address=self._kbuf(arg.hdr_len), hdr_len=arg.hdr_len,
                               guest_address=self._guest_pa(arg.guest_uaddr, arg.guest_len), guest_len=arg.guest_len,
                               trans_address=self._kbuf(arg.trans_len), trans_len=arg.trans_len)
         self._fw(fw_cmd, buf, cmd)
         self._to_user(arg.trans_uaddr, buf.trans_address, arg.guest_len)
-        self._to_user(arg.hdr_uaddr, buf.hdr_address, fw.PACKET_HEADER_SIZE)
+        self._to_user(arg.hdr_uaddr, buf.hdr_address, abi.PACKET_HEADER_SIZE)
         arg.hdr_len = buf.hdr_len
 
     def _send_update_vmsa(self, cmd, arg) -> None:
-        self._send_update(cmd, arg, fw.Cmd.SEND_UPDATE_VMSA)
+        self._send_update(cmd, arg, abi.Cmd.SEND_UPDATE_VMSA)
 
     def _receive_start(self, cmd, arg: kvm_sev_receive_start) -> None:
         if not (arg.pdh_uaddr and arg.pdh_len and arg.session_uaddr and arg.session_len):
-            raise _Return(-errno.EINVAL)
-        buf = fw.ReceiveStartBuf(handle=arg.handle, policy=arg.policy,
+            raise _IoctlError(-errno.EINVAL)
+        buf = abi.ReceiveStartBuf(handle=arg.handle, policy=arg.policy,
                                  pdh_cert_address=self._blob_in(arg.pdh_uaddr, arg.pdh_len), pdh_cert_len=arg.pdh_len,
                                  session_address=self._blob_in(arg.session_uaddr, arg.session_len),
                                  session_len=arg.session_len)
-        self._fw(fw.Cmd.RECEIVE_START, buf, cmd)
+        self._fw(abi.Cmd.RECEIVE_START, buf, cmd)
         self.handle = arg.handle = buf.handle
         self._bind_asid(cmd)
 
-    def _receive_update(self, cmd, arg: kvm_sev_receive_update_data, fw_cmd=fw.Cmd.RECEIVE_UPDATE_DATA) -> None:
+    def _receive_update(self, cmd, arg: kvm_sev_receive_update_data, fw_cmd=abi.Cmd.RECEIVE_UPDATE_DATA) -> None:
         if not (arg.hdr_uaddr and arg.hdr_len and arg.guest_uaddr and arg.guest_len and arg.trans_uaddr
                 and arg.trans_len):
-            raise _Return(-errno.EINVAL)
+            raise _IoctlError(-errno.EINVAL)
         if arg.guest_len > PAGE_SIZE or arg.guest_uaddr % PAGE_SIZE + arg.guest_len > PAGE_SIZE:
-            raise _Return(-errno.EINVAL)
-        buf = fw.TransportBuf(handle=self.handle, hdr_address=self._blob_in(arg.hdr_uaddr, arg.hdr_len),
+            raise _IoctlError(-errno.EINVAL)
+        buf = abi.TransportBuf(handle=self.handle, hdr_address=self._blob_in(arg.hdr_uaddr, arg.hdr_len),
                               hdr_len=arg.hdr_len, guest_address=self._guest_pa(arg.guest_uaddr, arg.guest_len),
                               guest_len=arg.guest_len, trans_address=self._blob_in(arg.trans_uaddr, arg.trans_len),
                               trans_len=arg.trans_len)
         self._fw(fw_cmd, buf, cmd)
 
     def _receive_update_vmsa(self, cmd, arg) -> None:
-        self._receive_update(cmd, arg, fw.Cmd.RECEIVE_UPDATE_VMSA)
+        self._receive_update(cmd, arg, abi.Cmd.RECEIVE_UPDATE_VMSA)
 
     def _guest_status(self, cmd, arg: kvm_sev_guest_status) -> None:
-        buf = fw.GuestStatusBuf(handle=self.handle)
-        self._fw(fw.Cmd.GUEST_STATUS, buf, cmd)
+        buf = abi.GuestStatusBuf(handle=self.handle)
+        self._fw(abi.Cmd.GUEST_STATUS, buf, cmd)
         arg.handle, arg.policy, arg.state = self.handle, buf.policy, buf.state
 
-    def _dbg(self, cmd, arg: kvm_sev_dbg, fw_cmd: fw.Cmd) -> None:
+    def _dbg(self, cmd, arg: kvm_sev_dbg, fw_cmd: abi.Cmd) -> None:
         """sev_dbg_crypt: 16-byte aligned, chunked at page boundaries of the guest side."""
         if not arg.len or arg.src_uaddr % 16 or arg.dst_uaddr % 16 or arg.len % 16:
-            raise _Return(-errno.EINVAL)
-        guest_side = arg.src_uaddr if fw_cmd == fw.Cmd.DBG_DECRYPT else arg.dst_uaddr
+            raise _IoctlError(-errno.EINVAL)
+        guest_side = arg.src_uaddr if fw_cmd == abi.Cmd.DBG_DECRYPT else arg.dst_uaddr
         done = 0
         for uaddr, length in self._page_chunks(guest_side, arg.len):
             kbuf = self._kbuf(length)
             guest_pa = self._guest_pa(uaddr, length)
-            if fw_cmd == fw.Cmd.DBG_DECRYPT:
-                self._fw(fw_cmd, fw.DbgBuf(handle=self.handle, src_addr=guest_pa, dst_addr=kbuf, len=length), cmd)
+            if fw_cmd == abi.Cmd.DBG_DECRYPT:
+                self._fw(fw_cmd, abi.DbgBuf(handle=self.handle, src_addr=guest_pa, dst_addr=kbuf, len=length), cmd)
                 self._to_user(arg.dst_uaddr + done, kbuf, length)
             else:
                 try:
                     self.platform.dram.write(kbuf, self._user.read(arg.src_uaddr + done, length))
-                except _Fault:
-                    raise _Return(-errno.EFAULT) from None
-                self._fw(fw_cmd, fw.DbgBuf(handle=self.handle, src_addr=kbuf, dst_addr=guest_pa, len=length), cmd)
+                except _UserFaultError:
+                    raise _IoctlError(-errno.EFAULT) from None
+                self._fw(fw_cmd, abi.DbgBuf(handle=self.handle, src_addr=kbuf, dst_addr=guest_pa, len=length), cmd)
             done += length
 
     def _dbg_decrypt(self, cmd, arg) -> None:
-        self._dbg(cmd, arg, fw.Cmd.DBG_DECRYPT)
+        self._dbg(cmd, arg, abi.Cmd.DBG_DECRYPT)
 
     def _dbg_encrypt(self, cmd, arg) -> None:
-        self._dbg(cmd, arg, fw.Cmd.DBG_ENCRYPT)
+        self._dbg(cmd, arg, abi.Cmd.DBG_ENCRYPT)
 
     # -- lifecycle outside the ioctl (KVM_DESTROY_VM path) ---------------------------------------------
     def destroy(self) -> None:
@@ -474,8 +482,8 @@ class SevKvm:
 
     def _destroy(self) -> None:
         if self.handle:
-            self.platform.issue(fw.Cmd.DEACTIVATE, fw.HandleBuf(handle=self.handle))
-            self.platform.issue(fw.Cmd.DECOMMISSION, fw.HandleBuf(handle=self.handle))
+            self.platform.issue(abi.Cmd.DEACTIVATE, abi.HandleBuf(handle=self.handle))
+            self.platform.issue(abi.Cmd.DECOMMISSION, abi.HandleBuf(handle=self.handle))
             self.handle = 0
         if self.asid:
             self.host.asids_in_use.discard(self.asid)
@@ -505,9 +513,9 @@ class SevKvm:
             raise KvmError("DBG_DECRYPT(batch)", errno.EIO, status)
 
 
-def _handle_only(fw_cmd: fw.Cmd):
+def _handle_only(fw_cmd: abi.Cmd):
     def run(self: SevKvm, cmd: kvm_sev_cmd, arg: None) -> None:
-        self._fw(fw_cmd, fw.HandleBuf(handle=self.handle), cmd)
+        self._fw(fw_cmd, abi.HandleBuf(handle=self.handle), cmd)
     return run
 
 
@@ -517,19 +525,19 @@ _HANDLERS = {
     sev_cmd_id.KVM_SEV_LAUNCH_START: SevKvm._launch_start,
     sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_DATA: SevKvm._launch_update,
     sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_VMSA:
-        lambda self, cmd, arg: self._launch_update(cmd, arg, fw.Cmd.LAUNCH_UPDATE_VMSA),
+        lambda self, cmd, arg: self._launch_update(cmd, arg, abi.Cmd.LAUNCH_UPDATE_VMSA),
     sev_cmd_id.KVM_SEV_LAUNCH_SECRET: SevKvm._launch_secret,
     sev_cmd_id.KVM_SEV_LAUNCH_MEASURE: SevKvm._launch_measure,
-    sev_cmd_id.KVM_SEV_LAUNCH_FINISH: _handle_only(fw.Cmd.LAUNCH_FINISH),
+    sev_cmd_id.KVM_SEV_LAUNCH_FINISH: _handle_only(abi.Cmd.LAUNCH_FINISH),
     sev_cmd_id.KVM_SEV_SEND_START: SevKvm._send_start,
     sev_cmd_id.KVM_SEV_SEND_UPDATE_DATA: SevKvm._send_update,
     sev_cmd_id.KVM_SEV_SEND_UPDATE_VMSA: SevKvm._send_update_vmsa,       # pysev extension
-    sev_cmd_id.KVM_SEV_SEND_FINISH: _handle_only(fw.Cmd.SEND_FINISH),
-    sev_cmd_id.KVM_SEV_SEND_CANCEL: _handle_only(fw.Cmd.SEND_CANCEL),
+    sev_cmd_id.KVM_SEV_SEND_FINISH: _handle_only(abi.Cmd.SEND_FINISH),
+    sev_cmd_id.KVM_SEV_SEND_CANCEL: _handle_only(abi.Cmd.SEND_CANCEL),
     sev_cmd_id.KVM_SEV_RECEIVE_START: SevKvm._receive_start,
     sev_cmd_id.KVM_SEV_RECEIVE_UPDATE_DATA: SevKvm._receive_update,
     sev_cmd_id.KVM_SEV_RECEIVE_UPDATE_VMSA: SevKvm._receive_update_vmsa,  # pysev extension
-    sev_cmd_id.KVM_SEV_RECEIVE_FINISH: _handle_only(fw.Cmd.RECEIVE_FINISH),
+    sev_cmd_id.KVM_SEV_RECEIVE_FINISH: _handle_only(abi.Cmd.RECEIVE_FINISH),
     sev_cmd_id.KVM_SEV_GUEST_STATUS: SevKvm._guest_status,
     sev_cmd_id.KVM_SEV_DBG_DECRYPT: SevKvm._dbg_decrypt,
     sev_cmd_id.KVM_SEV_DBG_ENCRYPT: SevKvm._dbg_encrypt,

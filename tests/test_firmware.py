@@ -24,7 +24,8 @@ from pysev.firmware.sev import abi as C
 from pysev.firmware.sev.abi import Cmd, Policy, make_policy
 from pysev.firmware.sev.abi import GuestState as G
 from pysev.firmware.sev.abi import PlatformState as P
-from pysev.firmware.sev.platform import API_MAJOR, API_MINOR, BUILD, CBITPOS, Platform
+from pysev.firmware.sev.abi import API_MAJOR, API_MINOR, BUILD, CBITPOS
+from pysev.firmware.sev.platform import Platform
 from pysev.hw.hostmem import PAGE_SIZE, HostMemory
 from pysev.owner import GuestOwner
 from pysev.firmware.status import SevStatus as S

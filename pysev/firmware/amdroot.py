@@ -27,9 +27,16 @@ from Crypto.IO import PEM
 from Crypto.PublicKey import ECC, RSA
 
 from pysev.firmware.certs import (
-    P384_N, AmdCert, Algo, CertError, SevCert, TrustAnchor, Usage, amd_cert_validate,
+    P384_N,
+    Algo,
+    AmdCert,
+    CertError,
+    SevCert,
+    TrustAnchor,
+    Usage,
+    amd_cert_validate,
 )
-from pysev.firmware.sev.session import kdf
+from pysev.firmware.kdf import kdf
 from pysev.firmware.status import SevStatus
 
 __all__ = ["GENERATIONS", "KeyServer", "SimulatedRoot", "default_root", "derive_cek", "pysev_home"]
@@ -211,7 +218,7 @@ def default_root() -> SimulatedRoot:
     return _default_root_at(str(pysev_home().resolve()))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _default_root_at(home: str) -> SimulatedRoot:
     roots = Path(home) / "roots"
     target = roots / "default"

@@ -1,21 +1,24 @@
-"""SEV firmware command ids, guest policy bits and command buffers (sev-api.md §1.1, §1.3, §2).
+"""The SEV command set's ABI: command ids, guest policy, platform and guest states, sizes, command buffers.
 
 Each command buffer is declared once, as the little-endian packed layout the host writes into memory
-for the PSP mailbox (Linux ``include/linux/psp-sev.h`` ``sev_data_*``; AMD ``sev_mcmd.h``). Address
-fields are host physical addresses (PADDR) into the host's DRAM. ``pack``/``unpack`` share the layout.
+for the PSP mailbox (Linux ``include/linux/psp-sev.h`` ``sev_data_*``; AMD ``sev_mcmd.h``; byte
+offsets in ``docs/formats.md``). Address fields are host physical addresses (PADDR) into the host's
+DRAM. ``pack``/``unpack`` share the layout (``pysev.firmware.mailbox.CommandBuffer``).
+
+The sizes of every blob a command takes are here too: the certificate sizes come from
+``pysev.firmware.certs`` (the format's home), page and packet-header geometry from ``csev.packet``.
 """
 from __future__ import annotations
 
-import dataclasses
 import enum
-import struct
-from typing import ClassVar
 
-from csev.packet import PACKET_FLAG_COMPRESSED, PACKET_HEADER_SIZE  # noqa: F401  (re-exported)
+from csev.packet import PACKET_FLAG_COMPRESSED, PACKET_HEADER_SIZE, PAGE_SIZE  # noqa: F401  (re-exported)
+from pysev.firmware.certs import PLAT_CERTS_SIZE, SEV_CERT_SIZE  # noqa: F401  (re-exported)
+from pysev.firmware.mailbox import CommandBuffer, command_buffer
 
 
 class Cmd(enum.IntEnum):
-    """PSP mailbox command ids (§1.1)."""
+    """PSP mailbox command ids (AMD ``sev_mcmd.h`` ``sev_mcmd_id_t``; Linux ``psp-sev.h`` ``enum sev_cmd``)."""
 
     INIT = 0x01
     SHUTDOWN = 0x02
@@ -52,7 +55,8 @@ class Cmd(enum.IntEnum):
 
 
 class Policy(enum.IntFlag):
-    """Guest policy bits 0–5 (§1.3). Bits 16–23/24–31 carry the minimum firmware API major/minor."""
+    """Guest policy bits 0–5 (AMD ``sev_guest.h`` ``SEV_GUEST_POLICY_*``). Bits 16–23/24–31 carry the
+    minimum firmware API major/minor."""
 
     NODBG = 1 << 0
     NOKS = 1 << 1
@@ -62,7 +66,7 @@ class Policy(enum.IntFlag):
     SEV = 1 << 5
 
 
-POLICY_RESERVED_MASK = 0xFFC0  # bits 6–15 must be zero (SEV_GUEST_POLICY_RESERVED_MASK)
+POLICY_RESERVED_MASK = 0xFFC0  # bits 6–15 must be zero (AMD sev_guest.h SEV_GUEST_POLICY_RESERVED_MASK)
 
 
 def policy_api(policy: int) -> tuple[int, int]:
@@ -75,7 +79,7 @@ def make_policy(flags: int = 0, api_major: int = 0, api_minor: int = 0) -> int:
 
 
 class PlatformState(enum.IntEnum):
-    """Platform states (§1.4)."""
+    """Platform states (AMD ``sev_plat.h`` ``sev_state_t``)."""
 
     UNINIT = 0
     INIT = 1
@@ -83,7 +87,8 @@ class PlatformState(enum.IntEnum):
 
 
 class GuestState(enum.IntEnum):
-    """Guest states, firmware numbering (§1.5; GUEST_STATUS returns these, not Linux's order)."""
+    """Guest states, firmware numbering (AMD ``sev_guest.h`` ``sev_guest_state_t``; GUEST_STATUS returns
+    these, not the order of Linux's userspace enum)."""
 
     UNINIT = 0
     LUPDATE = 1
@@ -94,93 +99,59 @@ class GuestState(enum.IntEnum):
     SENT = 6
 
 
-SEV_CERT_SIZE = 2084
-PLAT_CERTS_SIZE = 3 * SEV_CERT_SIZE        # PEK ‖ OCA ‖ CEK
-SESSION_SIZE = 128
-PACKET_HEADER_COMPRESSED = PACKET_FLAG_COMPRESSED
-SEV_FW_BLOB_MAX_SIZE = 0x4000               # Linux include/uapi/linux/psp-sev.h: largest blob KVM copies in
-MEASURE_SIZE = 48                           # MEASURE(32) ‖ MNONCE(16)
+# What this simulated part reports: firmware API version (PLATFORM_STATUS, stamped into PEK/PDH certs;
+# 0.24 is the last legacy-SEV API of Rome/Milan firmware; the build number is ours) and the C-bit
+# position of a physical address (CPUID 0x8000001F EBX, query-sev-capabilities cbitpos).
+API_MAJOR, API_MINOR, BUILD = 0, 24, 15
+CBITPOS = 51
+REDUCED_PHYS_BITS = 1
+
+SEV_FW_BLOB_MAX_SIZE = 0x4000               # largest blob KVM copies in (Linux include/linux/psp-sev.h)
+SESSION_SIZE = 128                          # the session blob (AMD sev_channel.h sev_session_t)
+MEASURE_SIZE = 48                           # MEASURE(32) ‖ MNONCE(16) (AMD sev_channel.h sev_measurement_t)
 GET_ID_SIZE = 64
-SCRATCH_BUF_LEN = 0x5000                    # largest packet the firmware accepts (SEV_SCRATCH_BUF_LEN)
-VMSA_SIZE = 4096
-
-
-@dataclasses.dataclass
-class CommandBuffer:
-    """Base of every command buffer: ``FORMAT`` lists the fields in memory order, ``None`` = reserved."""
-
-    FORMAT: ClassVar[tuple[tuple[str | None, str], ...]] = ()
-
-    @classmethod
-    def layout(cls) -> struct.Struct:
-        return struct.Struct("<" + "".join(code for _, code in cls.FORMAT))
-
-    @classmethod
-    def size(cls) -> int:
-        return cls.layout().size
-
-    @classmethod
-    def offsets(cls) -> dict[str, int]:
-        out, off = {}, 0
-        for name, code in cls.FORMAT:
-            if name:
-                out[name] = off
-            off += struct.calcsize("<" + code)
-        return out
-
-    def pack(self) -> bytes:
-        return self.layout().pack(*(getattr(self, n) if n else 0 for n, _ in self.FORMAT))
-
-    @classmethod
-    def unpack(cls, data: bytes) -> CommandBuffer:
-        values = cls.layout().unpack(bytes(data[: cls.size()]))
-        return cls(**{n: v for (n, _), v in zip(cls.FORMAT, values) if n})
-
-
-def _buffer(name: str, fmt: tuple[tuple[str | None, str], ...]) -> type[CommandBuffer]:
-    fields = [(n, int, dataclasses.field(default=0)) for n, _ in fmt if n]
-    cls = dataclasses.make_dataclass(name, fields, bases=(CommandBuffer,))
-    cls.FORMAT = fmt
-    return cls
+SCRATCH_BUF_LEN = 0x5000                    # largest packet the firmware accepts (AMD sev_globals.h)
+VMSA_SIZE = PAGE_SIZE                       # LAUNCH_UPDATE_VMSA takes exactly one page
 
 
 # In/Out per field as in psp-sev.h; handles are In/Out where the firmware assigns them.
-InitBuf = _buffer("InitBuf", (("flags", "I"), (None, "I"), ("tmr_address", "Q"), ("tmr_len", "I")))
-INIT_FLAGS_SEV_ES = 1 << 0
-PlatformStatusBuf = _buffer("PlatformStatusBuf", (          # Out, written in place (12 bytes)
+InitBuf = command_buffer("InitBuf", (("flags", "I"), (None, "I"), ("tmr_address", "Q"), ("tmr_len", "I")))
+INIT_FLAGS_SEV_ES = 1 << 0                  # AMD sev_plat.h SEV_CONFIG_ES_FLAG
+PlatformStatusBuf = command_buffer("PlatformStatusBuf", (   # Out, written in place (12 bytes)
     ("api_major", "B"), ("api_minor", "B"), ("state", "B"), ("owner", "B"),
     ("config", "H"), (None, "B"), ("build", "B"), ("guest_count", "I")))
-PekCsrBuf = _buffer("PekCsrBuf", (("address", "Q"), ("len", "I")))                       # len In/Out
-PekCertImportBuf = _buffer("PekCertImportBuf", (
+PekCsrBuf = command_buffer("PekCsrBuf", (("address", "Q"), ("len", "I")))              # len In/Out
+PekCertImportBuf = command_buffer("PekCertImportBuf", (
     ("pek_cert_address", "Q"), ("pek_cert_len", "I"), (None, "I"),
     ("oca_cert_address", "Q"), ("oca_cert_len", "I")))
-PdhCertExportBuf = _buffer("PdhCertExportBuf", (
+PdhCertExportBuf = command_buffer("PdhCertExportBuf", (
     ("pdh_cert_address", "Q"), ("pdh_cert_len", "I"), (None, "I"),                       # lens In/Out
     ("cert_chain_address", "Q"), ("cert_chain_len", "I")))
-GetIdBuf = _buffer("GetIdBuf", (("address", "Q"), ("len", "I")))                          # len In/Out
-HandleBuf = _buffer("HandleBuf", (("handle", "I"),))
-ActivateBuf = _buffer("ActivateBuf", (("handle", "I"), ("asid", "I")))
-GuestStatusBuf = _buffer("GuestStatusBuf", (
+GetIdBuf = command_buffer("GetIdBuf", (("address", "Q"), ("len", "I")))                 # len In/Out
+HandleBuf = command_buffer("HandleBuf", (("handle", "I"),))
+ActivateBuf = command_buffer("ActivateBuf", (("handle", "I"), ("asid", "I")))
+GuestStatusBuf = command_buffer("GuestStatusBuf", (
     ("handle", "I"), ("policy", "I"), ("asid", "I"), ("state", "B")))                    # policy..state Out
-LaunchStartBuf = _buffer("LaunchStartBuf", (
+LaunchStartBuf = command_buffer("LaunchStartBuf", (
     ("handle", "I"), ("policy", "I"), ("dh_cert_address", "Q"), ("dh_cert_len", "I"), (None, "I"),
     ("session_address", "Q"), ("session_len", "I")))
-LaunchUpdateBuf = _buffer("LaunchUpdateBuf", (                                            # _DATA and _VMSA
+LaunchUpdateBuf = command_buffer("LaunchUpdateBuf", (                                   # _DATA and _VMSA
     ("handle", "I"), (None, "I"), ("address", "Q"), ("len", "I")))
-LaunchMeasureBuf = _buffer("LaunchMeasureBuf", (
+LaunchMeasureBuf = command_buffer("LaunchMeasureBuf", (
     ("handle", "I"), (None, "I"), ("address", "Q"), ("len", "I")))                       # len In/Out
-TransportBuf = _buffer("TransportBuf", (   # LAUNCH_SECRET, SEND_UPDATE_*, RECEIVE_UPDATE_* (0x34 bytes)
+TransportBuf = command_buffer("TransportBuf", (   # LAUNCH_SECRET, SEND_UPDATE_*, RECEIVE_UPDATE_* (0x34 bytes)
     ("handle", "I"), (None, "I"), ("hdr_address", "Q"), ("hdr_len", "I"), (None, "I"),
     ("guest_address", "Q"), ("guest_len", "I"), (None, "I"), ("trans_address", "Q"), ("trans_len", "I")))
-SendStartBuf = _buffer("SendStartBuf", (
+SendStartBuf = command_buffer("SendStartBuf", (
     ("handle", "I"), ("policy", "I"), ("pdh_cert_address", "Q"), ("pdh_cert_len", "I"), (None, "I"),
     ("plat_certs_address", "Q"), ("plat_certs_len", "I"), (None, "I"),
     ("amd_certs_address", "Q"), ("amd_certs_len", "I"), (None, "I"),
     ("session_address", "Q"), ("session_len", "I")))
-ReceiveStartBuf = _buffer("ReceiveStartBuf", (
+ReceiveStartBuf = command_buffer("ReceiveStartBuf", (
     ("handle", "I"), ("policy", "I"), ("pdh_cert_address", "Q"), ("pdh_cert_len", "I"), (None, "I"),
     ("session_address", "Q"), ("session_len", "I")))
-DbgBuf = _buffer("DbgBuf", (("handle", "I"), (None, "I"), ("src_addr", "Q"), ("dst_addr", "Q"), ("len", "I")))
+DbgBuf = command_buffer("DbgBuf", (
+    ("handle", "I"), (None, "I"), ("src_addr", "Q"), ("dst_addr", "Q"), ("len", "I")))
 
 BUFFERS: dict[Cmd, type[CommandBuffer] | None] = {
     Cmd.INIT: InitBuf, Cmd.SHUTDOWN: None, Cmd.PLATFORM_RESET: None, Cmd.PLATFORM_STATUS: PlatformStatusBuf,

@@ -1,8 +1,10 @@
-"""The platform's identity keys and the certificate checks SEND_START runs (sev-api.md §2.2, §2.9, §5).
+"""The platform's identity keys and the certificate checks SEND_START runs.
 
 ``Identity`` holds the private OCA/PEK/PDH keys and the chip's CEK (derived from the fused chip secret,
-as AMD's ``sev_cek_derive``). It is owned by a ``Platform`` and never hands a private key out: callers
-get certificates (bytes) and ECDH results.
+as AMD's ``sev_plat.c`` ``sev_cek_derive``; PEK, OCA and PDH as ``sev_pek_generate``, ``sev_oca_generate``,
+``sev_pdh_generate``). It is owned by a ``Platform`` and never hands a private key out: callers get
+certificates (bytes) and ECDH results. The chain checks are AMD's ``sev_mcmd.c`` ``validate_platform``
+and ``validate_domain``, implemented in ``pysev.firmware.certs``.
 """
 from __future__ import annotations
 
@@ -10,11 +12,11 @@ from Crypto.PublicKey import ECC
 
 from pysev.firmware import amdroot, certs
 from pysev.firmware.certs import Algo, SevCert, Usage
-from pysev.firmware.status import SevStatus
+from pysev.firmware.status import SevError, SevStatus
 
 # ASK‖ARK lengths the firmware accepts: both 2048-bit (Naples) or both 4096-bit (Rome and later).
-# The AMD-published 1408-byte Naples bundle (ARK without signature) is rejected, as AMD's current
-# firmware source does (amd_cert_chain_length_is_valid); Naples firmware behaviour is UNCONFIRMED (§2.2).
+# The AMD-published 1408-byte Naples bundle (ARK without signature) is rejected, as AMD's published
+# firmware source does (amd_cert.c amd_cert_chain_length_is_valid); what Naples firmware did is not known.
 AMD_CHAIN_LENGTHS = frozenset({2 * certs.AMD_CERT_SIZE_2K, 2 * certs.AMD_CERT_SIZE_4K})
 
 
@@ -35,7 +37,8 @@ def validate_domain(pdh: bytes, plat_certs: bytes, own_oca: bytes) -> SevStatus:
 
 
 def cert_api(cert: bytes) -> tuple[int, int]:
-    """(API_MAJOR, API_MINOR) bytes of a SEV certificate body (the receiver's API, §2.2 step 4)."""
+    """(API_MAJOR, API_MINOR) bytes of a SEV certificate body: the receiver's API that SEND_START
+    compares with the policy (AMD ``sev_mcmd.c`` ``sev_mcmd_send_start``)."""
     return cert[certs.OFF_API_MAJOR], cert[certs.OFF_API_MINOR]
 
 
@@ -85,8 +88,9 @@ class Identity:
         return self._pek.unsigned().to_bytes()
 
     def pek_cert_import(self, pek_bytes: bytes, oca_bytes: bytes) -> SevStatus:
-        """PEK_CERT_IMPORT (§2.9): OCA self-signed, PEK signed by it with our PEK body; then the CEK
-        signature goes in the free slot, the owner bit is set and the PDH regenerated."""
+        """PEK_CERT_IMPORT (AMD ``sev_mcmd.c`` ``sev_mcmd_pek_cert_import``): OCA self-signed, PEK signed
+        by it with our PEK body; then the CEK signature goes in the free slot, the owner bit is set and
+        the PDH regenerated."""
         try:
             oca = SevCert.from_bytes(oca_bytes)
             pek = SevCert.from_bytes(pek_bytes)
@@ -101,7 +105,7 @@ class Identity:
             return SevStatus.INVALID_CERTIFICATE
         try:
             self._pek = pek.sign_as(self._cek, self._cek_key)
-        except certs.SevError as err:
+        except SevError as err:
             return err.status
         self._oca, self._oca_key = oca, None   # the owner keeps the OCA private key
         self.owned = True
@@ -125,8 +129,9 @@ class Identity:
         return self._oca.to_bytes()
 
     def plat_certs(self, signed_cek: bool = False) -> bytes:
-        """PEK ‖ OCA ‖ CEK. The firmware exports its CEK unsigned (§2.9, ASPFW); hosts replace it with
-        the ASK-signed one from the key server (``signed_cek=True``), as sevctl and QEMU users do."""
+        """PEK ‖ OCA ‖ CEK. The firmware exports its CEK unsigned (AMD ``sev_mcmd.c``
+        ``sev_mcmd_pdh_cert_export``); hosts replace it with the ASK-signed one from the key server
+        (``signed_cek=True``), as sevctl does (virtee/sevctl ``src/main.rs``)."""
         self._require_provisioned()
         cek = self._root.kds.cek_cert(self._chip_id) if signed_cek else self._cek.to_bytes()
         return self._pek.to_bytes() + self._oca.to_bytes() + cek
@@ -136,5 +141,6 @@ class Identity:
             self._pdh.pubkey_algo in (Algo.ECDH_SHA256, Algo.ECDH_SHA384)
 
     def ecdh(self, peer_cert: bytes) -> bytes:
-        """Z with our long-term PDH private key and the peer's PDH/GODH public key (§3.1, §3.2)."""
+        """Z with our long-term PDH private key and the peer's PDH/GODH public key (AMD ``ecdh.c``
+        ``ecdh_key_agreement``)."""
         return certs.ecdh_shared_secret(self._pdh_key, SevCert.from_bytes(peer_cert))

@@ -1,0 +1,192 @@
+"""The PSP mailbox: the one choke point every firmware command set is issued through.
+
+A command set (SEV in ``pysev.firmware.sev``; SEV-SNP can sit beside it) subclasses :class:`Mailbox`
+with four tables (its command-id enum, its state table of :class:`CommandSpec` rows, its command
+buffers made by :func:`command_buffer`, its status enum) and one ``_cmd_<name>`` handler per command.
+:meth:`Mailbox.issue` then runs every command the same way, as AMD's dispatcher does
+(``sev_dispatch.c`` ``sev_dispatch_master``, with the state tables of ``sev_plat.c`` and
+``sev_guest.c``): an unknown id is INVALID_COMMAND, a platform state outside the command's row is
+INVALID_PLATFORM_STATE, and only then does the handler run its own checks, under the firmware lock.
+A handler ends early by raising :class:`CommandRefusedError`; guest-state checks and transitions read the
+same table. A refused command changes nothing: handlers validate everything before their first write.
+
+Command buffers are little-endian packed layouts in host memory (Linux ``include/linux/psp-sev.h``
+``sev_data_*``; AMD ``sev_mcmd.h``); :meth:`Mailbox.issue_mailbox` reads one from its host physical
+address and writes it back, as the real mailbox does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import struct
+import threading
+from collections.abc import Mapping
+from typing import Any, ClassVar, Protocol, cast
+
+from pysev.hw.hostmem import HostMemory
+
+log = logging.getLogger(__name__)
+
+BufferFormat = tuple[tuple[str | None, str], ...]
+
+
+@dataclasses.dataclass
+class CommandBuffer:
+    """Base of every command buffer: ``FORMAT`` lists the fields in memory order, ``None`` = reserved."""
+
+    FORMAT: ClassVar[BufferFormat] = ()
+
+    @classmethod
+    def layout(cls) -> struct.Struct:
+        return struct.Struct("<" + "".join(code for _, code in cls.FORMAT))
+
+    @classmethod
+    def size(cls) -> int:
+        return cls.layout().size
+
+    @classmethod
+    def offsets(cls) -> dict[str, int]:
+        out, off = {}, 0
+        for name, code in cls.FORMAT:
+            if name:
+                out[name] = off
+            off += struct.calcsize("<" + code)
+        return out
+
+    def pack(self) -> bytes:
+        return self.layout().pack(*(getattr(self, n) if n else 0 for n, _ in self.FORMAT))
+
+    @classmethod
+    def unpack(cls, data: bytes) -> CommandBuffer:
+        values = cls.layout().unpack(bytes(data[: cls.size()]))
+        return cls(**{n: v for (n, _), v in zip(cls.FORMAT, values, strict=True) if n})
+
+
+def command_buffer(name: str, fmt: BufferFormat) -> type[CommandBuffer]:
+    """A command-buffer class laid out as ``fmt``: one integer field per named entry, default 0."""
+    fields = [(n, int, dataclasses.field(default=0)) for n, _ in fmt if n]
+    cls = cast("type[CommandBuffer]", dataclasses.make_dataclass(name, fields, bases=(CommandBuffer,)))
+    cls.FORMAT = fmt
+    return cls
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandSpec:
+    """One row of a command set's state table: where a command may run and where it leads."""
+
+    platform: frozenset[enum.IntEnum]            # platform states (INVALID_PLATFORM_STATE otherwise)
+    guest: frozenset[enum.IntEnum] | None = None  # required guest states (INVALID_GUEST_STATE otherwise)
+    to: enum.IntEnum | None = None               # guest state after success
+
+
+class CommandRefusedError(Exception):
+    """A handler's early exit with a firmware status; :meth:`Mailbox.issue` returns the status."""
+
+    def __init__(self, status: enum.IntEnum) -> None:
+        self.status = status
+
+
+class MailboxStatuses(Protocol):
+    """The statuses the mailbox itself returns: every command set's status enum has them."""
+
+    INVALID_COMMAND: enum.IntEnum
+    INVALID_PLATFORM_STATE: enum.IntEnum
+    INVALID_GUEST: enum.IntEnum
+    INVALID_GUEST_STATE: enum.IntEnum
+    INVALID_ADDRESS: enum.IntEnum
+
+
+class GuestRecord(Protocol):
+    """What the mailbox needs of a command set's guest: its handle and its state."""
+
+    handle: int
+    state: Any
+
+
+class Mailbox:
+    """The mailbox of one command set on one simulated host; subclasses fill in the four tables.
+
+    ``dram`` is the host's physical memory: command buffers and the data they point to live there,
+    addressed by host physical address. ``_guests`` maps a guest handle to the command set's guest
+    record; every command runs under ``_lock``.
+    """
+
+    command_ids: ClassVar[type[enum.IntEnum]]
+    state_table: ClassVar[Mapping[Any, CommandSpec]]
+    buffers: ClassVar[Mapping[Any, type[CommandBuffer] | None]]
+    statuses: ClassVar[MailboxStatuses]
+
+    def __init__(self, dram: HostMemory, state: enum.IntEnum) -> None:
+        self.dram = dram
+        self.state = state
+        self._lock = threading.RLock()
+        self._guests: dict[int, Any] = {}
+
+    # -- the choke point ---------------------------------------------------------------------------
+    def issue(self, cmd: int, buf: CommandBuffer | None = None) -> Any:
+        """Run one firmware command on its command buffer; output fields are written back into ``buf``."""
+        with self._lock:
+            try:
+                cmd = self.command_ids(cmd)
+            except ValueError:
+                return self.statuses.INVALID_COMMAND
+            expected = self.buffers[cmd]
+            if expected is not None and not isinstance(buf, expected):
+                raise TypeError(f"{cmd.name} takes a {expected.__name__}, got {type(buf).__name__}")
+            try:
+                self._require_platform_state(cmd)
+                status = getattr(self, f"_cmd_{cmd.name.lower()}")(buf)
+            except CommandRefusedError as refused:
+                status = refused.status
+            log.debug("%s -> %s (platform %s)", cmd.name, status.name, self.state.name)
+            return status
+
+    def issue_mailbox(self, cmd: int, cmd_paddr: int) -> Any:
+        """The PSP mailbox form: the command buffer is read from and written back to host memory."""
+        try:
+            layout = self.buffers[self.command_ids(cmd)]
+        except ValueError:
+            return self.statuses.INVALID_COMMAND
+        if layout is None:
+            return self.issue(cmd)
+        if not self.dram.contains(cmd_paddr, layout.size()):
+            return self.statuses.INVALID_ADDRESS
+        buf = layout.unpack(self.dram.read(cmd_paddr, layout.size()))
+        status = self.issue(cmd, buf)
+        self.dram.write(cmd_paddr, buf.pack())
+        return status
+
+    # -- checks and transitions from the state table ----------------------------------------------------
+    def _require_platform_state(self, cmd: enum.IntEnum) -> None:
+        if self.state not in self.state_table[cmd].platform:
+            raise CommandRefusedError(self.statuses.INVALID_PLATFORM_STATE)
+
+    def _guest(self, handle: int) -> Any:
+        guest = self._guests.get(handle)
+        if guest is None:
+            raise CommandRefusedError(self.statuses.INVALID_GUEST)
+        return guest
+
+    def _require_guest_state(self, guest: GuestRecord, cmd: enum.IntEnum) -> None:
+        allowed = self.state_table[cmd].guest
+        assert allowed is not None, f"{cmd.name} names no guest states in the state table"
+        if guest.state not in allowed:
+            raise CommandRefusedError(self.statuses.INVALID_GUEST_STATE)
+
+    def _transition(self, guest: GuestRecord, cmd: enum.IntEnum) -> None:
+        to = self.state_table[cmd].to
+        assert to is not None, f"{cmd.name} names no guest transition in the state table"
+        log.info("guest %d: %s -> %s (%s)", guest.handle, guest.state.name, to.name, cmd.name)
+        guest.state = to
+
+    # -- host memory as the firmware reaches it ----------------------------------------------------------
+    def _read(self, paddr: int, length: int) -> bytes:
+        if not self.dram.contains(paddr, length):
+            raise CommandRefusedError(self.statuses.INVALID_ADDRESS)
+        return self.dram.read(paddr, length)
+
+    def _check_writable(self, *ranges: tuple[int, int]) -> None:
+        for paddr, length in ranges:
+            if not self.dram.contains(paddr, length):
+                raise CommandRefusedError(self.statuses.INVALID_ADDRESS)
