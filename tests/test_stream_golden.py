@@ -11,16 +11,21 @@ produce these bytes. Every payload byte comes from SHAKE-256 of a label, so the 
 deterministic whatever the numpy version. ``python tests/test_stream_golden.py --write`` creates a
 missing file; it never overwrites one.
 """
+
 from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from pysev.migration import stream as S
+from pysev.migration import stream
 
 DATA = Path(__file__).parent / "data" / "streams"
 SEV_FILE = DATA / "sev_guest.mig"
@@ -28,11 +33,11 @@ PLAIN_FILE = DATA / "plain_guest.mig"
 
 PAGE = 4096
 MACHINE = "pc-q35-sev"
-RAM_ID = 2                       # section ids as the engine numbers them: RAM, then one per vCPU
+RAM_ID = 2  # section ids as the engine numbers them: RAM, then one per vCPU
 VMSA_ID = 3
 BLOCKS = [("pc.ram", 16 * PAGE), ("vga.vram", 4 * PAGE)]
 VCPUS = 2
-POLICY = 0x0011_0005             # NODBG | ES, API 17.0
+POLICY = 0x0011_0005  # NODBG | ES, API 17.0
 
 
 def payload(label: str, n: int) -> bytes:
@@ -43,21 +48,21 @@ def rows(label: str, k: int, width: int) -> np.ndarray:
     return np.frombuffer(payload(label, k * width), np.uint8).reshape(k, width).copy()
 
 
-def context() -> S.SevContext:
-    return S.SevContext(POLICY, payload("pdh", 2084), payload("session", 128))
+def records(hdrs, trans) -> np.ndarray:
+    """Encrypted-page records holding these packets, as SEND_UPDATE_DATA leaves them."""
+    rec = np.zeros(len(hdrs), stream.ENC_PAGE_RECORD)
+    rec["hdr"] = np.frombuffer(b"".join(map(bytes, hdrs)), np.uint8).reshape(-1, 52)
+    rec["trans"] = np.frombuffer(b"".join(map(bytes, trans)), np.uint8).reshape(-1, PAGE)
+    return rec
 
 
-def vmsa_vmdesc(vcpu: int) -> dict:
-    """The vmdesc entry of one ``sev-es-vmsa`` section, as the engine writes it."""
-    return {"name": "sev-es-vmsa", "instance_id": vcpu, "vmsd_name": "sev-es-vmsa", "version": 1,
-            "fields": [{"name": "hdr_len", "type": "uint32", "size": 4}, {"name": "hdr", "type": "buffer", "size": 52},
-                       {"name": "trans_len", "type": "uint32", "size": 4},
-                       {"name": "trans", "type": "buffer", "size": PAGE}]}
+def context() -> stream.SevContext:
+    return stream.SevContext(POLICY, payload("pdh", 2084), payload("session", 128))
 
 
 def sev_guest_stream() -> bytes:
     buf = io.BytesIO()
-    w = S.StreamWriter(buf)
+    w = stream.StreamWriter(buf)
     w.write_header(MACHINE)
     w.section_start(RAM_ID, "ram", 0, 4)
     w.ram_mem_size(BLOCKS)
@@ -71,21 +76,21 @@ def sev_guest_stream() -> bytes:
     w.ram_page("vga.vram", 0x0000, payload("page vga.vram 0", PAGE))
     w.ram_zero_page("vga.vram", 0x3000)
     hdrs, trans = rows("enc hdr pass 1", 4, 52), rows("enc trans pass 1", 4, PAGE)
-    w.sev_encrypted_page("pc.ram", 0x2000, hdrs[0], trans[0], context())   # names the block, carries the context
-    w.sev_encrypted_page("pc.ram", 0x3000, hdrs[1], trans[1])              # CONTINUE
-    w.sev_encrypted_pages("pc.ram", np.array([0x5000, 0x4000], np.uint64), hdrs[2:], trans[2:])
+    w.sev_encrypted_pages("pc.ram", [0x2000], records(hdrs[:1], trans[:1]), context())  # names the block + context
+    w.sev_encrypted_pages("pc.ram", [0x3000], records(hdrs[1:2], trans[1:2]))  # CONTINUE
+    w.sev_encrypted_pages("pc.ram", np.array([0x5000, 0x4000], np.uint64), records(hdrs[2:], trans[2:]))
     w.ram_eos()
     w.section_footer(RAM_ID)
 
     # second pass: a named encrypted record without the context, then a ring batch in two slices
     w.section_part(RAM_ID)
     hdrs, trans = rows("enc hdr pass 2", 4, 52), rows("enc trans pass 2", 4, PAGE)
-    w.sev_encrypted_page("vga.vram", 0x1000, hdrs[0], trans[0])
-    ring = S.RecordRing(w, 2)
+    w.sev_encrypted_pages("vga.vram", [0x1000], records(hdrs[:1], trans[:1]))
+    ring = stream.RecordRing(w, 2)
     assert ring.begin("vga.vram", np.array([0x2000, 0x3000, 0x0000], np.uint64))
     for start, stop in ((0, 2), (2, 3)):
-        ring.hdr[:stop - start] = hdrs[1 + start:1 + stop]
-        ring.trans[:stop - start] = trans[1 + start:1 + stop]
+        ring.hdr[: stop - start] = hdrs[1 + start : 1 + stop]
+        ring.trans[: stop - start] = trans[1 + start : 1 + stop]
         ring.put(start, stop)
     w.ram_page("pc.ram", 0x7000, payload("page pc.ram 7", PAGE))
     w.ram_eos()
@@ -94,29 +99,24 @@ def sev_guest_stream() -> bytes:
     # stop and copy: the last dirty pages, then the page-encryption bitmap of pc.ram (named again)
     w.section_end(RAM_ID)
     w.ram_zero_page("pc.ram", 0x8000)
-    w.sev_encrypted_page("pc.ram", 0xA000, payload("enc hdr end", 52), payload("enc trans end", PAGE))
+    w.sev_encrypted_pages("pc.ram", [0xA000], records([payload("enc hdr end", 52)], [payload("enc trans end", PAGE)]))
     w.ram_page("vga.vram", 0x2000, payload("page vga.vram 2", PAGE))
     w.sev_encrypted_bitmap("pc.ram", [(0, 16, payload("bitmap pc.ram", 2) + bytes(6))])
     w.ram_eos()
     w.section_footer(RAM_ID)
 
     for vcpu in range(VCPUS):
-        hdr, tr = payload(f"vmsa hdr {vcpu}", 52), payload(f"vmsa trans {vcpu}", PAGE)
-        w.section_full(VMSA_ID + vcpu, "sev-es-vmsa", vcpu, 1)
-        w.put_be32(len(hdr))
-        w.put_bytes(hdr)
-        w.put_be32(len(tr))
-        w.put_bytes(tr)
-        w.section_footer(VMSA_ID + vcpu)
+        hdr, trans = payload(f"vmsa hdr {vcpu}", 52), payload(f"vmsa trans {vcpu}", PAGE)
+        w.sev_es_vmsa_section(VMSA_ID + vcpu, vcpu, hdr, trans)
     w.write_eof()
-    w.write_vmdesc(S.default_vmdesc(MACHINE, [vmsa_vmdesc(vcpu) for vcpu in range(VCPUS)]))
+    w.write_vmdesc(stream.default_vmdesc(MACHINE, [stream.vmsa_vmdesc(vcpu) for vcpu in range(VCPUS)]))
     w.close()
     return buf.getvalue()
 
 
 def plain_guest_stream() -> bytes:
     buf = io.BytesIO()
-    w = S.StreamWriter(buf)
+    w = stream.StreamWriter(buf)
     w.write_header(MACHINE)
     w.section_start(RAM_ID, "ram", 0, 4)
     w.ram_mem_size(BLOCKS)
@@ -135,7 +135,7 @@ def plain_guest_stream() -> bytes:
     w.ram_eos()
     w.section_footer(RAM_ID)
     w.write_eof()
-    w.write_vmdesc(S.default_vmdesc(MACHINE))
+    w.write_vmdesc(stream.default_vmdesc(MACHINE))
     w.close()
     return buf.getvalue()
 
@@ -143,35 +143,43 @@ def plain_guest_stream() -> bytes:
 # ------------------------------------------------------------------------------------------- read back
 def read_back(data: bytes) -> list[tuple]:
     """Every item of the stream as a plain tuple (encrypted pages one by one)."""
-    r = S.StreamReader(io.BytesIO(data), ram_blocks=dict(BLOCKS))
+    r = stream.StreamReader(io.BytesIO(data), ram_blocks=dict(BLOCKS))
     out: list[tuple] = [("header", r.read_header())]
     while True:
         sec = r.next_section()
-        if isinstance(sec, S.Eof):
+        if isinstance(sec, stream.Eof):
             out.append(("eof",))
             break
-        if isinstance(sec, S.Configuration):
+        if isinstance(sec, stream.Configuration):
             out.append(("configuration", sec.machine))
-        elif isinstance(sec, S.Footer):
+        elif isinstance(sec, stream.Footer):
             out.append(("footer", sec.section_id))
-        elif sec.idstr == "sev-es-vmsa":
+        elif sec.idstr == stream.VMSA_SECTION_IDSTR:
             out.append(("section", sec.kind, sec.section_id, sec.idstr, sec.instance_id, sec.version_id))
-            hdr_len = r.get_be32("VMSA hdr_len")
-            hdr = r.get_bytes(hdr_len, "VMSA packet header")
-            trans_len = r.get_be32("VMSA trans_len")
-            out.append(("vmsa", sec.instance_id, hdr, r.get_bytes(trans_len, "VMSA transport data")))
+            vmsa = r.read_vmsa_section(sec)
+            out.append(("vmsa", vmsa.vcpu, vmsa.hdr, vmsa.trans))
         else:
             out.append(("section", sec.kind, sec.section_id, sec.idstr, sec.instance_id, sec.version_id))
             for rec in r.ram_records():
-                if isinstance(rec, S.MemSize):
+                if isinstance(rec, stream.MemSize):
                     out.append(("mem_size", rec.blocks))
-                elif isinstance(rec, S.Page):
+                elif isinstance(rec, stream.Page):
                     out.append(("page", rec.block, rec.offset, rec.data))
-                elif isinstance(rec, S.Zero):
+                elif isinstance(rec, stream.Zero):
                     out.append(("zero", rec.block, rec.offset))
-                elif isinstance(rec, S.EncryptedPage):
-                    out.append(("encrypted", rec.block, rec.offset, rec.context, rec.hdr, rec.trans))
-                elif isinstance(rec, S.EncryptedBitmap):
+                elif isinstance(rec, stream.EncryptedPages):
+                    for i in range(rec.count):
+                        out.append(
+                            (
+                                "encrypted",
+                                rec.block,
+                                int(rec.offsets[i]),
+                                rec.context if i == 0 else None,
+                                rec.hdrs[i].tobytes(),
+                                rec.trans[i].tobytes(),
+                            )
+                        )
+                elif isinstance(rec, stream.EncryptedBitmap):
                     out.append(("bitmap", rec.block, tuple(tuple(e) for e in rec.entries)))
                 else:
                     out.append(("eos",))
@@ -181,43 +189,77 @@ def read_back(data: bytes) -> list[tuple]:
 
 
 def expected_sev() -> list[tuple]:
-    start, part, end, full = (S.QEMU_VM_SECTION_START, S.QEMU_VM_SECTION_PART, S.QEMU_VM_SECTION_END,
-                              S.QEMU_VM_SECTION_FULL)
+    start, part, end, full = (
+        stream.QEMU_VM_SECTION_START,
+        stream.QEMU_VM_SECTION_PART,
+        stream.QEMU_VM_SECTION_END,
+        stream.QEMU_VM_SECTION_FULL,
+    )
     h1, t1 = rows("enc hdr pass 1", 4, 52), rows("enc trans pass 1", 4, PAGE)
     h2, t2 = rows("enc hdr pass 2", 4, 52), rows("enc trans pass 2", 4, PAGE)
-    out = [("header", 3), ("configuration", MACHINE),
-           ("section", start, RAM_ID, "ram", 0, 4), ("mem_size", tuple(BLOCKS)), ("eos",), ("footer", RAM_ID),
-           ("section", part, RAM_ID, "ram", 0, 4),
-           ("page", "pc.ram", 0x0000, payload("page pc.ram 0", PAGE)), ("zero", "pc.ram", 0x1000),
-           ("page", "vga.vram", 0x0000, payload("page vga.vram 0", PAGE)), ("zero", "vga.vram", 0x3000)]
+    out = [
+        ("header", 3),
+        ("configuration", MACHINE),
+        ("section", start, RAM_ID, "ram", 0, 4),
+        ("mem_size", tuple(BLOCKS)),
+        ("eos",),
+        ("footer", RAM_ID),
+        ("section", part, RAM_ID, "ram", 0, 4),
+        ("page", "pc.ram", 0x0000, payload("page pc.ram 0", PAGE)),
+        ("zero", "pc.ram", 0x1000),
+        ("page", "vga.vram", 0x0000, payload("page vga.vram 0", PAGE)),
+        ("zero", "vga.vram", 0x3000),
+    ]
     for i, off in enumerate((0x2000, 0x3000, 0x5000, 0x4000)):
         out.append(("encrypted", "pc.ram", off, context() if i == 0 else None, h1[i].tobytes(), t1[i].tobytes()))
     out += [("eos",), ("footer", RAM_ID), ("section", part, RAM_ID, "ram", 0, 4)]
     for i, off in enumerate((0x1000, 0x2000, 0x3000, 0x0000)):
         out.append(("encrypted", "vga.vram", off, None, h2[i].tobytes(), t2[i].tobytes()))
-    out += [("page", "pc.ram", 0x7000, payload("page pc.ram 7", PAGE)), ("eos",), ("footer", RAM_ID),
-            ("section", end, RAM_ID, "ram", 0, 4), ("zero", "pc.ram", 0x8000),
-            ("encrypted", "pc.ram", 0xA000, None, payload("enc hdr end", 52), payload("enc trans end", PAGE)),
-            ("page", "vga.vram", 0x2000, payload("page vga.vram 2", PAGE)),
-            ("bitmap", "pc.ram", ((0, 16, payload("bitmap pc.ram", 2) + bytes(6)),)), ("eos",), ("footer", RAM_ID)]
+    out += [
+        ("page", "pc.ram", 0x7000, payload("page pc.ram 7", PAGE)),
+        ("eos",),
+        ("footer", RAM_ID),
+        ("section", end, RAM_ID, "ram", 0, 4),
+        ("zero", "pc.ram", 0x8000),
+        ("encrypted", "pc.ram", 0xA000, None, payload("enc hdr end", 52), payload("enc trans end", PAGE)),
+        ("page", "vga.vram", 0x2000, payload("page vga.vram 2", PAGE)),
+        ("bitmap", "pc.ram", ((0, 16, payload("bitmap pc.ram", 2) + bytes(6)),)),
+        ("eos",),
+        ("footer", RAM_ID),
+    ]
     for vcpu in range(VCPUS):
-        out += [("section", full, VMSA_ID + vcpu, "sev-es-vmsa", vcpu, 1),
-                ("vmsa", vcpu, payload(f"vmsa hdr {vcpu}", 52), payload(f"vmsa trans {vcpu}", PAGE)),
-                ("footer", VMSA_ID + vcpu)]
-    return out + [("eof",), ("vmdesc", S.default_vmdesc(MACHINE, [vmsa_vmdesc(v) for v in range(VCPUS)]))]
+        out += [
+            ("section", full, VMSA_ID + vcpu, "sev-es-vmsa", vcpu, 1),
+            ("vmsa", vcpu, payload(f"vmsa hdr {vcpu}", 52), payload(f"vmsa trans {vcpu}", PAGE)),
+            ("footer", VMSA_ID + vcpu),
+        ]
+    return out + [("eof",), ("vmdesc", stream.default_vmdesc(MACHINE, [stream.vmsa_vmdesc(v) for v in range(VCPUS)]))]
 
 
 def expected_plain() -> list[tuple]:
-    part, end = S.QEMU_VM_SECTION_PART, S.QEMU_VM_SECTION_END
-    return [("header", 3), ("configuration", MACHINE),
-            ("section", S.QEMU_VM_SECTION_START, RAM_ID, "ram", 0, 4), ("mem_size", tuple(BLOCKS)), ("eos",),
-            ("footer", RAM_ID), ("section", part, RAM_ID, "ram", 0, 4),
-            ("page", "pc.ram", 0x0000, payload("plain pc.ram 0", PAGE)),
-            ("page", "pc.ram", 0x1000, payload("plain pc.ram 1", PAGE)), ("zero", "pc.ram", 0x2000),
-            ("zero", "vga.vram", 0x0000), ("page", "vga.vram", 0x1000, payload("plain vga.vram 1", PAGE)),
-            ("eos",), ("footer", RAM_ID), ("section", end, RAM_ID, "ram", 0, 4),
-            ("page", "pc.ram", 0xF000, payload("plain pc.ram 15", PAGE)), ("eos",), ("footer", RAM_ID),
-            ("eof",), ("vmdesc", S.default_vmdesc(MACHINE))]
+    part, end = stream.QEMU_VM_SECTION_PART, stream.QEMU_VM_SECTION_END
+    return [
+        ("header", 3),
+        ("configuration", MACHINE),
+        ("section", stream.QEMU_VM_SECTION_START, RAM_ID, "ram", 0, 4),
+        ("mem_size", tuple(BLOCKS)),
+        ("eos",),
+        ("footer", RAM_ID),
+        ("section", part, RAM_ID, "ram", 0, 4),
+        ("page", "pc.ram", 0x0000, payload("plain pc.ram 0", PAGE)),
+        ("page", "pc.ram", 0x1000, payload("plain pc.ram 1", PAGE)),
+        ("zero", "pc.ram", 0x2000),
+        ("zero", "vga.vram", 0x0000),
+        ("page", "vga.vram", 0x1000, payload("plain vga.vram 1", PAGE)),
+        ("eos",),
+        ("footer", RAM_ID),
+        ("section", end, RAM_ID, "ram", 0, 4),
+        ("page", "pc.ram", 0xF000, payload("plain pc.ram 15", PAGE)),
+        ("eos",),
+        ("footer", RAM_ID),
+        ("eof",),
+        ("vmdesc", stream.default_vmdesc(MACHINE)),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- tests
@@ -235,6 +277,26 @@ def test_sev_guest_stream_reads_back():
 
 def test_plain_guest_stream_reads_back():
     assert read_back(PLAIN_FILE.read_bytes()) == expected_plain()
+
+
+@pytest.mark.skipif(not os.environ.get("PYSEV_ANALYZE_MIGRATION"), reason="PYSEV_ANALYZE_MIGRATION not set")
+def test_plain_guest_stream_is_read_by_analyze_migration(tmp_path):
+    """QEMU's scripts/analyze-migration.py extracts the plain guest's RAM from the pinned file."""
+    res = subprocess.run(
+        [sys.executable, os.environ["PYSEV_ANALYZE_MIGRATION"], "-f", str(PLAIN_FILE), "-x"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    ram = bytearray(16 * PAGE)
+    for idx, label in ((0, "plain pc.ram 0"), (1, "plain pc.ram 1"), (15, "plain pc.ram 15")):
+        ram[idx * PAGE : (idx + 1) * PAGE] = payload(label, PAGE)
+    assert (tmp_path / "pc.ram").read_bytes() == ram
+    assert (tmp_path / "vga.vram").read_bytes() == bytes(PAGE) + payload("plain vga.vram 1", PAGE) + bytes(2 * PAGE)
+    sizes = json.loads((tmp_path / "state.json").read_text())["ram (2)"]["section sizes"]
+    assert sizes == {"pc.ram": f"{16 * PAGE:#018x}", "vga.vram": f"{4 * PAGE:#018x}"}
 
 
 if __name__ == "__main__":
