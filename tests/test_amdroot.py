@@ -13,10 +13,10 @@ import pytest
 from Crypto.PublicKey import ECC
 
 import pysev
-from pysev.firmware import amdroot
-from pysev.firmware import certs as C
+from pysev.firmware import amdroot, certs
 from pysev.firmware.amdroot import SimulatedRoot, default_root, derive_cek
 from pysev.firmware.certs import Algo, SevCert, Usage
+from pysev.firmware.certs.keys import P384_N
 from pysev.firmware.status import SevStatus
 
 OK = SevStatus.SUCCESS
@@ -61,12 +61,12 @@ def test_root_certificates(request, gen, size, algo):
     root: SimulatedRoot = request.getfixturevalue(gen)
     assert root.generation == gen
     assert len(root.ark.to_bytes()) == len(root.ask.to_bytes()) == size
-    assert C.amd_cert_validate(root.ark, root.ark, Usage.ARK) == OK
-    assert C.amd_cert_validate(root.ask, root.ark, Usage.ASK) == OK
+    assert certs.amd_cert_validate(root.ark, root.ark, Usage.ARK) == OK
+    assert certs.amd_cert_validate(root.ask, root.ark, Usage.ASK) == OK
     assert root.ark.key_id == root.ark.certifying_id == root.ask.certifying_id != root.ask.key_id
     assert root.ask.export_pubkey().algo == algo
-    assert root.trust_anchor == C.TrustAnchor(root.ark.key_id, hashlib.sha384(root.ark.signed_bytes()).digest())
-    ask, ark = C.split_amd_chain(root.amd_chain())
+    assert root.trust_anchor == certs.TrustAnchor(root.ark.key_id, hashlib.sha384(root.ark.signed_bytes()).digest())
+    ask, ark = certs.split_amd_chain(root.amd_chain())
     assert (ask, ark) == (root.ask, root.ark)
     assert len(root.naples_bundle()) == len(root.amd_chain()) - root.ark.modulus_bits // 8
 
@@ -90,7 +90,7 @@ def test_derive_cek_follows_the_firmware_recipe():
     label = b"sev-chip-endorsement-key"
     blocks = b"".join(hmac.digest(seed, i.to_bytes(4, "little") + label + b"\0" + (56 * 8).to_bytes(4, "little"),
                                   "sha256") for i in (1, 2))
-    d = int.from_bytes(blocks[:56], "big") % (C.P384_N - 1) + 1
+    d = int.from_bytes(blocks[:56], "big") % (P384_N - 1) + 1
     assert int(derive_cek(fused).d) == d
     assert derive_cek(fused).public_key() == derive_cek(fused).public_key()
     with pytest.raises(ValueError):
@@ -101,23 +101,23 @@ def test_derive_cek_follows_the_firmware_recipe():
 def test_kds_cek_verifies_and_matches_platform_derivation(request, gen):
     root: SimulatedRoot = request.getfixturevalue(gen)
     data = root.kds.cek_cert(CHIP)
-    assert len(data) == C.SEV_CERT_SIZE and root.kds.cek_cert(CHIP) == data   # one cert per chip
+    assert len(data) == certs.SEV_CERT_SIZE and root.kds.cek_cert(CHIP) == data   # one cert per chip
     cek = SevCert.from_bytes(data)
     assert (cek.version, cek.api_major, cek.api_minor) == (1, 0, 14)
     assert (cek.pubkey_usage, cek.pubkey_algo) == (Usage.CEK, Algo.ECDSA_SHA256)
     expected_algo = Algo.RSA_SHA384 if gen == "rome" else Algo.RSA_SHA256
     assert (cek.sig1.usage, cek.sig1.algo) == (Usage.ASK, expected_algo) and cek.sig2.is_empty
-    assert C.sev_cert_validate(cek, root.ask) == OK
+    assert certs.sev_cert_validate(cek, root.ask) == OK
     platform_cek = derive_cek(root.fuse_chip(CHIP))
-    assert cek.pubkey == C.EcPublicKey.from_ecc(platform_cek)
+    assert cek.pubkey == certs.EcPublicKey.from_ecc(platform_cek)
     other = SevCert.from_bytes(root.kds.cek_cert(CHIP[::-1]))
     assert other.pubkey != cek.pubkey
 
 
 def test_kds_cek_fails_under_another_root(rome, untrusted, naples):
     cek = SevCert.from_bytes(untrusted.kds.cek_cert(CHIP))
-    assert C.sev_cert_validate(cek, rome.ask) == SevStatus.BAD_SIGNATURE
-    assert C.sev_cert_validate(cek, naples.ask) == SevStatus.INVALID_CERTIFICATE   # no RSA_SHA256 slot
+    assert certs.sev_cert_validate(cek, rome.ask) == SevStatus.BAD_SIGNATURE
+    assert certs.sev_cert_validate(cek, naples.ask) == SevStatus.INVALID_CERTIFICATE   # no RSA_SHA256 slot
     assert untrusted.fuse_chip(CHIP) != rome.fuse_chip(CHIP)
 
 
@@ -134,37 +134,37 @@ def test_chip_id_is_bounded(rome):
 # -------------------------------------------------------------------------------------------------
 def test_platform_chain_verifies_under_its_root(rome, untrusted):
     cek, oca, pek, pdh = platform_chain(rome)
-    report = C.verify_chain(rome.ark, rome.ask, cek, oca, pek, pdh, anchor=rome.trust_anchor)
+    report = certs.verify_chain(rome.ark, rome.ask, cek, oca, pek, pdh, anchor=rome.trust_anchor)
     assert report.ok, report.message
-    plat = C.join_plat_certs(pek, oca, cek)
-    assert C.validate_platform(pdh.to_bytes(), plat, rome.amd_chain(), rome.trust_anchor) == OK
-    assert C.validate_domain(pdh, plat, oca) == OK
+    plat = certs.join_plat_certs(pek, oca, cek)
+    assert certs.validate_platform(pdh.to_bytes(), plat, rome.amd_chain(), rome.trust_anchor) == OK
+    assert certs.validate_domain(pdh, plat, oca) == OK
     # wrong root: the target presents another root's chain
-    assert C.validate_platform(pdh.to_bytes(), plat, untrusted.amd_chain(), rome.trust_anchor) == \
+    assert certs.validate_platform(pdh.to_bytes(), plat, untrusted.amd_chain(), rome.trust_anchor) == \
         SevStatus.INVALID_CERTIFICATE
     # wrong root: the anchor is right but the ASK is another root's → ASK←ARK fails
     mixed = untrusted.ask.to_bytes() + rome.ark.to_bytes()
-    assert C.validate_platform(pdh.to_bytes(), plat, mixed, rome.trust_anchor) == SevStatus.BAD_SIGNATURE
-    report = C.verify_chain(rome.ark, untrusted.ask, cek, oca, pek, pdh)
+    assert certs.validate_platform(pdh.to_bytes(), plat, mixed, rome.trust_anchor) == SevStatus.BAD_SIGNATURE
+    report = certs.verify_chain(rome.ark, untrusted.ask, cek, oca, pek, pdh)
     assert report.first_failure.link == "ASK<-ARK"
-    report = C.verify_chain(untrusted.ark, untrusted.ask, cek, oca, pek, pdh, anchor=rome.trust_anchor)
+    report = certs.verify_chain(untrusted.ark, untrusted.ask, cek, oca, pek, pdh, anchor=rome.trust_anchor)
     assert report.first_failure.link == "ARK (trust anchor)" and "pinned root" in report.message
     # the CEK of a chip of the untrusted root
     foreign_cek, oca2, pek2, pdh2 = platform_chain(untrusted)
-    plat2 = C.join_plat_certs(pek2, oca2, foreign_cek)
-    assert C.validate_platform(pdh2.to_bytes(), plat2, rome.amd_chain(), rome.trust_anchor) == \
+    plat2 = certs.join_plat_certs(pek2, oca2, foreign_cek)
+    assert certs.validate_platform(pdh2.to_bytes(), plat2, rome.amd_chain(), rome.trust_anchor) == \
         SevStatus.BAD_SIGNATURE
-    report = C.verify_chain(rome.ark, rome.ask, foreign_cek, oca2, pek2, pdh2)
+    report = certs.verify_chain(rome.ark, rome.ask, foreign_cek, oca2, pek2, pdh2)
     assert report.first_failure.link == "CEK<-ASK"
 
 
 def test_naples_bundle_of_a_simulated_root(naples):
     cek, oca, pek, pdh = platform_chain(naples)
-    plat = C.join_plat_certs(pek, oca, cek)
+    plat = certs.join_plat_certs(pek, oca, cek)
     bundle = naples.naples_bundle()
-    assert len(bundle) == C.NAPLES_BUNDLE_SIZE
-    assert C.validate_platform(pdh.to_bytes(), plat, bundle, naples.trust_anchor) == SevStatus.INVALID_LENGTH
-    assert C.validate_platform(pdh.to_bytes(), plat, bundle, naples.trust_anchor, allow_unsigned_ark=True) == OK
+    assert len(bundle) == certs.NAPLES_BUNDLE_SIZE
+    assert certs.validate_platform(pdh.to_bytes(), plat, bundle, naples.trust_anchor) == SevStatus.INVALID_LENGTH
+    assert certs.validate_platform(pdh.to_bytes(), plat, bundle, naples.trust_anchor, allow_unsigned_ark=True) == OK
 
 
 # -------------------------------------------------------------------------------------------------

@@ -11,12 +11,23 @@ import struct
 from pathlib import Path
 
 import pytest
+from Crypto.Hash import SHA256
 from Crypto.PublicKey import ECC
 from Crypto.Signature import DSS
-from Crypto.Hash import SHA256
 
-from pysev.firmware import certs as C
-from pysev.firmware.certs import Algo, AmdCert, CertError, SevCert, Signature, TrustAnchor, Usage
+from pysev.firmware import certs
+from pysev.firmware.certs import (
+    Algo,
+    AmdCert,
+    CertError,
+    SevCert,
+    Signature,
+    TrustAnchor,
+    Usage,
+    amd_cert,
+    keys,
+    sev_cert,
+)
 from pysev.firmware.status import SevError, SevStatus
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "sev-certs"
@@ -53,23 +64,29 @@ def flip(data: bytes, offset: int, bit: int = 0) -> bytes:
 # Layout pinned to sev-api.md §5
 # -------------------------------------------------------------------------------------------------
 def test_sev_layout_matches_spec():
-    assert C.SEV_CERT_SIZE == 2084 == 0x824
-    assert C.SEV_CERT_BODY_SIZE == 0x414
-    assert (C.OFF_VERSION, C.OFF_API_MAJOR, C.OFF_API_MINOR, C.OFF_RESERVED) == (0x000, 0x004, 0x005, 0x006)
-    assert (C.OFF_PUBKEY_USAGE, C.OFF_PUBKEY_ALGO, C.OFF_PUBKEY, C.PUBKEY_SIZE) == (0x008, 0x00C, 0x010, 1028)
-    assert (C.OFF_EC_CURVE, C.OFF_EC_QX, C.OFF_EC_QY, C.OFF_EC_RESERVED) == (0x010, 0x014, 0x05C, 0x0A4)
-    assert C.SEV_CERT_BODY_SIZE - C.OFF_EC_RESERVED == 880
-    assert (C.OFF_RSA_MODULUS_BITS, C.OFF_RSA_PUBEXP, C.OFF_RSA_MODULUS) == (0x010, 0x014, 0x214)
-    assert (C.OFF_SIG1, C.OFF_SIG2, C.SIG_SIZE) == (0x414, 0x61C, 512)
-    assert C.PLAT_CERTS_SIZE == 6252
+    assert sev_cert.SEV_CERT_SIZE == 2084 == 0x824
+    assert sev_cert.SEV_CERT_BODY_SIZE == 0x414
+    assert (sev_cert.OFF_VERSION, sev_cert.OFF_API_MAJOR, sev_cert.OFF_API_MINOR, sev_cert.OFF_RESERVED) == \
+        (0x000, 0x004, 0x005, 0x006)
+    assert (sev_cert.OFF_PUBKEY_USAGE, sev_cert.OFF_PUBKEY_ALGO, keys.OFF_PUBKEY, keys.PUBKEY_SIZE) == \
+        (0x008, 0x00C, 0x010, 1028)
+    assert (keys.OFF_EC_CURVE, keys.OFF_EC_QX, keys.OFF_EC_QY, keys.OFF_EC_RESERVED) == (0x010, 0x014, 0x05C, 0x0A4)
+    assert sev_cert.SEV_CERT_BODY_SIZE - keys.OFF_EC_RESERVED == 880
+    assert (keys.OFF_RSA_MODULUS_BITS, keys.OFF_RSA_PUBEXP, keys.OFF_RSA_MODULUS) == (0x010, 0x014, 0x214)
+    assert (sev_cert.OFF_SIG1, sev_cert.OFF_SIG2, keys.SIG_SIZE) == (0x414, 0x61C, 512)
+    assert sev_cert.PLAT_CERTS_SIZE == 6252
+    # the package's public names are these same declarations
+    assert (certs.SEV_CERT_SIZE, certs.SEV_CERT_BODY_SIZE, certs.PLAT_CERTS_SIZE) == (2084, 0x414, 6252)
 
 
 def test_amd_layout_matches_spec():
-    assert (C.AMD_OFF_VERSION, C.AMD_OFF_KEY_ID, C.AMD_OFF_CERTIFYING_ID, C.AMD_OFF_KEY_USAGE) == (0, 4, 0x14, 0x24)
-    assert (C.AMD_OFF_RESERVED, C.AMD_OFF_PUBEXP_SIZE, C.AMD_OFF_MODULUS_SIZE) == (0x28, 0x38, 0x3C)
-    assert C.AMD_CERT_FIXED_SIZE == 64
-    assert (C.AMD_CERT_SIZE_2K, C.AMD_CERT_SIZE_4K, C.AMD_CERT_UNSIGNED_SIZE_2K) == (832, 1600, 576)
-    assert C.NAPLES_BUNDLE_SIZE == 1408
+    assert (amd_cert.AMD_OFF_VERSION, amd_cert.AMD_OFF_KEY_ID, amd_cert.AMD_OFF_CERTIFYING_ID,
+            amd_cert.AMD_OFF_KEY_USAGE) == (0, 4, 0x14, 0x24)
+    assert (amd_cert.AMD_OFF_RESERVED, amd_cert.AMD_OFF_PUBEXP_SIZE, amd_cert.AMD_OFF_MODULUS_SIZE) == \
+        (0x28, 0x38, 0x3C)
+    assert amd_cert.AMD_CERT_FIXED_SIZE == certs.AMD_CERT_FIXED_SIZE == 64
+    assert (certs.AMD_CERT_SIZE_2K, certs.AMD_CERT_SIZE_4K, certs.AMD_CERT_UNSIGNED_SIZE_2K) == (832, 1600, 576)
+    assert certs.NAPLES_BUNDLE_SIZE == 1408
 
 
 def test_codes_match_spec():
@@ -82,8 +99,8 @@ def test_codes_match_spec():
 
 def test_p384_constants_match_pycryptodome():
     key = ECC.generate(curve="P-384")
-    assert C.EcPublicKey.from_ecc(key).is_valid()
-    assert int(key._curve.order) == C.P384_N  # noqa: SLF001 (cross-check only)
+    assert certs.EcPublicKey.from_ecc(key).is_valid()
+    assert int(key._curve.order) == keys.P384_N  # noqa: SLF001 (cross-check only)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -113,10 +130,10 @@ def _all_cert_files() -> list[str]:
 @pytest.mark.parametrize("name", _all_cert_files())
 def test_round_trip_is_byte_identical(name):
     data = raw(name)
-    if len(data) == C.SEV_CERT_SIZE:
+    if len(data) == certs.SEV_CERT_SIZE:
         assert SevCert.from_bytes(data).to_bytes() == data
-    elif len(data) == C.NAPLES_BUNDLE_SIZE:
-        ask, ark = C.split_amd_chain(data)
+    elif len(data) == certs.NAPLES_BUNDLE_SIZE:
+        ask, ark = certs.split_amd_chain(data)
         assert ask.to_bytes() + ark.to_bytes() == data
     else:
         assert AmdCert.from_bytes(data).to_bytes() == data
@@ -164,8 +181,8 @@ def _oracle_pss(cert: AmdCert, signer: AmdCert, hash_name: str) -> bool:
 @needs_data
 def test_naples_amd_signatures_are_pss_sha256():
     ark, ask = amd("naples", "ark.cert"), amd("naples", "ask.cert")
-    assert C.amd_cert_validate(ark, ark, Usage.ARK) == OK
-    assert C.amd_cert_validate(ask, ark, Usage.ASK) == OK
+    assert certs.amd_cert_validate(ark, ark, Usage.ARK) == OK
+    assert certs.amd_cert_validate(ask, ark, Usage.ASK) == OK
     assert _oracle_pss(ark, ark, "sha256") and not _oracle_pss(ark, ark, "sha384")
     assert _oracle_pss(ask, ark, "sha256")
 
@@ -177,12 +194,12 @@ def test_naples_chain_verifies_link_by_link():
     assert (c["cek"].sig1.usage, c["cek"].sig1.algo) == (Usage.ASK, Algo.RSA_SHA256)
     assert c["cek"].sig2.is_empty
     assert (c["pek"].sig1.usage, c["pek"].sig2.usage) == (Usage.OCA, Usage.CEK)
-    report = C.verify_chain(**c)
+    report = certs.verify_chain(**c)
     assert report.ok, report.message
     assert [link.link for link in report.links] == [
         "ARK (self-signed)", "ASK<-ARK", "CEK<-ASK", "OCA (self-signed)", "PEK<-OCA", "PEK<-CEK", "PDH<-PEK"]
     assert "slot 2" in report.links[5].message and "RSA_SHA256" in report.links[2].message
-    assert all(isinstance(c[n].pubkey, C.EcPublicKey) and c[n].pubkey.is_valid()
+    assert all(isinstance(c[n].pubkey, certs.EcPublicKey) and c[n].pubkey.is_valid()
                for n in ("cek", "oca", "pek", "pdh"))
 
 
@@ -197,7 +214,7 @@ def test_rome_chain_verifies_with_sha384():
     assert _oracle_pss(c["ark"], c["ark"], "sha384") and not _oracle_pss(c["ark"], c["ark"], "sha256")
     assert _oracle_pss(c["ask"], c["ark"], "sha384")
     assert c["cek"].sig1.algo == Algo.RSA_SHA384 and c["pek"].api_minor == 22
-    report = C.verify_chain(**c)
+    report = certs.verify_chain(**c)
     assert report.ok, report.message
     report.raise_for_status()
 
@@ -218,8 +235,8 @@ def test_amd_roots(gen):
     ark, ask = amd(gen, "ark.cert"), amd(gen, "ask.cert")
     assert (ark.key_id.hex(), ask.key_id.hex()) == (ark_id, ask_id)
     assert ask.certifying_id == ark.key_id == ark.certifying_id
-    assert C.amd_cert_validate(ark, ark, Usage.ARK) == OK
-    assert C.amd_cert_validate(ask, ark, Usage.ASK) == OK
+    assert certs.amd_cert_validate(ark, ark, Usage.ARK) == OK
+    assert certs.amd_cert_validate(ask, ark, Usage.ASK) == OK
     h = ark.key_hash().hex()
     assert h.startswith(hash_head) and h.endswith(hash_tail)
     if gen != "naples":
@@ -244,10 +261,10 @@ KDS_CEK = ("naples-kds-cek/cek_5E1FDB617787B6D516F5CC5A5BB48FAE868DD57C71EC81F3F
 def test_naples_bundle_is_ask_plus_unsigned_ark():
     bundle = raw("naples-kds-cek", "ask_ark_naples.cert")
     assert bundle == raw("naples", "ask.cert") + raw("naples", "ark.cert.bad")
-    ask, ark = C.split_amd_chain(bundle)
+    ask, ark = certs.split_amd_chain(bundle)
     assert ask == amd("naples", "ask.cert")
     assert not ark.is_signed and ark.signed_bytes() == raw("naples", "ark.cert.bad")
-    report = C.verify_chain(ark, ask, *(sev("naples", f"{n}.cert") for n in ("cek", "oca", "pek", "pdh")))
+    report = certs.verify_chain(ark, ask, *(sev("naples", f"{n}.cert") for n in ("cek", "oca", "pek", "pdh")))
     assert not report.ok and report.first_failure.link == "ARK (self-signed)"
     assert "no signature" in report.message
 
@@ -258,9 +275,9 @@ def test_kds_cek_is_signed_by_naples_ask():
     assert (cek.version, cek.api_major, cek.api_minor) == (1, 0, 14)
     assert (cek.pubkey_usage, cek.pubkey_algo, cek.pubkey.curve) == (Usage.CEK, Algo.ECDSA_SHA256, 2)
     assert (cek.sig1.usage, cek.sig1.algo) == (Usage.ASK, Algo.RSA_SHA256) and cek.sig2.is_empty
-    ask, _ = C.split_amd_chain(raw("naples-kds-cek", "ask_ark_naples.cert"))
-    assert C.sev_cert_validate(cek, ask) == OK
-    assert C.sev_cert_validate(cek, amd("rome", "ask.cert")) == INVALID_CERT  # no RSA_SHA384 slot
+    ask, _ = certs.split_amd_chain(raw("naples-kds-cek", "ask_ark_naples.cert"))
+    assert certs.sev_cert_validate(cek, ask) == OK
+    assert certs.sev_cert_validate(cek, amd("rome", "ask.cert")) == INVALID_CERT  # no RSA_SHA384 slot
     # data.sig is DER ECDSA-SHA256 made with this chip's CEK private key
     DSS.new(cek.ecc_key(), "fips-186-3", encoding="der").verify(
         SHA256.new(raw("naples-kds-cek", "data")), raw("naples-kds-cek", "data.sig"))
@@ -279,11 +296,11 @@ def test_migration_attack_pdh_and_ecdh():
     assert pdh.pubkey.x == int.from_bytes(data[0x14:0x5C], "little")
     assert pdh.pubkey.y == int.from_bytes(data[0x5C:0xA4], "little")
     assert (pdh.sig1.usage, pdh.sig1.algo) == (Usage.PEK, Algo.ECDSA_SHA256) and pdh.sig2.is_empty
-    assert C.pdh_sanity_check(pdh) == OK
+    assert certs.pdh_sanity_check(pdh) == OK
     priv = ECC.import_key(raw("migration-attack", "pdh_priv.pem"))
-    z = C.ecdh_shared_secret(priv, pdh)
+    z = certs.ecdh_shared_secret(priv, pdh)
     assert z.hex() == Z_ATTACK
-    assert C.ecdh_shared_secret(priv, pdh.pubkey) == C.ecdh_shared_secret(priv, pdh.ecc_key()) == z
+    assert certs.ecdh_shared_secret(priv, pdh.pubkey) == certs.ecdh_shared_secret(priv, pdh.ecc_key()) == z
 
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -296,27 +313,27 @@ def test_migration_attack_pdh_and_ecdh():
 # Building and signing (pycryptodome keys), cross-checked with `cryptography`
 # -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def keys():
+def private_keys():
     return {n: ECC.generate(curve="P-384") for n in ("oca", "pek", "pdh", "cek", "other")}
 
 
-def make_domain(keys, api=(0, 22)):
+def make_domain(private_keys, api=(0, 22)):
     """An OCA/PEK/PDH (+ unsigned-by-AMD CEK) set as PEK_GEN would make it."""
-    cek = SevCert.build(keys["cek"].public_key(), Usage.CEK, Algo.ECDSA_SHA256, 0, 14)
-    oca = SevCert.build(keys["oca"].public_key(), Usage.OCA, Algo.ECDSA_SHA256, *api)
-    oca = oca.sign_as(oca, keys["oca"])
-    pek = SevCert.build(keys["pek"].public_key(), Usage.PEK, Algo.ECDSA_SHA256, *api)
-    pek = pek.sign_as(oca, keys["oca"]).sign_as(cek, keys["cek"])
-    pdh = SevCert.build(keys["pdh"].public_key(), Usage.PDH, Algo.ECDH_SHA256, *api)
-    pdh = pdh.sign_as(pek, keys["pek"])
+    cek = SevCert.build(private_keys["cek"].public_key(), Usage.CEK, Algo.ECDSA_SHA256, 0, 14)
+    oca = SevCert.build(private_keys["oca"].public_key(), Usage.OCA, Algo.ECDSA_SHA256, *api)
+    oca = oca.sign_as(oca, private_keys["oca"])
+    pek = SevCert.build(private_keys["pek"].public_key(), Usage.PEK, Algo.ECDSA_SHA256, *api)
+    pek = pek.sign_as(oca, private_keys["oca"]).sign_as(cek, private_keys["cek"])
+    pdh = SevCert.build(private_keys["pdh"].public_key(), Usage.PDH, Algo.ECDH_SHA256, *api)
+    pdh = pdh.sign_as(pek, private_keys["pek"])
     return cek, oca, pek, pdh
 
 
-def test_built_certs_verify_and_round_trip(keys):
-    cek, oca, pek, pdh = make_domain(keys)
-    assert C.sev_cert_validate(oca, oca) == OK
-    assert C.sev_cert_validate(pek, oca) == OK and C.sev_cert_validate(pek, cek) == OK
-    assert C.sev_cert_validate(pdh, pek) == OK and C.pdh_sanity_check(pdh) == OK
+def test_built_certs_verify_and_round_trip(private_keys):
+    cek, oca, pek, pdh = make_domain(private_keys)
+    assert certs.sev_cert_validate(oca, oca) == OK
+    assert certs.sev_cert_validate(pek, oca) == OK and certs.sev_cert_validate(pek, cek) == OK
+    assert certs.sev_cert_validate(pdh, pek) == OK and certs.pdh_sanity_check(pdh) == OK
     assert (pek.sig1.usage, pek.sig2.usage) == (Usage.OCA, Usage.CEK)
     for cert in (cek, oca, pek, pdh):
         assert SevCert.from_bytes(cert.to_bytes()) == cert
@@ -324,35 +341,36 @@ def test_built_certs_verify_and_round_trip(keys):
 
 
 @pytest.mark.parametrize("algo", [Algo.ECDSA_SHA256, Algo.ECDSA_SHA384])
-def test_ecdsa_slot_encoding_matches_oracle(keys, algo):
+def test_ecdsa_slot_encoding_matches_oracle(private_keys, algo):
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-    signer = SevCert.build(keys["oca"].public_key(), Usage.OCA, algo)
-    cert = SevCert.build(keys["pek"].public_key(), Usage.PEK, Algo.ECDSA_SHA256).sign_as(signer, keys["oca"])
+    signer = SevCert.build(private_keys["oca"].public_key(), Usage.OCA, algo)
+    cert = SevCert.build(private_keys["pek"].public_key(), Usage.PEK, Algo.ECDSA_SHA256)
+    cert = cert.sign_as(signer, private_keys["oca"])
     assert cert.sig1.algo == algo and not any(cert.sig1.sig[144:])
     r = int.from_bytes(cert.sig1.sig[:72], "little")
     s = int.from_bytes(cert.sig1.sig[72:144], "little")
     pub = ec.EllipticCurvePublicNumbers(signer.pubkey.x, signer.pubkey.y, ec.SECP384R1()).public_key()
     h = hashes.SHA256() if algo == Algo.ECDSA_SHA256 else hashes.SHA384()
     pub.verify(encode_dss_signature(r, s), cert.to_bytes()[:0x414], ec.ECDSA(h))
-    assert C.sev_cert_validate(cert, signer) == OK
+    assert certs.sev_cert_validate(cert, signer) == OK
 
 
-def test_signing_errors(keys):
-    cek, oca, pek, _ = make_domain(keys)
+def test_signing_errors(private_keys):
+    cek, oca, pek, _ = make_domain(private_keys)
     with pytest.raises(SevError) as exc:
-        pek.sign_as(oca, keys["oca"])  # both slots used
+        pek.sign_as(oca, private_keys["oca"])  # both slots used
     assert exc.value.status == INVALID_CERT
     with pytest.raises(ValueError, match="does not belong"):
-        pek.unsigned().sign_as(oca, keys["other"])
+        pek.unsigned().sign_as(oca, private_keys["other"])
     with pytest.raises(ValueError, match="cannot sign"):
-        pek.unsigned().sign(keys["pdh"], Usage.PDH, Algo.ECDH_SHA256)
+        pek.unsigned().sign(private_keys["pdh"], Usage.PDH, Algo.ECDH_SHA256)
     with pytest.raises(ValueError):
-        SevCert.build(keys["pdh"].public_key(), Usage.PDH, Algo.RSA_SHA256)
+        SevCert.build(private_keys["pdh"].public_key(), Usage.PDH, Algo.RSA_SHA256)
     with pytest.raises(ValueError):
-        SevCert.build(keys["pdh"].public_key(), Usage.INVALID, Algo.ECDH_SHA256)
+        SevCert.build(private_keys["pdh"].public_key(), Usage.INVALID, Algo.ECDH_SHA256)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -361,30 +379,31 @@ def test_signing_errors(keys):
 @needs_data
 def test_wrong_signer_and_swapped_parent_child():
     c = chain("naples")
-    assert C.sev_cert_validate(c["pdh"], c["oca"]) == INVALID_CERT   # no OCA slot on a PDH
-    assert C.sev_cert_validate(c["cek"], c["pek"]) == INVALID_CERT   # swapped: parent under child
-    assert C.sev_cert_validate(c["pek"], c["pdh"]) == INVALID_CERT
-    assert C.amd_cert_validate(c["ark"], c["ask"], Usage.ARK) == BAD_SIG
-    swapped = C.verify_chain(c["ark"], c["ask"], c["pek"], c["oca"], c["cek"], c["pdh"])
+    assert certs.sev_cert_validate(c["pdh"], c["oca"]) == INVALID_CERT   # no OCA slot on a PDH
+    assert certs.sev_cert_validate(c["cek"], c["pek"]) == INVALID_CERT   # swapped: parent under child
+    assert certs.sev_cert_validate(c["pek"], c["pdh"]) == INVALID_CERT
+    assert certs.amd_cert_validate(c["ark"], c["ask"], Usage.ARK) == BAD_SIG
+    swapped = certs.verify_chain(c["ark"], c["ask"], c["pek"], c["oca"], c["cek"], c["pdh"])
     assert not swapped.ok and swapped.first_failure.link == "CEK<-ASK"
     assert "CEK<-ASK" in swapped.message and "expected CEK" in swapped.message
-    amd_swapped = C.verify_chain(c["ask"], c["ark"], c["cek"], c["oca"], c["pek"], c["pdh"])
+    amd_swapped = certs.verify_chain(c["ask"], c["ark"], c["cek"], c["oca"], c["pek"], c["pdh"])
     assert amd_swapped.first_failure.link == "ARK (self-signed)"
     with pytest.raises(SevError, match="PDH<-OCA") as exc:
-        C.require_valid(c["pdh"], c["oca"], "PDH<-OCA")
+        certs.require_valid(c["pdh"], c["oca"], "PDH<-OCA")
     assert exc.value.status == INVALID_CERT
     with pytest.raises(SevError, match="ARK") as exc:
-        swapped_report = C.verify_chain(c["ask"], c["ask"], c["cek"], c["oca"], c["pek"], c["pdh"])
+        swapped_report = certs.verify_chain(c["ask"], c["ask"], c["cek"], c["oca"], c["pek"], c["pdh"])
         swapped_report.raise_for_status()
 
 
-def test_wrong_usage_signer_is_rejected_after_good_signature(keys):
+def test_wrong_usage_signer_is_rejected_after_good_signature(private_keys):
     """An OCA key can sign a PDH body, but only a PEK may certify a PDH → INVALID_CERTIFICATE."""
-    _, oca, _, _ = make_domain(keys)
-    rogue = SevCert.build(keys["pdh"].public_key(), Usage.PDH, Algo.ECDH_SHA256).sign_as(oca, keys["oca"])
-    assert C.sev_cert_validate(rogue, oca) == INVALID_CERT
+    _, oca, _, _ = make_domain(private_keys)
+    rogue = SevCert.build(private_keys["pdh"].public_key(), Usage.PDH, Algo.ECDH_SHA256)
+    rogue = rogue.sign_as(oca, private_keys["oca"])
+    assert certs.sev_cert_validate(rogue, oca) == INVALID_CERT
     with pytest.raises(SevError, match="may not certify a PDH"):
-        C.require_valid(rogue, oca, "PDH<-OCA")
+        certs.require_valid(rogue, oca, "PDH<-OCA")
 
 
 @needs_data
@@ -392,10 +411,10 @@ def test_wrong_usage_signer_is_rejected_after_good_signature(keys):
 def test_flipped_bit_is_bad_signature(where):
     c = chain("rome")
     data = c["pdh"].to_bytes()
-    offset = 0x20 if where == "body" else C.OFF_SIG1 + 8 + 5   # QX byte / R byte
+    offset = 0x20 if where == "body" else sev_cert.OFF_SIG1 + 8 + 5   # QX byte / R byte
     bad = SevCert.from_bytes(flip(data, offset), check_key=False)
-    assert C.sev_cert_validate(bad, c["pek"]) == BAD_SIG
-    report = C.verify_chain(c["ark"], c["ask"], c["cek"], c["oca"], c["pek"], bad)
+    assert certs.sev_cert_validate(bad, c["pek"]) == BAD_SIG
+    report = certs.verify_chain(c["ark"], c["ask"], c["cek"], c["oca"], c["pek"], bad)
     assert report.first_failure.link == "PDH<-PEK" and report.first_failure.status == BAD_SIG
     assert "does not verify" in report.message
 
@@ -407,38 +426,38 @@ def test_flipped_bit_in_amd_cert(where):
     data = c["ask"].to_bytes()
     offset = 0x40 + 512 + 7 if where == "modulus" else 0x40 + 1024 + 9
     ask = AmdCert.from_bytes(flip(data, offset))
-    assert C.amd_cert_validate(ask, c["ark"], Usage.ASK) == BAD_SIG
-    report = C.verify_chain(c["ark"], ask, c["cek"], c["oca"], c["pek"], c["pdh"])
+    assert certs.amd_cert_validate(ask, c["ark"], Usage.ASK) == BAD_SIG
+    report = certs.verify_chain(c["ark"], ask, c["cek"], c["oca"], c["pek"], c["pdh"])
     assert report.first_failure.link == "ASK<-ARK" and "RSA-PSS/SHA-384" in report.message
 
 
 @needs_data
 def test_mixed_generations_fail():
     naples, rome, milan = chain("naples"), chain("rome"), {"ark": amd("milan", "ark.cert")}
-    assert C.sev_cert_validate(rome["pek"], naples["cek"]) == BAD_SIG   # CEK/ECDSA slot, other key
-    assert C.amd_cert_validate(rome["ask"], milan["ark"], Usage.ASK) == BAD_SIG
-    assert C.sev_cert_validate(naples["cek"], rome["ask"]) == INVALID_CERT
-    report = C.verify_chain(milan["ark"], rome["ask"], rome["cek"], rome["oca"], rome["pek"], rome["pdh"])
+    assert certs.sev_cert_validate(rome["pek"], naples["cek"]) == BAD_SIG   # CEK/ECDSA slot, other key
+    assert certs.amd_cert_validate(rome["ask"], milan["ark"], Usage.ASK) == BAD_SIG
+    assert certs.sev_cert_validate(naples["cek"], rome["ask"]) == INVALID_CERT
+    report = certs.verify_chain(milan["ark"], rome["ask"], rome["cek"], rome["oca"], rome["pek"], rome["pdh"])
     assert report.first_failure.link == "ASK<-ARK" and report.first_failure.status == BAD_SIG
-    mixed = C.verify_chain(naples["ark"], naples["ask"], naples["cek"], rome["oca"], rome["pek"], rome["pdh"])
+    mixed = certs.verify_chain(naples["ark"], naples["ask"], naples["cek"], rome["oca"], rome["pek"], rome["pdh"])
     assert mixed.first_failure.link == "PEK<-CEK" and "PEK<-CEK" in mixed.message
 
 
-def test_slot_rules(keys):
-    cek, oca, pek, _ = make_domain(keys)
+def test_slot_rules(private_keys):
+    cek, oca, pek, _ = make_domain(private_keys)
     # malformed slot (exactly one of usage/algo INVALID) → BAD_SIGNATURE even if the other slot is good
     malformed = dataclasses.replace(pek, sig2=Signature(Usage.CEK, Algo.INVALID))
-    assert C.sev_cert_validate(malformed, oca) == BAD_SIG
+    assert certs.sev_cert_validate(malformed, oca) == BAD_SIG
     assert SevCert.from_bytes(malformed.to_bytes()) == malformed    # parses: the rule decides
     # both slots claim OCA; the last matching slot decides (ASPFW loop)
-    one = pek.unsigned().sign_as(oca, keys["oca"])
+    one = pek.unsigned().sign_as(oca, private_keys["oca"])
     good, junk = one.sig1, Signature(Usage.OCA, Algo.ECDSA_SHA256, bytes([1]) + bytes(143) + bytes(368))
-    assert C.sev_cert_validate(dataclasses.replace(one, sig2=junk), oca) == BAD_SIG
-    assert C.sev_cert_validate(dataclasses.replace(one, sig1=junk, sig2=good), oca) == OK
+    assert certs.sev_cert_validate(dataclasses.replace(one, sig2=junk), oca) == BAD_SIG
+    assert certs.sev_cert_validate(dataclasses.replace(one, sig1=junk, sig2=good), oca) == OK
     # a signer key that is itself invalid → INVALID_CERTIFICATE
-    off = dataclasses.replace(oca, pubkey=C.EcPublicKey(oca.pubkey.x, oca.pubkey.y + 1))
-    assert C.sev_cert_validate(pek, off) == INVALID_CERT
-    assert C.sev_cert_validate(pek, cek) == OK
+    off = dataclasses.replace(oca, pubkey=certs.EcPublicKey(oca.pubkey.x, oca.pubkey.y + 1))
+    assert certs.sev_cert_validate(pek, off) == INVALID_CERT
+    assert certs.sev_cert_validate(pek, cek) == OK
 
 
 # -------------------------------------------------------------------------------------------------
@@ -486,10 +505,10 @@ def test_hostile_amd_cert_rejected(mutate, field):
 @needs_data
 def test_hostile_amd_chain():
     blob = raw("rome", "ask.cert") + raw("rome", "ark.cert")
-    assert C.split_amd_chain(blob)[1] == amd("rome", "ark.cert")
+    assert certs.split_amd_chain(blob)[1] == amd("rome", "ark.cert")
     for bad in (blob[:-1], blob + b"\0", blob[:1000], blob * 2, b""):
         with pytest.raises(CertError):
-            C.split_amd_chain(bad)
+            certs.split_amd_chain(bad)
 
 
 @needs_data
@@ -500,19 +519,19 @@ def test_off_curve_point():
         SevCert.from_bytes(data)
     off = SevCert.from_bytes(data, check_key=False)
     assert not off.pubkey.is_valid()
-    assert C.pdh_sanity_check(off) == INVALID_CERT
-    assert C.pdh_sanity_check(bytes(data)) == INVALID_CERT
+    assert certs.pdh_sanity_check(off) == INVALID_CERT
+    assert certs.pdh_sanity_check(bytes(data)) == INVALID_CERT
     with pytest.raises(CertError):
-        C.ecdh_shared_secret(ECC.generate(curve="P-384"), off)
+        certs.ecdh_shared_secret(ECC.generate(curve="P-384"), off)
 
 
-def test_off_curve_point_with_valid_signature_is_invalid_certificate(keys):
-    _, _, pek, _ = make_domain(keys)
-    x = C.EcPublicKey.from_ecc(keys["pdh"]).x
-    off = SevCert(Usage.PDH, Algo.ECDH_SHA256, C.EcPublicKey(x, 5)).sign_as(pek, keys["pek"])
-    assert C.sev_cert_validate(off, pek) == INVALID_CERT   # signature first, then the body
+def test_off_curve_point_with_valid_signature_is_invalid_certificate(private_keys):
+    _, _, pek, _ = make_domain(private_keys)
+    x = certs.EcPublicKey.from_ecc(private_keys["pdh"]).x
+    off = SevCert(Usage.PDH, Algo.ECDH_SHA256, certs.EcPublicKey(x, 5)).sign_as(pek, private_keys["pek"])
+    assert certs.sev_cert_validate(off, pek) == INVALID_CERT   # signature first, then the body
     with pytest.raises(SevError, match="not on P-384"):
-        C.require_valid(off, pek, "PDH<-PEK")
+        certs.require_valid(off, pek, "PDH<-PEK")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -522,51 +541,52 @@ def test_off_curve_point_with_valid_signature_is_invalid_certificate(keys):
 @pytest.mark.parametrize("gen", ["naples", "rome"])
 def test_validate_platform_real_chains(gen):
     c = chain(gen)
-    plat = C.join_plat_certs(c["pek"], c["oca"], c["cek"])
+    plat = certs.join_plat_certs(c["pek"], c["oca"], c["cek"])
     amd_chain = c["ask"].to_bytes() + c["ark"].to_bytes()
     anchor = TrustAnchor.from_ark(c["ark"])
     pdh = c["pdh"].to_bytes()
-    assert C.validate_platform(pdh, plat, amd_chain, anchor) == OK
-    assert C.split_plat_certs(plat) == (c["pek"], c["oca"], c["cek"])
+    assert certs.validate_platform(pdh, plat, amd_chain, anchor) == OK
+    assert certs.split_plat_certs(plat) == (c["pek"], c["oca"], c["cek"])
     other = TrustAnchor.from_ark(amd("genoa", "ark.cert"))
-    assert C.validate_platform(pdh, plat, amd_chain, other) == INVALID_CERT
-    assert C.validate_platform(pdh, plat, amd_chain, dataclasses.replace(anchor, ark_hash=bytes(48))) == INVALID_CERT
-    assert C.validate_platform(pdh[:-1], plat, amd_chain, anchor) == SevStatus.INVALID_LENGTH
-    assert C.validate_platform(pdh, plat + b"\0", amd_chain, anchor) == SevStatus.INVALID_LENGTH
-    assert C.validate_platform(pdh, plat, amd_chain[:-1], anchor) == SevStatus.INVALID_LENGTH
-    assert C.validate_platform(flip(pdh, 0x30), plat, amd_chain, anchor) == BAD_SIG
-    assert C.validate_platform(pdh, flip(plat, 0x30), amd_chain, anchor) == BAD_SIG   # PEK body
-    swapped = C.join_plat_certs(c["cek"], c["oca"], c["pek"])
-    assert C.validate_platform(pdh, swapped, amd_chain, anchor) == INVALID_CERT
+    assert certs.validate_platform(pdh, plat, amd_chain, other) == INVALID_CERT
+    other_hash = dataclasses.replace(anchor, ark_hash=bytes(48))
+    assert certs.validate_platform(pdh, plat, amd_chain, other_hash) == INVALID_CERT
+    assert certs.validate_platform(pdh[:-1], plat, amd_chain, anchor) == SevStatus.INVALID_LENGTH
+    assert certs.validate_platform(pdh, plat + b"\0", amd_chain, anchor) == SevStatus.INVALID_LENGTH
+    assert certs.validate_platform(pdh, plat, amd_chain[:-1], anchor) == SevStatus.INVALID_LENGTH
+    assert certs.validate_platform(flip(pdh, 0x30), plat, amd_chain, anchor) == BAD_SIG
+    assert certs.validate_platform(pdh, flip(plat, 0x30), amd_chain, anchor) == BAD_SIG   # PEK body
+    swapped = certs.join_plat_certs(c["cek"], c["oca"], c["pek"])
+    assert certs.validate_platform(pdh, swapped, amd_chain, anchor) == INVALID_CERT
     # the OCA is not part of the SEV-bit check
-    assert C.validate_platform(pdh, C.join_plat_certs(c["pek"], c["pek"], c["cek"]), amd_chain, anchor) == OK
+    assert certs.validate_platform(pdh, certs.join_plat_certs(c["pek"], c["pek"], c["cek"]), amd_chain, anchor) == OK
 
 
 @needs_data
 def test_validate_platform_naples_bundle():
     c = chain("naples")
-    plat = C.join_plat_certs(c["pek"], c["oca"], c["cek"])
+    plat = certs.join_plat_certs(c["pek"], c["oca"], c["cek"])
     bundle = raw("naples-kds-cek", "ask_ark_naples.cert")
     anchor = TrustAnchor.from_ark(c["ark"])
     pdh = c["pdh"].to_bytes()
-    assert C.validate_platform(pdh, plat, bundle, anchor) == SevStatus.INVALID_LENGTH
-    assert C.validate_platform(pdh, plat, bundle, anchor, allow_unsigned_ark=True) == OK
+    assert certs.validate_platform(pdh, plat, bundle, anchor) == SevStatus.INVALID_LENGTH
+    assert certs.validate_platform(pdh, plat, bundle, anchor, allow_unsigned_ark=True) == OK
     rome_anchor = TrustAnchor.from_ark(amd("rome", "ark.cert"))
-    assert C.validate_platform(pdh, plat, bundle, rome_anchor, allow_unsigned_ark=True) == INVALID_CERT
+    assert certs.validate_platform(pdh, plat, bundle, rome_anchor, allow_unsigned_ark=True) == INVALID_CERT
 
 
 @needs_data
 def test_validate_domain_and_pdh_sanity():
     n, r = chain("naples"), chain("rome")
-    plat = C.join_plat_certs(n["pek"], n["oca"], n["cek"])
-    assert C.validate_domain(n["pdh"], plat, n["oca"]) == OK
-    assert C.validate_domain(n["pdh"], plat, r["oca"].to_bytes()) == SevStatus.POLICY_FAILURE
-    assert C.validate_domain(r["pdh"], plat, n["oca"]) == BAD_SIG
-    assert C.validate_domain(n["pdh"], plat[:-1], n["oca"]) == SevStatus.INVALID_LENGTH
-    assert C.pdh_sanity_check(n["pdh"]) == OK
-    assert C.pdh_sanity_check(n["pek"]) == INVALID_CERT
-    assert C.pdh_sanity_check(dataclasses.replace(n["pdh"], pubkey_algo=Algo.ECDH_SHA384)) == INVALID_CERT
-    assert C.pdh_sanity_check(b"\0" * 2084) == INVALID_CERT
+    plat = certs.join_plat_certs(n["pek"], n["oca"], n["cek"])
+    assert certs.validate_domain(n["pdh"], plat, n["oca"]) == OK
+    assert certs.validate_domain(n["pdh"], plat, r["oca"].to_bytes()) == SevStatus.POLICY_FAILURE
+    assert certs.validate_domain(r["pdh"], plat, n["oca"]) == BAD_SIG
+    assert certs.validate_domain(n["pdh"], plat[:-1], n["oca"]) == SevStatus.INVALID_LENGTH
+    assert certs.pdh_sanity_check(n["pdh"]) == OK
+    assert certs.pdh_sanity_check(n["pek"]) == INVALID_CERT
+    assert certs.pdh_sanity_check(dataclasses.replace(n["pdh"], pubkey_algo=Algo.ECDH_SHA384)) == INVALID_CERT
+    assert certs.pdh_sanity_check(b"\0" * 2084) == INVALID_CERT
 
 
 # -------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""A simulated AMD root of trust and key server for simulated platforms (sev-api.md §2.9, §5.2).
+"""A simulated AMD root of trust and key server for simulated platforms.
 
 Real platforms trust AMD's ARK (pinned by a fused SHA-384 hash), which signs the ASK, which signs each
 chip's CEK; the ASK-signed CEK is served by AMD's key distribution server (KDS) keyed by GET_ID, because
-PDH_CERT_EXPORT hands out an unsigned CEK (§2.9). :class:`SimulatedRoot` plays AMD: it owns an ARK/ASK
+PDH_CERT_EXPORT hands out an unsigned CEK (AMD ``sev_mcmd.c`` ``sev_mcmd_pdh_cert_export``; sevctl fetches
+the signed one from the KDS, virtee/sevctl ``src/main.rs``). :class:`SimulatedRoot` plays AMD: it owns an ARK/ASK
 in the real certificate format, "fuses" a chip-unique key into each simulated chip, and its
 :class:`KeyServer` signs CEKs. Platform and KDS derive the CEK independently from the fused key with
 the firmware's derivation (:func:`derive_cek`), so they agree without sharing anything else.
@@ -26,16 +27,8 @@ from pathlib import Path
 from Crypto.IO import PEM
 from Crypto.PublicKey import ECC, RSA
 
-from pysev.firmware.certs import (
-    P384_N,
-    Algo,
-    AmdCert,
-    CertError,
-    SevCert,
-    TrustAnchor,
-    Usage,
-    amd_cert_validate,
-)
+from pysev.firmware.certs import Algo, AmdCert, CertError, SevCert, TrustAnchor, Usage, amd_cert_validate
+from pysev.firmware.certs.keys import P384_N
 from pysev.firmware.kdf import kdf
 from pysev.firmware.status import SevStatus
 
@@ -43,10 +36,11 @@ __all__ = ["GENERATIONS", "KeyServer", "SimulatedRoot", "default_root", "derive_
 
 log = logging.getLogger(__name__)
 
-# generation → RSA size of ARK/ASK. Naples: 2048-bit, SHA-256; Rome and later: 4096-bit, SHA-384 (§5.2).
+# generation → RSA size of ARK/ASK. Naples: 2048-bit, SHA-256; Rome and later: 4096-bit, SHA-384
+# (AMD's published ark/ask certificates, tests/data/sev-certs).
 GENERATIONS = {"naples": 2048, "rome": 4096}
-CEK_API = (0, 14)          # KDS-served CEKs carry API 0.14 (§5.1, real Naples/Rome CEKs)
-CHIP_ID_MAX = 128          # GET_ID output is 64 bytes per socket (§2.9); bound what we accept
+CEK_API = (0, 14)          # KDS-served CEKs carry API 0.14 (the real Naples and Rome CEKs in tests/data)
+CHIP_ID_MAX = 128          # GET_ID output is 64 bytes per socket; bound what we accept
 CEK_LABEL = b"sev-chip-endorsement-key"
 _FUSE_LABEL = b"pysev-chip-unique-key\x00"
 _SECRET_MARKER = "PYSEV ROOT FUSE SECRET"
@@ -54,7 +48,7 @@ _FILES = ("ark.cert", "ask.cert", "ark_key.pem", "ask_key.pem", "fuse_secret.pem
 
 
 def derive_cek(chip_unique_key: bytes) -> ECC.EccKey:
-    """The chip's CEK private key, as ASPFW ``sev_cek_derive`` (§2.9).
+    """The chip's CEK private key, as AMD's ``sev_plat.c`` ``sev_cek_derive``.
 
     seed = SHA-256(chip-unique key); 56 bytes = KDF(seed, "sev-chip-endorsement-key", no context);
     d = int(56 bytes, big-endian) mod (n − 1) + 1 (FIPS 186-4 B.4.1 "extra bits").
@@ -134,11 +128,12 @@ class SimulatedRoot:
         return TrustAnchor.from_ark(self.ark)
 
     def amd_chain(self) -> bytes:
-        """ASK ‖ ARK, the SEND_START ``amd_certs`` blob (§2.1)."""
+        """ASK ‖ ARK, the SEND_START ``amd_certs`` blob (AMD ``sev_mcmd.c`` ``validate_platform`` reads the ASK
+        first)."""
         return self.ask.to_bytes() + self.ark.to_bytes()
 
     def naples_bundle(self) -> bytes:
-        """ASK ‖ ARK-without-signature, the form AMD published for Naples (§2.2 "Naples quirk")."""
+        """ASK ‖ ARK-without-signature, the 1408-byte form AMD published for Naples (``ask_ark_naples.cert``)."""
         return self.ask.to_bytes() + self.ark.signed_bytes()
 
     def fuse_chip(self, chip_id: bytes) -> bytes:

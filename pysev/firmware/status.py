@@ -1,7 +1,8 @@
-"""Firmware status codes (sev-api.md §1.2) and the exceptions that carry them.
+"""Firmware status codes (AMD SEV API pub. #55766; Linux ``include/uapi/linux/psp-sev.h`` ``sev_ret_code``)
+and the exceptions that carry them.
 
-Firmware statuses and OS/transport errors are kept apart (house-style.md): a command that the firmware
-refuses returns a ``SevStatus``; ``SevError`` carries one across Python call boundaries where a status
+Firmware statuses and OS/transport errors are kept apart: a command that the firmware refuses returns
+a ``SevStatus``; ``SevError`` carries one across Python call boundaries where a status
 return would be lost (e.g. ``pysev.firmware.sev.session.open_session``).
 """
 from __future__ import annotations

@@ -12,6 +12,7 @@ from Crypto.PublicKey import ECC
 
 from pysev.firmware import amdroot, certs
 from pysev.firmware.certs import Algo, SevCert, Usage
+from pysev.firmware.certs.sev_cert import OFF_API_MAJOR, OFF_API_MINOR
 from pysev.firmware.status import SevError, SevStatus
 
 # ASK‖ARK lengths the firmware accepts: both 2048-bit (Naples) or both 4096-bit (Rome and later).
@@ -39,7 +40,7 @@ def validate_domain(pdh: bytes, plat_certs: bytes, own_oca: bytes) -> SevStatus:
 def cert_api(cert: bytes) -> tuple[int, int]:
     """(API_MAJOR, API_MINOR) bytes of a SEV certificate body: the receiver's API that SEND_START
     compares with the policy (AMD ``sev_mcmd.c`` ``sev_mcmd_send_start``)."""
-    return cert[certs.OFF_API_MAJOR], cert[certs.OFF_API_MINOR]
+    return cert[OFF_API_MAJOR], cert[OFF_API_MINOR]
 
 
 class Identity:
