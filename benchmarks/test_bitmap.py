@@ -1,4 +1,4 @@
-"""Bitmap kernels on a 64 GiB guest: 16 Mi pages = 262 144 uint64 words (performance.md §A4).
+"""Bitmap kernels on a 64 GiB guest: 16 Mi pages = 262 144 uint64 words (docs/performance.md).
 
 Run: python -m pytest benchmarks/test_bitmap.py --benchmark-enable
 The limits are ratios against numpy measured in the same run, plus the issue's absolute ceiling.

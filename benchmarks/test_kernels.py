@@ -11,6 +11,8 @@ The limit is measured once per session with ``openssl speed`` (pysev.benchmarkin
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -68,8 +70,8 @@ def test_targets(work, limit):
     n = csev.default_threads()
     figures = {}
     for name, fn in (("send", work.send), ("recv", work.receive)):
-        one = work.mbps(benchmarking.best_of(lambda: fn(1), 5))
-        many = work.mbps(benchmarking.best_of(lambda: fn(n), 5))
+        one = work.mbps(benchmarking.best_of(functools.partial(fn, 1), 5))
+        many = work.mbps(benchmarking.best_of(functools.partial(fn, n), 5))
         figures[f"ratio_{name}_1t"] = one / limit
         figures[f"scaling_{name}"] = many / one
         if name == "send":

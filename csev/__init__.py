@@ -1,12 +1,14 @@
 """csev: native kernels for pysev, over whole batches of 4 KiB pages.
 
-Layer rule (house-style.md): csev knows buffers, keys and bits; it has no firmware state, policy or
-I/O. pysev imports csev, never the reverse.
+Layer rule: csev knows buffers, keys and bits; it has no firmware state, policy or I/O. pysev imports
+csev, never the reverse. Page and packet-header geometry is declared once, in ``csev.packet``;
+``csev.errors`` holds ``MacError``.
 
 Kernel families (one ``_name.pyx`` each, with a plain-Python/numpy twin of the same signature in
-``csev/_fallback.py``):
+``csev/_fallback_crypto.py`` or ``csev/_fallback_bitmap.py``):
 
-Memory encryption, the SEV memory controller model (sev-api.md §8)
+Memory encryption: a model of the SEV memory controller, whose AES engine takes a tweak from the host
+physical address (Kaplan, Powell and Woller, "AMD Memory Encryption", AMD white paper, 2016)
     ``xts_encrypt(key, src, dst, tweaks, src_index=None, dst_index=None, *, threads=None)``
     ``xts_decrypt(...)``  (same signature)
         AES-128-XTS, ``key`` = the guest's 32-byte VEK (two AES-128 halves; equal halves are
@@ -17,7 +19,8 @@ Memory encryption, the SEV memory controller model (sev-api.md §8)
         Because the tweak is the host address, the same plaintext at another host address gives
         other ciphertext: ciphertext cannot be copied between hosts, only re-encrypted by firmware.
 
-Transport pipelines (sev-api.md §2.3, §2.6, §4)
+Transport pipelines: SEND_UPDATE_DATA and RECEIVE_UPDATE_DATA (#55766; AMD's firmware source
+``sev_mcmd.c``, ``sev_channel.c``; packet layout in ``docs/formats.md``)
     ``send_pages(vek, tek, tik, mem, index, tweaks, headers, trans, ivs=None, *, threads=None,
     nontemporal=True, on_slice=None)``
         SEND_UPDATE_DATA for a batch: XTS-decrypt ``mem[index[i]]`` at ``tweaks[i]`` → AES-128-CTR
@@ -33,13 +36,13 @@ Transport pipelines (sev-api.md §2.3, §2.6, §4)
         XTS-encrypt into ``mem[index[i]]`` at ``tweaks[i]``. Returns ``uint32[k]`` firmware statuses
         (0 = SUCCESS). A bad packet writes nothing; good packets in the batch are still applied.
 
-Key wrapping and one-shot primitives (sev-api.md §3.3)
+Key wrapping and one-shot primitives of SEND_START / RECEIVE_START (#55766; ``sev_channel.c``)
     ``aes128_ctr(key, iv, data) -> bytes``, ``hmac_sha256(key, data) -> bytes``
     ``wrap_tk(kek, kik, wrap_iv, tek, tik) -> (wrap_tk, wrap_mac)``
     ``unwrap_tk(kek, kik, wrap_iv, wrap_tk, wrap_mac) -> (tek, tik)``  (MAC first; MacError)
 
-Bitmaps over uint64 words, 1 bit per page, little-endian bit order as KVM's dirty log
-(qemu-migration.md §1.7)
+Bitmaps over uint64 words, 1 bit per page, little-endian bit order as KVM's dirty log (Linux
+``Documentation/virt/kvm/api.rst``, KVM_GET_DIRTY_LOG; QEMU ``include/exec/ram_addr.h``)
     ``bitmap_sync(log, dest) -> int``              fetch-and-clear log into dest, count newly dirty
     ``bitmap_split(dirty, enc, private, shared) -> (n_private, n_shared)``
     ``bitmap_extract(words, nbits=None) -> int64[]`` set-bit indices
@@ -59,9 +62,6 @@ serve instead, with a one-line warning.
 """
 from csev._dispatch import (  # noqa: F401  (public re-exports)
     BACKEND,
-    HEADER_SIZE,
-    PAGE_SIZE,
-    MacError,
     aes128_ctr,
     bitmap_clear_range,
     bitmap_count,
@@ -81,3 +81,6 @@ from csev._dispatch import (  # noqa: F401  (public re-exports)
     xts_decrypt,
     xts_encrypt,
 )
+from csev.errors import MacError  # noqa: F401
+from csev.packet import PACKET_HEADER_SIZE as HEADER_SIZE  # noqa: F401
+from csev.packet import PAGE_SIZE  # noqa: F401

@@ -1,4 +1,4 @@
-"""Bitmap kernels over uint64 words, one bit per page, little-endian (qemu-migration.md §1.7).
+"""Bitmap kernels over uint64 words, one bit per page, little-endian as KVM's dirty log.
 
 Word arrays are 1-D C-contiguous uint64; outputs must be writable. Bad dtype, layout, length,
 ``nbits`` or a negative start/count raise ValueError; a range past the bitmap raises IndexError.

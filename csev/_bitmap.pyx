@@ -1,4 +1,5 @@
-"""Bitmap kernels over uint64 words, one bit per 4 KiB page (qemu-migration.md §1.7).
+"""Bitmap kernels over uint64 words, one bit per 4 KiB page: KVM's dirty log and the SEV page-encryption
+bitmap (Linux ``Documentation/virt/kvm/api.rst``, KVM_GET_DIRTY_LOG; QEMU ``include/exec/ram_addr.h``).
 
 Bit i is bit (i % 64) of word i // 64, the little-endian ``unsigned long`` order of KVM's dirty
 log. Every function checks dtypes, lengths and ranges once with the GIL and raises ``ValueError``

@@ -3,23 +3,36 @@
 Native kernels (Cython over OpenSSL's libcrypto, ``csev._xts``/``_transport``/``_wrap``; Cython
 ``csev._bitmap``) unless ``CSEV_PURE=1`` or they cannot be loaded; then the plain-Python/numpy twins
 (``csev._fallback_crypto``, ``csev._fallback_bitmap``), same signatures and outputs, announced by one
-logged line that says why (house-style.md, Crypto: "never silently").
+logged line that says why: a slower backend is never chosen silently.
 """
 from __future__ import annotations
 
 import logging
 import os
 
+__all__ = [
+    "BACKEND",
+    "aes128_ctr",
+    "bitmap_clear_range",
+    "bitmap_count",
+    "bitmap_extract",
+    "bitmap_find_next",
+    "bitmap_from_ranges",
+    "bitmap_set_range",
+    "bitmap_split",
+    "bitmap_sync",
+    "bitmap_to_ranges",
+    "default_threads",
+    "hmac_sha256",
+    "receive_pages",
+    "send_pages",
+    "unwrap_tk",
+    "wrap_tk",
+    "xts_decrypt",
+    "xts_encrypt",
+]
+
 log = logging.getLogger("csev")
-
-#: Bytes per guest page (one XTS data unit, one transport packet).
-PAGE_SIZE = 4096
-#: SEND/RECEIVE_UPDATE_DATA packet header: LE32 FLAGS ‖ IV(16) ‖ MAC(32) (sev-api.md §4).
-HEADER_SIZE = 52
-
-
-class MacError(ValueError):
-    """An integrity check failed (the firmware's BAD_MEASUREMENT); deliberately says no more."""
 
 
 def default_threads() -> int:

@@ -1,8 +1,8 @@
 """numpy twins of the bitmap kernels in ``csev/_bitmap.pyx``: same signatures, outputs and errors.
 
 Bit i is bit (i % 64) of word i // 64, the little-endian ``unsigned long`` order of KVM's dirty log
-(qemu-migration.md §1.7). Words are unpacked through a little-endian view, so the twins also agree
-with the kernels on a big-endian host.
+(Linux ``Documentation/virt/kvm/api.rst``, KVM_GET_DIRTY_LOG). Words are unpacked through a
+little-endian view, so the twins also agree with the kernels on a big-endian host.
 """
 from __future__ import annotations
 

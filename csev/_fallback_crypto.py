@@ -13,11 +13,24 @@ import os
 import numpy as np
 from Crypto.Cipher import AES
 
-PAGE = 4096
-HEADER = 52
-_BLOCKS = PAGE // 16
+from csev.errors import MacError
+from csev.packet import (
+    PACKET_FLAG_COMPRESSED,
+    PACKET_FLAGS_OFFSET,
+    PACKET_HEADER_SIZE,
+    PACKET_IV_OFFSET,
+    PACKET_IV_SIZE,
+    PACKET_MAC_OFFSET,
+    PACKET_MAC_SIZE,
+    PAGE_SIZE,
+)
+
+# The header's fields as slices of one packet header (csev.packet).
+_FLAGS = slice(PACKET_FLAGS_OFFSET, PACKET_IV_OFFSET)
+_IV = slice(PACKET_IV_OFFSET, PACKET_IV_OFFSET + PACKET_IV_SIZE)
+_MAC = slice(PACKET_MAC_OFFSET, PACKET_MAC_OFFSET + PACKET_MAC_SIZE)
+_BLOCKS = PAGE_SIZE // 16
 _CTX_DATA = 0x02
-_FLAG_COMPRESSED = 0x1
 _STATUS_SUCCESS = 0x00
 _STATUS_BAD_MEASUREMENT = 0x0B
 _STATUS_UNSUPPORTED = 0x15
@@ -119,7 +132,7 @@ def _bytes_of(data, name: str) -> memoryview:
 def _xts_pages(key: bytes, pages: np.ndarray, tweaks: np.ndarray, encrypt: bool) -> np.ndarray:
     """XTS of k whole pages (uint8[k, 4096]) at LE128 tweaks (uint64[k]); returns uint8[k, 4096]."""
     k = pages.shape[0]
-    out = np.empty((k, PAGE), dtype=np.uint8)
+    out = np.empty((k, PAGE_SIZE), dtype=np.uint8)
     data_key = AES.new(key[:16], AES.MODE_ECB)
     tweak_key = AES.new(key[16:], AES.MODE_ECB)
     for b in range(0, k, _BATCH):
@@ -136,7 +149,7 @@ def _xts_pages(key: bytes, pages: np.ndarray, tweaks: np.ndarray, encrypt: bool)
         x = pages[b:b + n].view("<u8").reshape(n, _BLOCKS, 2) ^ chain
         y = (data_key.encrypt if encrypt else data_key.decrypt)(x.tobytes())
         out[b:b + n] = (np.frombuffer(y, dtype="<u8").reshape(n, _BLOCKS, 2) ^ chain).view(
-            np.uint8).reshape(n, PAGE)
+            np.uint8).reshape(n, PAGE_SIZE)
     return out
 
 
@@ -161,9 +174,9 @@ def xts_crypt_raw(key, tweak, data, encrypt=True) -> bytes:
         t = _gf_double(t)
 
     def block(b: bytes, j: int) -> bytes:
-        x = bytes(p ^ q for p, q in zip(b, tweaks[j]))
+        x = bytes(p ^ q for p, q in zip(b, tweaks[j], strict=True))
         y = (data_key.encrypt if encrypt else data_key.decrypt)(x)
-        return bytes(p ^ q for p, q in zip(y, tweaks[j]))
+        return bytes(p ^ q for p, q in zip(y, tweaks[j], strict=True))
 
     m, r = divmod(n, 16)
     out = [block(inp[16 * j:16 * j + 16], j) for j in range(m - (1 if r else 0))]
@@ -183,8 +196,8 @@ def _xts_batch(encrypt, key, src, dst, tweaks, src_index, dst_index, threads) ->
     _threads(threads)
     tw = _words(tweaks, "tweaks", False, -1)
     k = tw.shape[0]
-    s = _pages(src, "src", PAGE, 0 if src_index is not None else k, False)
-    d = _pages(dst, "dst", PAGE, 0 if dst_index is not None else k, True)
+    s = _pages(src, "src", PAGE_SIZE, 0 if src_index is not None else k, False)
+    d = _pages(dst, "dst", PAGE_SIZE, 0 if dst_index is not None else k, True)
     si = _words(src_index, "src_index", True, k) if src_index is not None else None
     di = _words(dst_index, "dst_index", True, k) if dst_index is not None else None
     if k == 0:
@@ -204,7 +217,7 @@ def xts_decrypt(key, src, dst, tweaks, src_index=None, dst_index=None, *, thread
     _xts_batch(False, key, src, dst, tweaks, src_index, dst_index, threads)
 
 
-# --- CTR, HMAC, key wrapping (sev-api.md §3.3) --------------------------------------------------
+# --- CTR, HMAC, key wrapping (SEND_START / RECEIVE_START, #55766; sev_channel.c) ----------------
 
 def _ctr(key: bytes, iv: bytes, data) -> bytes:
     """SP 800-38A CTR, 128-bit counter wrapping mod 2^128 like OpenSSL (pycryptodome would raise)."""
@@ -243,16 +256,17 @@ def unwrap_tk(kek, kik, wrap_iv, wrap_tk, wrap_mac) -> tuple[bytes, bytes]:
     w = _key(wrap_tk, "wrap_tk", 32)
     want = _key(wrap_mac, "wrap_mac", 32)
     if not hmac.compare_digest(hmac_sha256(_key(kik, "kik", 16), w), want):
-        from csev._dispatch import MacError
         raise MacError("wrap_mac does not match wrap_tk (BAD_MEASUREMENT)")
     plain = aes128_ctr(k, v, w)
     return plain[:16], plain[16:]
 
 
-# --- SEND/RECEIVE_UPDATE_DATA (sev-api.md §2.3, §2.6, §4) ----------------------------------------
+# --- SEND/RECEIVE_UPDATE_DATA (#55766; sev_mcmd.c, sev_channel.c) -------------------------------
 
 def _aad(flags: bytes, iv: bytes) -> bytes:
-    return bytes([_CTX_DATA]) + flags + iv + PAGE.to_bytes(4, "little") + PAGE.to_bytes(4, "little")
+    """What the MAC covers before the ciphertext: CTX ‖ LE32 FLAGS ‖ IV ‖ LE32 len_a ‖ LE32 len_b."""
+    size = PAGE_SIZE.to_bytes(4, "little")
+    return bytes([_CTX_DATA]) + flags + iv + size + size
 
 
 def _keys(vek, tek, tik) -> tuple[bytes, bytes, bytes]:
@@ -279,24 +293,26 @@ def send_pages(vek, tek, tik, mem, index, tweaks, headers, trans, ivs=None, *, t
     if on_slice is not None:
         if not callable(on_slice):
             raise TypeError("on_slice must be callable")
-        ring = min(k, _pages(trans, "trans", PAGE, 1, True, rows_may_stride=True).shape[0])
-    mm = _pages(mem, "mem", PAGE, 0 if index is not None else k, False)
-    h = _pages(headers, "headers", HEADER, ring, True, rows_may_stride=True)
-    tr = _pages(trans, "trans", PAGE, ring, True, rows_may_stride=True)
+        ring = min(k, _pages(trans, "trans", PAGE_SIZE, 1, True, rows_may_stride=True).shape[0])
+    mm = _pages(mem, "mem", PAGE_SIZE, 0 if index is not None else k, False)
+    h = _pages(headers, "headers", PACKET_HEADER_SIZE, ring, True, rows_may_stride=True)
+    tr = _pages(trans, "trans", PAGE_SIZE, ring, True, rows_may_stride=True)
     ix = _words(index, "index", True, k) if index is not None else None
-    iv_all = os.urandom(16 * k) if ivs is None else _key(ivs, "ivs", 16 * k)
+    iv_all = os.urandom(PACKET_IV_SIZE * k) if ivs is None else _key(ivs, "ivs", PACKET_IV_SIZE * k)
     if k == 0:
         return
     rows = _rows(ix, k, mm.shape[0], "index")
-    flags = bytes(4)
+    hdr = bytearray(PACKET_HEADER_SIZE)                 # FLAGS = 0: no compression
     for start in range(0, k, ring):
         stop = min(start + ring, k)
         plain = _xts_pages(v, mm[rows[start:stop]], tw[start:stop], False)
         for i in range(start, stop):
-            iv = iv_all[16 * i:16 * i + 16]
+            iv = iv_all[PACKET_IV_SIZE * i:PACKET_IV_SIZE * (i + 1)]
             ct = _ctr(t, iv, plain[i - start].data)
             tr[i - start] = np.frombuffer(ct, dtype=np.uint8)
-            h[i - start] = np.frombuffer(flags + iv + hmac.digest(m, _aad(flags, iv) + ct, "sha256"), np.uint8)
+            hdr[_IV] = iv
+            hdr[_MAC] = hmac.digest(m, _aad(hdr[_FLAGS], iv) + ct, "sha256")
+            h[i - start] = np.frombuffer(hdr, np.uint8)
         if on_slice is not None:
             on_slice(start, stop)
 
@@ -307,27 +323,27 @@ def receive_pages(vek, tek, tik, headers, trans, mem, index, tweaks, *, threads=
     _threads(threads)
     tw = _words(tweaks, "tweaks", False, -1)
     k = tw.shape[0]
-    h = _pages(headers, "headers", HEADER, k, False, rows_may_stride=True)
-    tr = _pages(trans, "trans", PAGE, k, False, rows_may_stride=True)
-    mm = _pages(mem, "mem", PAGE, 0 if index is not None else k, True)
+    h = _pages(headers, "headers", PACKET_HEADER_SIZE, k, False, rows_may_stride=True)
+    tr = _pages(trans, "trans", PAGE_SIZE, k, False, rows_may_stride=True)
+    mm = _pages(mem, "mem", PAGE_SIZE, 0 if index is not None else k, True)
     ix = _words(index, "index", True, k) if index is not None else None
     status = np.zeros(k, dtype=np.uint32)
     if k == 0:
         return status
     rows = _rows(ix, k, mm.shape[0], "index")
     good: list[int] = []
-    plain = np.empty((k, PAGE), dtype=np.uint8)
+    plain = np.empty((k, PAGE_SIZE), dtype=np.uint8)
     for i in range(k):
         hdr = h[i].tobytes()
-        if int.from_bytes(hdr[:4], "little") & _FLAG_COMPRESSED:     # §2.6 step 3
+        if int.from_bytes(hdr[_FLAGS], "little") & PACKET_FLAG_COMPRESSED:    # as in the firmware
             status[i] = _STATUS_UNSUPPORTED
             continue
         ct = tr[i].tobytes()
-        mac = hmac.digest(m, _aad(hdr[:4], hdr[4:20]) + ct, "sha256")
-        if not hmac.compare_digest(mac, hdr[20:52]):               # step 4, before decrypting
+        mac = hmac.digest(m, _aad(hdr[_FLAGS], hdr[_IV]) + ct, "sha256")
+        if not hmac.compare_digest(mac, hdr[_MAC]):                 # the MAC before decrypting
             status[i] = _STATUS_BAD_MEASUREMENT
             continue
-        plain[i] = np.frombuffer(_ctr(t, hdr[4:20], ct), dtype=np.uint8)
+        plain[i] = np.frombuffer(_ctr(t, hdr[_IV], ct), dtype=np.uint8)
         good.append(i)
     if good:
         sel = np.asarray(good, dtype=np.int64)

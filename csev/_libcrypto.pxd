@@ -21,7 +21,7 @@ cdef enum:
     AES_128_XTS = 0   # 32-byte key (two AES-128 halves), 16-byte tweak
     AES_128_CTR = 1   # 16-byte key, 16-byte initial counter block
 
-# Status codes of the nogil cores (0 = success); error_message() names them.
+# Status codes of the nogil cores (0 = success); error_for() turns one into the exception to raise.
 cdef enum:
     OK = 0
     ERR_NOMEM = -1
@@ -61,5 +61,5 @@ cdef object error_for(int rc)
 # n random bytes from libcrypto's DRBG (packet IVs); raises RuntimeError on failure.
 cdef bytes random_bytes(Py_ssize_t n)
 
-# LE128 tweak of a host physical address (sev-api.md §8): 16 bytes, little-endian.
+# XTS tweak of a host physical address (the memory-controller model of csev._xts): 16 bytes, LE.
 cdef void tweak_le128(uint8_t* out, uint64_t pa) noexcept nogil

@@ -1,8 +1,8 @@
 """OpenSSL's libcrypto for the csev crypto kernels, found and bound at import time.
 
-House style (Crypto): no home-written AES, SHA-256 or HMAC, and no OpenSSL headers at build time.
-This module finds the libcrypto that Python's own ``_hashlib`` already loaded (``/proc/self/maps``,
-then ``ctypes.util.find_library('crypto')``), ``dlopen``s it and resolves the few EVP entry points the
+No home-written AES, SHA-256 or HMAC, and no OpenSSL headers at build time: this module finds the
+libcrypto that Python's own ``_hashlib`` already loaded (``/proc/self/maps``, then
+``ctypes.util.find_library('crypto')``), ``dlopen``s it and resolves the few EVP entry points the
 kernels need into function pointers (types declared in ``_libcrypto.pxd`` over opaque structs).
 
 ``AVAILABLE`` tells whether that worked; ``REASON`` says why not. The kernel modules (``_xts``,
@@ -268,8 +268,8 @@ cdef bint ct_equal(const uint8_t* a, const uint8_t* b, size_t n) noexcept nogil:
 
 
 cdef bytes random_bytes(Py_ssize_t n):
-    # OpenSSL's DRBG (seeded by the OS, reseeded after fork): ~12x faster than os.urandom, which
-    # cost ~0.8 % of a send batch for its fresh packet IVs.
+    # OpenSSL's DRBG (seeded by the OS, reseeded after fork) rather than os.urandom, which is several
+    # times slower for the fresh IV every packet of a send batch needs (docs/performance.md).
     cdef bytearray buf = bytearray(n)
     cdef uint8_t[::1] view = buf
     cdef Py_ssize_t done = 0

@@ -1,9 +1,8 @@
-from typing import Callable
-
-from typing_extensions import Buffer
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Buffer
 
 def send_pages(
     vek: Buffer,

@@ -1,11 +1,14 @@
-"""SEND_UPDATE_DATA / RECEIVE_UPDATE_DATA for whole batches of pages (sev-api.md §2.3, §2.6, §4).
+"""SEND_UPDATE_DATA / RECEIVE_UPDATE_DATA for whole batches of pages (#55766; AMD's firmware source
+``sev_mcmd.c``, ``sev_channel.c``). Page and header geometry come from ``csev.packet``; the bytes are
+laid out in ``docs/formats.md``.
 
-Send, per page: XTS-decrypt the guest page under the VEK at its host-address tweak (sev-api.md §8)
-→ AES-128-CTR under TEK with the packet IV → MAC = HMAC-SHA256(TIK, 0x02 ‖ LE32(FLAGS) ‖ IV ‖
-LE32(4096) ‖ LE32(4096) ‖ ciphertext). Packet header (52 bytes) = LE32(FLAGS = 0) ‖ IV ‖ MAC.
+Send, per page: XTS-decrypt the guest page under the VEK at its host-address tweak (the memory
+controller model of ``csev._xts``) → AES-128-CTR under TEK with the packet IV → MAC =
+HMAC-SHA256(TIK, 0x02 ‖ LE32(FLAGS) ‖ IV ‖ LE32(4096) ‖ LE32(4096) ‖ ciphertext). Packet header
+(52 bytes) = LE32(FLAGS = 0) ‖ IV ‖ MAC.
 
-Receive, per packet: FLAGS.COMPRESSED → UNSUPPORTED (0x15) (§2.6 step 3); MAC compared in constant
-time before anything is decrypted → BAD_MEASUREMENT (0x0B) (§2.6 step 4); else CTR-decrypt into a
+Receive, per packet, in the firmware's order: FLAGS.COMPRESSED → UNSUPPORTED (0x15); MAC compared in
+constant time before anything is decrypted → BAD_MEASUREMENT (0x0B); else CTR-decrypt into a
 per-thread scratch page and XTS-encrypt that into guest memory under the destination VEK (written
 out while the next packet is MACed). A bad packet writes nothing; the rest of the batch is still
 applied.
@@ -13,13 +16,14 @@ applied.
 The primitives are OpenSSL's (through ``csev._libcrypto``). HMAC is RFC 2104 built on OpenSSL's
 SHA-256 with the ipad/opad states hashed once per call and copied per page (``EVP_MD_CTX_copy_ex``),
 validated against the RFC 4231 vectors in the tests. Contexts are created once per call and thread;
-per page only IVs/tweaks are re-initialised (performance.md A3). ``headers``/``trans``/``mem`` must
-not be modified by another thread while a call runs.
+per page only IVs/tweaks are re-initialised: building contexts costs about as much as a page (see
+``docs/performance.md``). ``headers``/``trans``/``mem`` must not be modified by another thread while a
+call runs.
 
 Output stores: a large batch is streamed past the cache (non-temporal: nobody reads it soon, and it
 would evict the guest pages being read). A ring (``on_slice``) is written with ordinary stores and
-handed over slice by slice while the batch runs, so its consumer (a socket send) copies it from L2:
-measured over loopback TCP, the sender's kernel time per page fell from ~0.9 to ~0.5 us.
+handed over slice by slice while the batch runs, so its consumer (a socket send) copies it from L2
+instead of DRAM (see ``docs/performance.md``).
 """
 
 import numpy as np
@@ -34,21 +38,20 @@ from csev._libcrypto cimport (
     hmac_begin, hmac_end, hmac_free, hmac_init, hmac_update, key_bytes, random_bytes, tweak_le128,
 )
 
-from csev import _libcrypto
+from csev import _libcrypto, packet
 
 if not _libcrypto.AVAILABLE:
     raise ImportError(f"csev._transport needs libcrypto: {_libcrypto.REASON}")
 
 cdef extern from *:
     """
-    /* Memory traffic is hidden behind HMAC-SHA256, which is ~75 % of a page's cost and touches only
-       an L1-resident page. The HMAC is fed in slices; between slices the kernels stream a slice of
+    /* Memory traffic is hidden behind HMAC-SHA256, which dominates a page's cost and touches only an
+       L1-resident page. The HMAC is fed in slices; between slices the kernels stream a slice of
        the finished output page to its destination with non-temporal stores (not read again by this
        thread: no read-for-ownership, no cache pollution) and prefetch a slice of the next page's
        input (a random guest row on send; the hardware streamer stops at 4 KiB boundaries). Issued
        all at once, 64 prefetches or stores stall on the line-fill buffers; spread out, they cost
-       nearly nothing (C probe, 64 MiB of random rows: send 4.0 -> 3.5 us/page, receive 3.8 -> 3.4).
-       n is a multiple of 64. */
+       nearly nothing (see docs/performance.md). n is a multiple of 64. */
     #include <string.h>
     #include <stdint.h>
     #if defined(__SSE2__)
@@ -59,7 +62,7 @@ cdef extern from *:
         uintptr_t mis = (uintptr_t)d & 15;
     #if defined(__x86_64__)
         /* Migration records put the transport data at 8 mod 16 in every other record (4168-byte
-           records, qemu-migration.md §1.6): one 8-byte non-temporal store realigns, and another
+           records, docs/formats.md): one 8-byte non-temporal store realigns, and another
            ends the run, so those rows are streamed too instead of going through the cache. */
         long long w;
         if (mis == 8) {
@@ -114,19 +117,37 @@ cdef extern from *:
 cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void** memptr, size_t alignment, size_t size)
 
+# Page and packet-header geometry: csev.packet's, read once at import.
+cdef Py_ssize_t PAGE = packet.PAGE_SIZE
+cdef Py_ssize_t HEADER = packet.PACKET_HEADER_SIZE
+cdef Py_ssize_t HDR_FLAGS = packet.PACKET_FLAGS_OFFSET
+cdef Py_ssize_t HDR_IV = packet.PACKET_IV_OFFSET
+cdef Py_ssize_t HDR_MAC = packet.PACKET_MAC_OFFSET
+cdef uint32_t FLAG_COMPRESSED = packet.PACKET_FLAG_COMPRESSED
+
 cdef enum:
-    PAGE = 4096
-    HEADER = 52          # LE32 FLAGS ‖ IV(16) ‖ MAC(32)
-    HDR_IV = 4
-    HDR_MAC = 20
-    AAD = 29             # CTX ‖ LE32 FLAGS ‖ IV ‖ LE32 len_a ‖ LE32 len_b  (sev-api.md §4)
+    # Field sizes that size C arrays, so compile-time constants: checked against csev.packet below.
+    FLAGS_SIZE = 4       # LE32
+    IV_SIZE = 16         # one AES block: the CTR initial counter
+    MAC_SIZE = 32        # one HMAC-SHA256
+    # What the MAC covers before the ciphertext: CTX ‖ LE32 FLAGS ‖ IV ‖ LE32 len_a ‖ LE32 len_b
+    # (send_receive_update_aad_t in AMD's sev_mcmd.h), offsets into it.
+    AAD_FLAGS = 1
+    AAD_IV = AAD_FLAGS + FLAGS_SIZE
+    AAD_LEN_A = AAD_IV + IV_SIZE
+    AAD_LEN_B = AAD_LEN_A + 4
+    AAD = AAD_LEN_B + 4  # 29
     CTX_DATA = 0x02
-    FLAG_COMPRESSED = 0x1
     STATUS_SUCCESS = 0x00
     STATUS_BAD_MEASUREMENT = 0x0B
     STATUS_UNSUPPORTED = 0x15
     MAC_SLICE = 512      # HMAC input slice between prefetches/streamed stores (a multiple of 64)
     BLOCK_ALIGN = 64 - AAD   # page bytes that complete the AAD's SHA-256 block
+
+if ((packet.PACKET_HEADER["flags"].itemsize, packet.PACKET_IV_SIZE, packet.PACKET_MAC_SIZE)
+        != (FLAGS_SIZE, IV_SIZE, MAC_SIZE) or PAGE % MAC_SLICE):
+    raise ImportError("csev._transport was compiled for other packet field sizes than csev.packet "
+                      "declares (or a page that is not a whole number of MAC slices): rebuild it")
 
 
 cdef inline void _le32(uint8_t* p, uint32_t v) noexcept nogil:
@@ -143,8 +164,8 @@ cdef inline uint32_t _rd_le32(const uint8_t* p) noexcept nogil:
 cdef void _aad_init(uint8_t* aad) noexcept nogil:
     memset(aad, 0, AAD)
     aad[0] = CTX_DATA
-    _le32(aad + 21, PAGE)     # len_a = GUEST_LEN
-    _le32(aad + 25, PAGE)     # len_b = TRANS_LEN
+    _le32(aad + AAD_LEN_A, <uint32_t>PAGE)     # GUEST_LEN
+    _le32(aad + AAD_LEN_B, <uint32_t>PAGE)     # TRANS_LEN
 
 
 cdef struct Ctxs:
@@ -180,7 +201,7 @@ cdef int _mac_page(Hmac* mac, const uint8_t* aad, const uint8_t* page, uint8_t* 
                    uint8_t* store_dst, const uint8_t* store_src, const uint8_t* next) noexcept nogil:
     """HMAC over aad ‖ page into ``out``; meanwhile stream ``store_src`` to ``store_dst`` and prefetch
     ``next`` (each optional), one slice per HMAC slice. The HMAC slices are shifted by BLOCK_ALIGN so
-    that each starts on a SHA-256 block (no partial-block buffering inside OpenSSL: ~3 % per page)."""
+    that each starts on a SHA-256 block: OpenSSL then buffers no partial block (docs/performance.md)."""
     cdef int rc = hmac_begin(mac)
     cdef size_t off = 0
     cdef size_t lo = 0
@@ -223,29 +244,29 @@ cdef int _send_run(Ctxs* c, const uint8_t* mem, const int64_t* idx, const uint64
         out = i % ring
         hdr = headers + out * hdr_stride
         dst = trans + out * trans_stride
-        iv = ivs + i * 16
+        iv = ivs + i * IV_SIZE
         nxt = NULL
         if i + 1 < stop:
             nxt = mem + (idx[i + 1] if idx != NULL else i + 1) * PAGE
         tweak_le128(tweak, tweaks[i])
-        # §2.3 step 5: guest page decrypted with the VEK (into scratch, never into TRANS)
+        # the guest page decrypted with the VEK (into scratch, never into TRANS)
         rc = cipher_set_iv(c.xts, tweak)
         if rc == OK:
             rc = cipher_update(c.xts, c.scratch, mem + row * PAGE, PAGE)
-        # step 6: CTR under TEK, then encrypt-then-MAC under TIK; the ciphertext goes out to TRANS
+        # then CTR under TEK, and encrypt-then-MAC under TIK; the ciphertext goes out to TRANS
         # while it is MACed (non-temporal) or after it (ordinary stores), and the next guest page comes in
         if rc == OK:
             rc = cipher_set_iv(c.ctr, iv)
         if rc == OK:
             rc = cipher_update(c.ctr, c.scratch + PAGE, c.scratch, PAGE)
-        memcpy(aad + 5, iv, 16)
+        memcpy(aad + AAD_IV, iv, IV_SIZE)
         if rc == OK:
             rc = _mac_page(&c.mac, aad, c.scratch + PAGE, hdr + HDR_MAC,
                            dst if nontemporal else NULL, c.scratch + PAGE, nxt)
         if rc == OK and not nontemporal:
             memcpy(dst, c.scratch + PAGE, PAGE)
-        _le32(hdr, 0)
-        memcpy(hdr + HDR_IV, iv, 16)
+        _le32(hdr + HDR_FLAGS, 0)
+        memcpy(hdr + HDR_IV, iv, IV_SIZE)
         i += 1
     store_fence()
     return rc
@@ -273,7 +294,7 @@ cdef int _receive_core(const uint8_t* vek, const uint8_t* tek, const uint8_t* ti
     cdef Ctxs c
     cdef uint8_t aad[AAD]
     cdef uint8_t tweak[16]
-    cdef uint8_t mac[32]
+    cdef uint8_t mac[MAC_SIZE]
     cdef Py_ssize_t i, row
     cdef const uint8_t* hdr
     cdef const uint8_t* ct
@@ -285,19 +306,20 @@ cdef int _receive_core(const uint8_t* vek, const uint8_t* tek, const uint8_t* ti
     while rc == OK and i < stop:
         hdr = headers + i * hdr_stride
         ct = trans + i * trans_stride
-        flags = _rd_le32(hdr)
+        flags = _rd_le32(hdr + HDR_FLAGS)
         i += 1
-        if flags & FLAG_COMPRESSED:                     # §2.6 step 3
+        if flags & FLAG_COMPRESSED:                     # UNSUPPORTED, as in the firmware
             status[i - 1] = STATUS_UNSUPPORTED
             continue
-        memcpy(aad + 1, hdr, 4 + 16)                    # FLAGS ‖ IV as received
+        _le32(aad + AAD_FLAGS, flags)                   # FLAGS and IV as received
+        memcpy(aad + AAD_IV, hdr + HDR_IV, IV_SIZE)
         # the previous page goes out to guest memory while this one is MACed
         rc = _mac_page(&c.mac, aad, ct, mac, pending, c.scratch + PAGE,
                        ct + trans_stride if i < stop else NULL)
         pending = NULL
         if rc != OK:
             break
-        if not ct_equal(mac, hdr + HDR_MAC, 32):       # §2.6 step 4, before decrypting
+        if not ct_equal(mac, hdr + HDR_MAC, MAC_SIZE):     # the MAC before decrypting
             status[i - 1] = STATUS_BAD_MEASUREMENT
             continue
         row = idx[i - 1] if idx != NULL else i - 1
@@ -307,7 +329,7 @@ cdef int _receive_core(const uint8_t* vek, const uint8_t* tek, const uint8_t* ti
             rc = cipher_update(c.ctr, c.scratch, ct, PAGE)
         if rc == OK:
             rc = cipher_set_iv(c.xts, tweak)
-        if rc == OK:                                    # step 5: into guest memory under the VEK
+        if rc == OK:                                    # into guest memory under the VEK
             rc = cipher_update(c.xts, c.scratch + PAGE, c.scratch, PAGE)
         if rc != OK:
             break
@@ -433,7 +455,7 @@ def send_pages(vek, tek, tik, mem, index, tweaks, headers, trans, ivs=None, *, t
     if index is not None:
         check_words(index, "index", True, k)
         ix = index
-    cdef bytes iv = random_bytes(16 * k) if ivs is None else key_bytes(ivs, "ivs", 16 * k)
+    cdef bytes iv = random_bytes(IV_SIZE * k) if ivs is None else key_bytes(ivs, "ivs", IV_SIZE * k)
     if k == 0:
         return
     if ix is not None:

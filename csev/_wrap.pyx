@@ -1,4 +1,5 @@
-"""Key wrapping and one-shot primitives of the SEV session (sev-api.md §3.3).
+"""Key wrapping and one-shot primitives of the SEV session: SEND_START / RECEIVE_START (#55766; AMD's
+firmware source ``sev_channel.c``).
 
 WRAP_TK = AES-128-CTR(KEK, WRAP_IV)(TEK ‖ TIK); WRAP_MAC = HMAC-SHA256(KIK, WRAP_TK). Unwrapping
 checks the MAC in constant time first and raises ``csev.MacError`` on mismatch (the firmware's
@@ -17,6 +18,7 @@ from csev._libcrypto cimport (
 )
 
 from csev import _libcrypto
+from csev.errors import MacError
 
 if not _libcrypto.AVAILABLE:
     raise ImportError(f"csev._wrap needs libcrypto: {_libcrypto.REASON}")
@@ -116,7 +118,6 @@ def unwrap_tk(kek, kik, wrap_iv, wrap_tk, wrap_mac):
     cdef bytes want = key_bytes(wrap_mac, "wrap_mac", 32)
     cdef bytes got = hmac_sha256(key_bytes(kik, "kik", 16), w)
     if not ct_equal(got, want, 32):
-        from csev._dispatch import MacError
         raise MacError("wrap_mac does not match wrap_tk (BAD_MEASUREMENT)")
     plain = aes128_ctr(k, v, w)
     return plain[:16], plain[16:]

@@ -1,7 +1,6 @@
-from typing_extensions import Buffer
-
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Buffer
 
 def xts_encrypt(
     key: Buffer,

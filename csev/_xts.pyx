@@ -1,9 +1,12 @@
-"""AES-128-XTS over batches of 4 KiB pages: the SEV memory controller model (sev-api.md §8).
+"""AES-128-XTS over batches of 4 KiB pages: a model of the SEV memory controller, whose AES engine
+takes a tweak from the host physical address (Kaplan, Powell and Woller, "AMD Memory Encryption",
+AMD white paper, 2016).
 
 Each page is one XTS data unit; its tweak is the page's host physical address as a 16-byte
 little-endian integer, so the same plaintext at another host address gives other ciphertext.
 The cipher is OpenSSL's (through ``csev._libcrypto``); one EVP context per call and thread, and per
-page only the tweak is re-initialised (performance.md A3).
+page only the tweak is re-initialised: building contexts costs about as much as a page (see
+``docs/performance.md``). The page size is ``csev.packet``'s.
 """
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 
@@ -12,13 +15,14 @@ from csev._libcrypto cimport (
     cipher_new, cipher_set_iv, cipher_update, error_for, key_bytes, tweak_le128,
 )
 
-from csev import _libcrypto
+from csev import _libcrypto, packet
 
 if not _libcrypto.AVAILABLE:
     raise ImportError(f"csev._xts needs libcrypto: {_libcrypto.REASON}")
 
+cdef Py_ssize_t PAGE = packet.PAGE_SIZE      # read once at import
+
 cdef enum:
-    PAGE = 4096
     XTS_MAX_UNIT = 1 << 24   # IEEE 1619 caps a data unit at 2^20 blocks
 
 

@@ -1,7 +1,8 @@
 """Bitmap kernels (csev._bitmap) and their numpy twins against a plain bool-array oracle.
 
-Bit i is bit (i % 64) of word i // 64, as KVM's dirty log (qemu-migration.md §1.7). Sync follows
-QEMU's cpu_physical_memory_sync_dirty_bitmap (style-anchors.md convention 13).
+Bit i is bit (i % 64) of word i // 64, as KVM's dirty log (Linux ``Documentation/virt/kvm/api.rst``,
+KVM_GET_DIRTY_LOG). Sync follows QEMU's cpu_physical_memory_sync_dirty_bitmap
+(``include/exec/ram_addr.h``).
 """
 import numpy as np
 import pytest
@@ -292,7 +293,7 @@ def test_bad_inputs_raise_and_leave_arrays_unchanged(bm, name, make, exc):
     before = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
     with pytest.raises(exc):
         getattr(bm, name)(*args)
-    for a, b in zip(args, before):
+    for a, b in zip(args, before, strict=True):
         if isinstance(a, np.ndarray):
             np.testing.assert_array_equal(a, b)
 

@@ -3,7 +3,7 @@
 Known answers: IEEE 1619-2007 Annex B XTS-AES-128 vectors 1-4 and 15-18 (ciphertext stealing),
 NIST SP 800-38A F.5.1/F.5.2 CTR-AES128, RFC 4231 HMAC-SHA256 test cases 1-7. Oracles: ``cryptography``
 (XTS, CTR) and the stdlib ``hmac`` on whole 4 KiB pages. Then the SEV transport pipeline
-(sev-api.md §2.3, §2.6, §4) and bad input.
+(SEND_UPDATE_DATA / RECEIVE_UPDATE_DATA, #55766; AMD's firmware source ``sev_mcmd.c``) and bad input.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import hmac
 import importlib
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import csev
-from csev import _fallback_crypto
+from csev import _fallback_crypto, errors, packet
 
 PAGE, HEADER = 4096, 52
 UNSUPPORTED, BAD_MEASUREMENT = 0x15, 0x0B
@@ -210,7 +212,8 @@ def test_xts_gather_scatter_and_in_place(k):
 
 
 def test_tweak_is_the_host_address(k):
-    # sev-api.md §8: the same plaintext at another host address gives other ciphertext.
+    # The memory controller's physical-address tweak: the same plaintext at another host address
+    # gives other ciphertext.
     key = os.urandom(32)
     page = np.zeros((2, PAGE), np.uint8)
     out = np.empty_like(page)
@@ -248,6 +251,8 @@ def test_send_packet_format(k):
         assert trans[i].tobytes() == ct
         aad = b"\x02" + struct.pack("<I", 0) + iv + struct.pack("<II", PAGE, PAGE)
         assert headers[i].tobytes() == struct.pack("<I", 0) + iv + hmac.digest(tik, aad + ct, "sha256")
+    fields = headers.view(packet.PACKET_HEADER)[:, 0]      # csev.packet's declaration reads the same
+    assert not fields["flags"].any() and fields["iv"].tobytes() == ivs
 
 
 @pytest.mark.parametrize("base", [0, 8, 4, 1])
@@ -423,11 +428,11 @@ def test_property_migration_between_hosts(native, data, n, rows):
         kk.xts_decrypt(vek_b, mem_b, back, tw_b[dst], dst)
         assert np.array_equal(back, plain[src])
         results.append((ivs, headers, trans, mem_b))
-    for x, y in zip(results[0][1:], results[1][1:]):
+    for x, y in zip(results[0][1:], results[1][1:], strict=True):
         assert np.array_equal(x, y)
 
 
-# --- key wrapping (sev-api.md §3.3) ----------------------------------------------------------------
+# --- key wrapping (SEND_START / RECEIVE_START, #55766; sev_channel.c) ------------------------------
 
 def test_wrap_unwrap(k):
     kek, kik, iv, tek, tik = (os.urandom(16) for _ in range(5))
@@ -540,7 +545,23 @@ def test_empty_batches(k):
     assert status.shape == (0,) and status.dtype == np.uint32
 
 
+def test_native_transport_refuses_another_packet_layout():
+    """csev._transport sizes C arrays at compile time, so it must not load beside another csev.packet."""
+    _native()
+    code = ("import csev.packet as p\n"
+            "p.PACKET_MAC_SIZE = 16\n"
+            "try:\n"
+            "    import csev._transport\n"
+            "except ImportError as exc:\n"
+            "    print('refused:', exc)\n")
+    env = {**os.environ, "CSEV_PURE": "1"}     # so that importing csev loads no native kernel first
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("refused: csev._transport was compiled for other packet field sizes")
+
+
 def test_dispatch_exports():
     assert csev.PAGE_SIZE == PAGE and csev.HEADER_SIZE == HEADER
+    assert (csev.PAGE_SIZE, csev.HEADER_SIZE) == (packet.PAGE_SIZE, packet.PACKET_HEADER_SIZE)
+    assert csev.MacError is errors.MacError
     assert csev.default_threads() >= 1
     assert csev.BACKEND == "python" or csev.BACKEND.startswith("libcrypto:")
