@@ -28,7 +28,7 @@ import pytest
 import csev
 from pysev import benchmarking
 from pysev.migration import stream as S
-from pysev.migration.engine import BATCH_PAGES, SEND_RING_RECORDS
+from pysev.migration.channels import BATCH_PAGES, SEND_RING_RECORDS
 from pysev.migration.transport import SOCKET_BUFFER
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -80,7 +80,7 @@ def test_vmsa_section_bounds_are_checked():
     w.flush()
     host = Host("es-c", MEM + (256 << 20), seed=13)
     dest = VirtualMachine(host, MEM, policy=ES_POLICY, incoming=True)
-    from pysev.migration.engine import IncomingMigration
+    from pysev.migration.incoming import IncomingMigration
     from pysev.migration.transport import Connection
     buf.seek(0)
     inc = IncomingMigration(dest, [Connection("test", None, buf)], file_mode=True, commit_timeout=5)

@@ -222,6 +222,19 @@ class VirtualMachine:
         self.memory.free()
         self.set_state(RunState.SHUTDOWN)
 
+    # -- what the migration engine reads and writes in the clear ------------------------------------------
+    def read_shared_pages(self, block, pages: np.ndarray) -> np.ndarray:
+        """The DRAM contents of ``pages`` (indices into ``block``): what a shared page holds, in the clear."""
+        return self.host.dram.frames[block.frames[pages].astype(np.int64)]
+
+    def write_shared_page(self, block, page: int, data: bytes | None) -> None:
+        """Store a shared page received in the clear (``None``: a zero page)."""
+        frame = int(block.frames[page])
+        if data is None:
+            self.host.dram.frames[frame] = 0
+        else:
+            self.host.dram.frames[frame] = np.frombuffer(data, dtype=np.uint8)
+
     # -- verification ----------------------------------------------------------------------------------
     def plaintext_pages(self, block, first: int, count: int, out: np.ndarray) -> np.ndarray:
         """Plaintext of pages [first, first+count) of ``block``: private pages through the firmware's

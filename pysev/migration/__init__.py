@@ -8,8 +8,11 @@
     >>> result.info["status"], result.verified
     ('completed', True)
 
-Building blocks: ``engine`` (pre-copy loop, counters, commit protocol), ``ops`` (SEV specifics),
-``stream`` (QEMU wire format), ``transport`` (in-process, TCP, file).
+Building blocks (``docs/design.md`` walks one migration through them): ``outgoing`` (the source: pre-copy
+loop, stop-and-copy, commit), ``incoming`` (the destination), ``channels`` (private pages into stream
+records; page channels), ``commit`` (the record digest), ``state`` (status, parameters, capabilities),
+``sev_ops`` (everything SEV-specific), ``stream`` (QEMU's wire format), ``transport`` (in-process, TCP,
+file).
 """
 from __future__ import annotations
 
@@ -18,13 +21,14 @@ import io
 import threading
 
 from pysev.hv.machine import Host, VirtualMachine
-from pysev.migration.engine import (IncomingMigration, MigrationCapabilities, MigrationParameters,
-                                    OutgoingMigration)
+from pysev.migration.incoming import IncomingMigration
+from pysev.migration.outgoing import OutgoingMigration
 from pysev.migration.sev_ops import MigrationError
+from pysev.migration.state import MigrationCapabilities, MigrationParameters, MigrationStatus
 from pysev.migration.transport import (Connection, TcpListener, file_reader, file_writer, inproc_pairs,
                                        tcp_connect)
 
-__all__ = ["MigrationCapabilities", "MigrationError", "MigrationParameters", "MigrationResult",
+__all__ = ["MigrationCapabilities", "MigrationError", "MigrationParameters", "MigrationResult", "MigrationStatus",
            "IncomingMigration", "OutgoingMigration", "migrate_local", "migrate_tcp", "receive_tcp",
            "restore_from_file", "save_to_file", "with_destination_certs"]
 
@@ -99,8 +103,8 @@ def migrate_local(source: VirtualMachine, destination_host: Host, *, params: Mig
                                  verify=verify)
     info = outgoing.run()
     thread.join(params.commit_timeout + 10)
-    dest_status = {"status": incoming.status, **({"error-desc": incoming.error_desc} if incoming.error_desc else {})}
-    if incoming.status != "completed":
+    dest_status = {"status": incoming.status.value, **({"error-desc": incoming.error_desc} if incoming.error_desc else {})}
+    if incoming.status != MigrationStatus.COMPLETED:
         dest.destroy()
         dest = None
     return MigrationResult(info, dest, dest_status, outgoing.digest_at_switchover, incoming.guest_digest,
@@ -146,7 +150,7 @@ def restore_from_file(host: Host, path: str, memory_size: int, *, sev: bool = Tr
     dest = VirtualMachine(host, memory_size, sev=sev, incoming=True, **vm_args)
     incoming = IncomingMigration(dest, [file_reader(path)], file_mode=True, verify=verify)
     incoming.run()
-    if incoming.status != "completed":
+    if incoming.status != MigrationStatus.COMPLETED:
         dest.destroy()
         return None, incoming
     return dest, incoming

@@ -1,7 +1,7 @@
 """Memory-encryption operations: everything SEV-specific the migration engine needs, behind one
-interface (the idea of the seed series' ``MachineMemoryEncryptionOps``, qemu-migration.md §1.1, with
-the later designs' per-call errors, §2.6). The engine in ``pysev.migration.engine`` never names a
-firmware command; a guest without SEV migrates through the same engine with ``PlainOps``.
+interface (the SEV live-migration series' ``MachineMemoryEncryptionOps``, with per-call errors). The
+engine (``outgoing``, ``incoming``, ``channels``) never names a firmware command or type; a guest without
+SEV migrates through the same engine with ``PlainOps``.
 
 Source side: ``save_setup`` (SEND_START), ``classify`` (which dirty pages are private), ``send_pages``
 (SEND_UPDATE_DATA, batched), ``state_map`` (the private/shared map for the END section), ``commit``
@@ -20,15 +20,13 @@ from typing import Callable
 import numpy as np
 
 import csev
-from pysev import kvm as K
-from pysev.firmware.sev.abi import SESSION_SIZE, SEV_CERT_SIZE, GuestState
-from pysev.hw.hostmem import PAGE_SIZE
-from pysev.migration.stream import SevContext
+from csev.packet import PACKET_HEADER_SIZE, PAGE_SIZE
+from pysev import kvm
+from pysev.firmware.sev.abi import SESSION_SIZE, SEV_CERT_SIZE, SEV_FW_BLOB_MAX_SIZE, GuestState, Policy
 from pysev.firmware.status import SevStatus
+from pysev.migration.stream import SevContext
 
 log = logging.getLogger(__name__)
-
-SEV_FW_BLOB_MAX_SIZE = 0x4000
 
 
 class MigrationError(Exception):
@@ -56,9 +54,21 @@ class PlainOps:
     """A guest without memory encryption: every page is shared and travels in the clear."""
 
     encrypted = False
+    #: What makes the source guest unrunnable, as error messages name it.
+    commit_name = "the commit"
 
     def __init__(self, vm) -> None:
         self.vm = vm
+
+    @property
+    def plaintext_readable(self) -> bool:
+        """Whether the host can read the guest's plaintext (to digest it for verification)."""
+        return True
+
+    @staticmethod
+    def status_name(code: int) -> str:
+        """The name of a per-page status that ``receive_pages`` returned."""
+        return f"status {code:#x}"
 
     def save_setup(self, params) -> SevContext | None:
         return None
@@ -100,12 +110,25 @@ class SevOps(PlainOps):
     """SEV: private pages through the firmware's transport commands, shared pages in the clear."""
 
     encrypted = True
+    commit_name = "SEND_FINISH"
 
     def __init__(self, vm) -> None:
         super().__init__(vm)
-        self.sev: K.SevKvm = vm.sev
+        self.sev: kvm.SevKvm = vm.sev
         self.sending = False
         self.receiving = False
+
+    @property
+    def plaintext_readable(self) -> bool:
+        """NODBG forbids DBG_DECRYPT: the host cannot read the guest's plaintext."""
+        return not self.vm.policy & Policy.NODBG
+
+    @staticmethod
+    def status_name(code: int) -> str:
+        try:
+            return SevStatus(code).name
+        except ValueError:
+            return f"firmware status {code:#x}"
 
     # -- source --------------------------------------------------------------------------------------
     def save_setup(self, params) -> SevContext:
@@ -117,18 +140,18 @@ class SevOps(PlainOps):
         bufs = [ctypes.create_string_buffer(b, len(b)) for b in (pdh, plat, amd)]
         session = ctypes.create_string_buffer(SESSION_SIZE)
         # The length query first, as QEMU does (session_len = 0 → INVALID_LENGTH + the length).
-        query = K.kvm_sev_send_start()
-        cmd = K.kvm_sev_cmd(id=K.sev_cmd_id.KVM_SEV_SEND_START, data=ctypes.addressof(query))
+        query = kvm.kvm_sev_send_start()
+        cmd = kvm.kvm_sev_cmd(id=kvm.sev_cmd_id.KVM_SEV_SEND_START, data=ctypes.addressof(query))
         if self.sev.memory_encrypt_op(cmd) == 0 or cmd.error != SevStatus.INVALID_LENGTH:
             raise MigrationError(f"SEND_START length query: unexpected firmware status {cmd.error:#x}")
-        start = K.kvm_sev_send_start(
+        start = kvm.kvm_sev_send_start(
             pdh_cert_uaddr=ctypes.addressof(bufs[0]), pdh_cert_len=len(pdh),
             plat_certs_uaddr=ctypes.addressof(bufs[1]), plat_certs_len=len(plat),
             amd_certs_uaddr=ctypes.addressof(bufs[2]), amd_certs_len=len(amd),
             session_uaddr=ctypes.addressof(session), session_len=query.session_len)
         try:
-            self.sev.op(K.sev_cmd_id.KVM_SEV_SEND_START, start)
-        except K.KvmError as err:
+            self.sev.op(kvm.sev_cmd_id.KVM_SEV_SEND_START, start)
+        except kvm.KvmError as err:
             raise MigrationError(f"SEND_START refused the target: {err}") from None
         self.sending = True
         own_pdh = self.vm.host.platform.public_certs()["pdh"]   # PDH_CERT_EXPORT of our own PDH
@@ -155,9 +178,9 @@ class SevOps(PlainOps):
         """SEND_UPDATE_VMSA for every vCPU of an SEV-ES guest (at stop-and-copy): (header, transport data)."""
         out = []
         for hpa in self.vm.vmsa_hpas:
-            hdr, trans = ctypes.create_string_buffer(52), ctypes.create_string_buffer(PAGE_SIZE)
-            self.sev.op(K.sev_cmd_id.KVM_SEV_SEND_UPDATE_VMSA, K.kvm_sev_send_update_data(
-                hdr_uaddr=ctypes.addressof(hdr), hdr_len=52, guest_uaddr=self.sev.uaddr_of_hpa(hpa),
+            hdr, trans = ctypes.create_string_buffer(PACKET_HEADER_SIZE), ctypes.create_string_buffer(PAGE_SIZE)
+            self.sev.op(kvm.sev_cmd_id.KVM_SEV_SEND_UPDATE_VMSA, kvm.kvm_sev_send_update_data(
+                hdr_uaddr=ctypes.addressof(hdr), hdr_len=PACKET_HEADER_SIZE, guest_uaddr=self.sev.uaddr_of_hpa(hpa),
                 guest_len=PAGE_SIZE, trans_uaddr=ctypes.addressof(trans), trans_len=PAGE_SIZE))
             out.append((hdr.raw, trans.raw))
         return out
@@ -169,41 +192,41 @@ class SevOps(PlainOps):
                                  f"{len(self.vm.vmsa_hpas)} VMSAs{'' if self.receiving else ' and no session yet'}")
         h, t = ctypes.create_string_buffer(hdr, len(hdr)), ctypes.create_string_buffer(trans, len(trans))
         try:
-            self.sev.op(K.sev_cmd_id.KVM_SEV_RECEIVE_UPDATE_VMSA, K.kvm_sev_receive_update_data(
+            self.sev.op(kvm.sev_cmd_id.KVM_SEV_RECEIVE_UPDATE_VMSA, kvm.kvm_sev_receive_update_data(
                 hdr_uaddr=ctypes.addressof(h), hdr_len=len(hdr),
                 guest_uaddr=self.sev.uaddr_of_hpa(self.vm.vmsa_hpas[vcpu]), guest_len=PAGE_SIZE,
                 trans_uaddr=ctypes.addressof(t), trans_len=len(trans)))
-        except K.KvmError as err:
+        except kvm.KvmError as err:
             raise MigrationError(f"RECEIVE_UPDATE_VMSA rejected the VMSA of vCPU {vcpu}: {err}") from None
 
     def commit(self) -> None:
         """SEND_FINISH: the source guest becomes unrunnable (SENT) — only after the destination has
-        verified everything (the commit protocol in ``engine``)."""
-        self.sev.op(K.sev_cmd_id.KVM_SEV_SEND_FINISH)
+        verified everything (the commit protocol in ``outgoing``)."""
+        self.sev.op(kvm.sev_cmd_id.KVM_SEV_SEND_FINISH)
         self.sending = False
 
     def cancel(self) -> None:
         """SEND_CANCEL: back to RUNNING with the TEK/TIK channel destroyed; memory untouched."""
         if self.sending:
-            status = K.kvm_sev_guest_status()
-            self.sev.op(K.sev_cmd_id.KVM_SEV_GUEST_STATUS, status)
+            status = kvm.kvm_sev_guest_status()
+            self.sev.op(kvm.sev_cmd_id.KVM_SEV_GUEST_STATUS, status)
             if status.state == GuestState.SUPDATE:
-                self.sev.op(K.sev_cmd_id.KVM_SEV_SEND_CANCEL)
+                self.sev.op(kvm.sev_cmd_id.KVM_SEV_SEND_CANCEL)
             self.sending = False
 
     # -- destination -----------------------------------------------------------------------------------
     def load_setup(self, context: SevContext) -> None:
         """RECEIVE_START from the stream's context (QEMU ``sev_receive_start``)."""
         if len(context.pdh) != SEV_CERT_SIZE or len(context.session) != SESSION_SIZE:
-            raise MigrationError("SEV context: PDH must be 2084 bytes and the session 128 bytes")
+            raise MigrationError(f"SEV context: the PDH must be {SEV_CERT_SIZE} bytes and the session {SESSION_SIZE}")
         pdh = ctypes.create_string_buffer(context.pdh, len(context.pdh))
         session = ctypes.create_string_buffer(context.session, len(context.session))
-        start = K.kvm_sev_receive_start(policy=context.policy, pdh_uaddr=ctypes.addressof(pdh),
+        start = kvm.kvm_sev_receive_start(policy=context.policy, pdh_uaddr=ctypes.addressof(pdh),
                                         pdh_len=len(context.pdh), session_uaddr=ctypes.addressof(session),
                                         session_len=len(context.session))
         try:
-            self.sev.op(K.sev_cmd_id.KVM_SEV_RECEIVE_START, start)
-        except K.KvmError as err:
+            self.sev.op(kvm.sev_cmd_id.KVM_SEV_RECEIVE_START, start)
+        except kvm.KvmError as err:
             raise MigrationError(f"RECEIVE_START refused the session: {err}") from None
         self.vm.policy = context.policy
         self.receiving = True
@@ -225,7 +248,7 @@ class SevOps(PlainOps):
     def finish(self) -> None:
         """RECEIVE_FINISH: the destination guest may run (after the source committed)."""
         if self.receiving:
-            self.sev.op(K.sev_cmd_id.KVM_SEV_RECEIVE_FINISH)
+            self.sev.op(kvm.sev_cmd_id.KVM_SEV_RECEIVE_FINISH)
             self.receiving = False
 
     def abort(self) -> None:

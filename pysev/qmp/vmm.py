@@ -1,7 +1,7 @@
 """The ``pysev vm`` VMM: one simulated host running one SEV guest, driven over QMP (qemu-migration.md §4).
 
 The lifecycle is QEMU's: a source boots its guest and runs it; ``migrate`` returns ``{}`` at once and the
-engine (``pysev.migration.engine``) runs on a thread of its own; after a completed migration the source
+engine (``pysev.migration.outgoing``) runs on a thread of its own; after a completed migration the source
 is in ``postmigrate``, after a failed or cancelled one it runs again (the engine's SEND_CANCEL path) and
 can ``migrate`` again. A destination (``--incoming tcp:HOST:PORT``, or ``defer`` + ``migrate-incoming``)
 waits in ``inmigrate`` and runs the guest once the source commits; a failed incoming migration leaves it
@@ -23,7 +23,8 @@ from pysev import kvm as K
 from pysev.firmware.sev.abi import Cmd, GuestState, Policy, PlatformStatusBuf
 from pysev.hv.machine import DEFAULT_POLICY, Host, RunState, VirtualMachine
 from pysev.migration import MigrationCapabilities, MigrationParameters
-from pysev.migration.engine import IncomingMigration, OutgoingMigration
+from pysev.migration.incoming import IncomingMigration
+from pysev.migration.outgoing import OutgoingMigration
 from pysev.migration.sev_ops import MigrationError
 from pysev.migration.transport import MAX_CHANNELS, TcpListener, parse_tcp, tcp_connect
 from pysev.qmp.server import ArgEnum, CommandTable, QmpError, QmpServer, Session
@@ -44,8 +45,9 @@ QEMU_CAPABILITIES = (
     "postcopy-blocktime", "late-block-activate", "x-ignore-shared", "validate-uuid", "background-snapshot",
     "zero-copy-send", "postcopy-preempt", "switchover-ack", "dirty-limit")
 _ENGINE_CAPS = {f.name.replace("_", "-") for f in dataclasses.fields(MigrationCapabilities)}
-# What the engine implements; every other capability may be set to false only.
-SUPPORTED_CAPABILITIES = frozenset({"events", "auto-converge", "multifd", "return-path", "zero-blocks"})
+# What the engine implements; every other capability may be set to false only. return-path is always on:
+# the commit protocol answers on it.
+SUPPORTED_CAPABILITIES = frozenset(_ENGINE_CAPS | {"return-path"})
 
 # QEMU's SevState (qapi/misc-target.json) by firmware guest state; SENT has no QEMU name.
 _SEV_STATE = {GuestState.UNINIT: "uninit", GuestState.LUPDATE: "launch-update",
@@ -157,7 +159,7 @@ class _Outgoing:
         if cancelled:
             m.cancel()
         m.run()
-        log.info("outgoing migration to %s: %s%s", self.uri, m.status,
+        log.info("outgoing migration to %s: %s%s", self.uri, m.status.value,
                  f" ({m.error_desc})" if m.error_desc else "")
 
     def _engine_event(self, name: str, data: dict) -> None:
@@ -505,6 +507,7 @@ class Vmm:
 
     def cmd_query_migrate_capabilities(self, args: dict, session: Session) -> list:
         current = {c["capability"]: c["state"] for c in self.caps.qmp()}
+        current["return-path"] = True
         return [{"capability": name, "state": bool(current.get(name, False))} for name in QEMU_CAPABILITIES]
 
     # -- migration ------------------------------------------------------------------------------------

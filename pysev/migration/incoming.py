@@ -1,0 +1,212 @@
+"""The destination side of a live migration (QEMU ``migration/savevm.c`` ``qemu_loadvm_state`` and
+``migration/ram.c`` ``ram_load``): load and verify every record, answer with the record digest, and run
+the guest only when the source commits.
+
+Everything that can fail happens before the destination acknowledges: once the source has committed
+(SEND_FINISH) it can never run the guest again, so after COMMIT only RECEIVE_FINISH and starting the
+vCPUs remain (``docs/design.md``, "Commit").
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+import numpy as np
+
+from csev.packet import PAGE_SIZE
+from pysev.hv.machine import VirtualMachine
+from pysev.migration import stream
+from pysev.migration.channels import READER_LIMITS, ChannelReceiver
+from pysev.migration.commit import RecordDigest, combined_digest
+from pysev.migration.sev_ops import MigrationError, ops_for
+from pysev.migration.state import MigrationStatus, StatusCell
+from pysev.migration.transport import Connection
+
+log = logging.getLogger(__name__)
+
+#: Longest reason a destination sends back in a FAILED message.
+FAILED_REASON_MAX = 4096
+
+
+class IncomingMigration:
+    """The destination of one migration: loads the stream into ``vm`` (created with ``incoming=True``),
+    answers with the record digest, and runs the guest only when the source commits."""
+
+    def __init__(self, vm: VirtualMachine, conns: list[Connection], *, commit_timeout: float = 60.0,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None, file_mode: bool = False,
+                 verify: bool = False) -> None:
+        self.vm = vm
+        self.verify = verify
+        self.guest_digest: str | None = None
+        self.conns = conns
+        self.ops = ops_for(vm)
+        self.commit_timeout = commit_timeout
+        self.file_mode = file_mode
+        self._on_event = on_event
+        self.blocks = {b.idstr: b.used_length for b in vm.memory.blocks}
+        self._block_by_id = {b.idstr: b for b in vm.memory.blocks}
+        self.context_ready = threading.Event()
+        self.failed = threading.Event()
+        self._error: BaseException | None = None
+        self._status = StatusCell()
+        self._status.set(MigrationStatus.ACTIVE)
+        self.error_desc: str | None = None
+        self.pages_private = 0
+        self.pages_shared = 0
+        self._barrier = threading.Barrier(len(conns))
+        # Number of the END section's chunk, set by the main stream before it waits at that chunk's
+        # barrier: a channel that has passed barrier k reads it as k only if chunk k was the last
+        # (a plain flag could already describe the main stream's *next* chunk).
+        self.final_chunk: int | None = None
+        self._apply_lock = threading.Lock()
+
+    @property
+    def status(self) -> MigrationStatus:
+        return self._status.value
+
+    def fail(self, err: BaseException) -> None:
+        first = self._error is None
+        if first:
+            self._error = err
+            if not self.file_mode and self.conns and self.conns[0].wfile is not None:
+                try:  # tell the source why (its error-desc), before the connections are cut
+                    stream.write_return_message(self.conns[0].wfile, stream.ReturnMessage.FAILED,
+                                                str(err).encode()[:FAILED_REASON_MAX])
+                except (OSError, ValueError):
+                    pass
+        self.failed.set()
+        self.context_ready.set()
+        self._barrier.abort()
+        for conn in self.conns:
+            conn.shutdown()
+
+    def barrier_wait(self) -> int | None:
+        try:
+            return self._barrier.wait(timeout=self.commit_timeout)
+        except threading.BrokenBarrierError:
+            return None
+
+    def apply_encrypted(self, rec: stream.EncryptedPages, digest: RecordDigest, where: str, offset: int) -> None:
+        block = self._block_by_id[rec.block]
+        pages = (rec.offsets // np.uint64(PAGE_SIZE)).astype(np.int64)
+        statuses = self.ops.receive_pages(block, pages, rec.hdrs, rec.trans)
+        bad = np.flatnonzero(statuses)
+        if bad.size:
+            i = int(bad[0])
+            raise MigrationError(
+                f"RECEIVE_UPDATE_DATA rejected the encrypted page at {rec.block}+{int(rec.offsets[i]):#x} "
+                f"({self.ops.status_name(int(statuses[i]))}; {where}, batch ending at stream offset {offset}); "
+                f"{bad.size} of {rec.count} pages in the batch rejected")
+        digest.encrypted(rec.block, rec.offsets, rec.hdrs)
+        with self._apply_lock:
+            self.pages_private += rec.count
+
+    def run(self) -> dict[str, Any]:
+        """Load, verify, answer, wait for the verdict. Returns {"status", "error-desc"?}."""
+        receivers = [ChannelReceiver(i, c, self) for i, c in enumerate(self.conns[1:], start=1)]
+        for receiver in receivers:
+            receiver.start()
+        main_digest = RecordDigest()
+        try:
+            trailer = self._load_main(main_digest)
+            for receiver in receivers:
+                receiver.join()
+                if receiver.error:
+                    raise receiver.error
+            if self._error is not None:
+                raise self._error
+            digest = combined_digest([main_digest] + [r.digest for r in receivers])
+            self._verdict(digest, trailer)
+        except BaseException as err:  # noqa: BLE001 — every failure discards the received guest
+            self.fail(err)
+            self._discard(err)
+        finally:
+            for conn in self.conns:
+                conn.close()
+        return {"status": self.status.value, **({"error-desc": self.error_desc} if self.error_desc else {})}
+
+    def _load_main(self, digest: RecordDigest) -> dict[str, Any] | None:
+        reader = stream.StreamReader(self.conns[0].rfile, READER_LIMITS, ram_blocks=self.blocks)
+        reader.read_header()
+        chunk = 0
+        while True:
+            section = reader.next_section()
+            if isinstance(section, stream.Eof):
+                return reader.read_vmdesc()
+            if isinstance(section, (stream.Configuration, stream.Footer)):
+                continue
+            if isinstance(section, stream.SectionHeader) and section.idstr == stream.VMSA_SECTION_IDSTR:
+                vmsa = reader.read_vmsa_section(section)
+                self.ops.receive_vmsa(vmsa.vcpu, vmsa.hdr, vmsa.trans)
+                digest.vmsa(vmsa.vcpu, vmsa.hdr)
+                continue
+            if not isinstance(section, stream.SectionHeader) or section.idstr != stream.RAM_SECTION_IDSTR:
+                raise MigrationError(f"unexpected section {section!r} at stream offset {reader.offset}")
+            final = section.kind == stream.QEMU_VM_SECTION_END
+            for rec in reader.ram_records():
+                if isinstance(rec, stream.Page):
+                    self.vm.write_shared_page(self._block_by_id[rec.block], rec.offset // PAGE_SIZE, rec.data)
+                    digest.page(rec.block, rec.offset, rec.data)
+                    self.pages_shared += 1
+                elif isinstance(rec, stream.Zero):
+                    self.vm.write_shared_page(self._block_by_id[rec.block], rec.offset // PAGE_SIZE, None)
+                    digest.zero(rec.block, rec.offset)
+                    self.pages_shared += 1
+                elif isinstance(rec, stream.EncryptedPages):
+                    if rec.context is not None:
+                        self.ops.load_setup(rec.context)          # RECEIVE_START
+                        digest.context(rec.context)
+                        self.context_ready.set()
+                    self.apply_encrypted(rec, digest, "main stream", reader.offset)
+                elif isinstance(rec, stream.EncryptedBitmap):
+                    entries = [(e.start_gpa, e.npages, e.bitmap) for e in rec.entries]
+                    self.ops.load_state_map(self._block_by_id[rec.block], entries)
+                    digest.bitmap(rec.block, entries)
+                elif isinstance(rec, stream.Eos):
+                    chunk += 1
+                    if final:
+                        self.final_chunk = chunk
+                    if len(self.conns) > 1 and self.barrier_wait() is None:
+                        raise self._error or MigrationError("a page channel failed")
+            if self._error is not None:
+                raise self._error
+
+    def _verdict(self, digest: bytes, trailer: dict[str, Any] | None) -> None:
+        main = self.conns[0]
+        self.vm.prepare_incoming()
+        if self.file_mode:
+            expected = ((trailer or {}).get("pysev") or {}).get("record-sha256")
+            if expected != digest.hex():
+                raise MigrationError("the file's record digest does not match its contents (corrupted file)")
+            self._run_guest()
+            return
+        stream.write_return_message(main.wfile, stream.ReturnMessage.RECEIVED, digest)
+        main.set_timeout(self.commit_timeout)
+        try:
+            message = stream.read_return_message(main.rfile)
+        except (TimeoutError, OSError, ValueError) as err:
+            # The source may or may not have committed; it never runs the guest again after SEND_FINISH,
+            # and we run it only on COMMIT. Without a verdict we keep nothing (README: the commit window).
+            raise MigrationError(f"no commit from the source: {err}") from None
+        if message.kind != stream.ReturnMessage.COMMIT:
+            raise MigrationError("the source aborted the migration")
+        self._run_guest()
+
+    def _run_guest(self) -> None:
+        self.ops.finish()                                   # RECEIVE_FINISH
+        # Past COMMIT nothing may fail: under NODBG (policy from the stream) there is no debug path to hash.
+        if self.verify and self.ops.plaintext_readable:
+            self.guest_digest = self.vm.digest()            # before its vCPUs change anything
+        self.vm.incoming_complete()
+        self._status.set(MigrationStatus.COMPLETED)
+        if self._on_event:
+            self._on_event("MIGRATION", {"status": MigrationStatus.COMPLETED.value})
+
+    def _discard(self, err: BaseException) -> None:
+        self.error_desc = str(err)
+        self._status.set(MigrationStatus.FAILED)
+        log.warning("incoming migration failed: %s", err)
+        self.ops.abort()
+        if self._on_event:
+            self._on_event("MIGRATION", {"status": MigrationStatus.FAILED.value})

@@ -1,0 +1,121 @@
+"""Migration status, parameters and capabilities: the state both ends of a migration report over QMP.
+
+``MigrationStatus`` carries QEMU's names (``qapi/migration.json`` MigrationStatus). Every change of
+status goes through ``StatusCell.set``, which checks it against ``TRANSITIONS``: the one place where the
+lifecycle is written down, as QEMU's ``migrate_set_state`` is the one place that moves
+``MigrationState.state`` (``migration/migration.c``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import threading
+from typing import Any
+
+
+class MigrationStatus(str, enum.Enum):
+    """QEMU's MigrationStatus values that this engine enters (the string is what QMP shows)."""
+
+    NONE = "none"
+    SETUP = "setup"
+    ACTIVE = "active"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINAL_STATUSES
+
+    @property
+    def in_progress(self) -> bool:
+        return self in (MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.CANCELLING)
+
+
+FINAL_STATUSES = frozenset({MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED})
+
+#: status -> the statuses it may move to. CANCELLING -> COMPLETED: a cancel that arrives after the
+#: source committed (SEND_FINISH) cannot undo it; the migration completes.
+TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
+    # The destination starts ACTIVE, as QEMU's incoming side does.
+    MigrationStatus.NONE: frozenset({MigrationStatus.SETUP, MigrationStatus.ACTIVE}),
+    MigrationStatus.SETUP: frozenset({MigrationStatus.ACTIVE, MigrationStatus.CANCELLING, MigrationStatus.FAILED}),
+    MigrationStatus.ACTIVE: frozenset({MigrationStatus.CANCELLING, MigrationStatus.COMPLETED, MigrationStatus.FAILED}),
+    MigrationStatus.CANCELLING: frozenset({MigrationStatus.CANCELLED, MigrationStatus.COMPLETED, MigrationStatus.FAILED}),
+    MigrationStatus.COMPLETED: frozenset(),
+    MigrationStatus.FAILED: frozenset(),
+    MigrationStatus.CANCELLED: frozenset(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    """A status change the lifecycle does not allow: a bug in the engine, never a peer's doing."""
+
+
+class StatusCell:
+    """A migration's status, changed only through ``set`` (thread-safe, checked against TRANSITIONS)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._status = MigrationStatus.NONE
+
+    @property
+    def value(self) -> MigrationStatus:
+        with self._lock:
+            return self._status
+
+    def set(self, to: MigrationStatus) -> None:
+        with self._lock:
+            if to not in TRANSITIONS[self._status]:
+                raise InvalidTransition(f"migration status {self._status.value} -> {to.value}")
+            self._status = to
+
+    def set_if(self, current: frozenset[MigrationStatus], to: MigrationStatus) -> bool:
+        """Move to ``to`` only from one of ``current`` (QEMU's compare-and-swap); True if it moved."""
+        with self._lock:
+            if self._status not in current:
+                return False
+            if to not in TRANSITIONS[self._status]:
+                raise InvalidTransition(f"migration status {self._status.value} -> {to.value}")
+            self._status = to
+            return True
+
+
+@dataclasses.dataclass
+class MigrationParameters:
+    """QEMU's migration parameters (qapi MigrationParameters) that this engine honours."""
+
+    downtime_limit: int = 300                 # ms
+    max_bandwidth: int = 128 << 20            # bytes/s; 0 = unlimited
+    multifd_channels: int = 2
+    throttle_trigger_threshold: int = 50      # %
+    cpu_throttle_initial: int = 20            # %
+    cpu_throttle_increment: int = 10          # %
+    cpu_throttle_tailslow: bool = False
+    max_cpu_throttle: int = 99                # %
+    sev_pdh: str = ""
+    sev_plat_cert: str = ""
+    sev_amd_cert: str = ""
+    commit_timeout: float = 60.0              # s: how long either side waits for the other's verdict
+
+    def qmp(self) -> dict[str, Any]:
+        out = {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+        out.pop("commit-timeout")
+        return out
+
+
+@dataclasses.dataclass
+class MigrationCapabilities:
+    """The migration capabilities this engine implements (QEMU's names with hyphens over QMP).
+
+    QEMU's ``return-path`` is not a switch here: the commit protocol always answers on the return path.
+    """
+
+    events: bool = False
+    auto_converge: bool = False
+    multifd: bool = False
+
+    def qmp(self) -> list[dict[str, Any]]:
+        return [{"capability": f.name.replace("_", "-"), "state": getattr(self, f.name)}
+                for f in dataclasses.fields(self)]
