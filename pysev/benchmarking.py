@@ -1,4 +1,4 @@
-"""Measure the csev kernels against the limits of this machine (performance.md A1-A4). No printing.
+"""Measure the csev kernels against the limits of this machine, measured in the same run (``docs/performance.md``, "Method"). No printing.
 
 The limit is computed in the same run from ``openssl speed`` on 4096-byte blocks: one page costs one
 AES-128-XTS, one AES-128-CTR and one HMAC-SHA256 pass, so limit = 1 / (t_xts + t_ctr + t_hmac) bytes
@@ -139,7 +139,7 @@ class Workload:
 
 
 def python_baseline_mbps(pages: int = 2048, repeats: int = 3) -> float:
-    """The obvious plain-Python send loop (performance.md A2 ``crypt``): per-page objects."""
+    """The obvious plain-Python send loop (``docs/performance.md``, "The kernels"): per-page objects."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     w = Workload(max(1, pages * PAGE >> 20), seed=1)

@@ -28,9 +28,8 @@ MAX_CHANNELS = 64
 # left a connection with a 2 KiB window.
 SOCKET_BUFFER = 4 << 20
 # Bulk reads (see _SocketReader): while a stream flows, the reader is woken once per BULK_LOWAT bytes
-# (at most half the receive buffer the kernel granted), or after BULK_WAIT_MS with whatever arrived.
-# On an idle 2 GiB guest over loopback TCP (benchmarks/test_migration.py) the destination's batches
-# grow from ~200 pages to 2048 and the migration from ~0.65 to ~0.71 of the send kernel.
+# (at most half the receive buffer the kernel granted), or after BULK_WAIT_MS with whatever arrived,
+# so the destination applies whole batches instead of a few hundred pages (docs/performance.md).
 BULK_LOWAT = 4 << 20
 BULK_WAIT_MS = 5
 BULK_READ = 256 << 10  # a read at least this large means a bulk transfer is under way

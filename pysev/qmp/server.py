@@ -1,4 +1,4 @@
-"""QMP protocol server: transport, framing, negotiation, dispatch and events (qemu-migration.md §4).
+"""QMP protocol server: transport, framing, negotiation, dispatch and events (QEMU's ``docs/interop/qmp-spec.rst``).
 
 The wire contract is QEMU's ``monitor/qmp.c`` as the PyPI ``qemu.qmp`` client sees it (§4.2):
 

@@ -1,4 +1,4 @@
-"""The ``pysev vm`` VMM: one simulated host running one SEV guest, driven over QMP (qemu-migration.md §4).
+"""The ``pysev vm`` VMM: one simulated host running one SEV guest, driven over QMP (QEMU's ``qapi/migration.json``, ``qapi/misc-target.json``).
 
 The lifecycle is QEMU's: a source boots its guest and runs it; ``migrate`` returns ``{}`` at once and the
 engine (``pysev.migration.outgoing``) runs on a thread of its own; after a completed migration the source
