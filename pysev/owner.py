@@ -1,33 +1,31 @@
-"""The guest owner (tenant): the client side of a LAUNCH session (sev-api.md §3.1 "Launch" row).
+"""The guest owner (tenant): the client side of a LAUNCH session.
 
 The owner checks the platform's certificate chain, makes a fresh GODH key, wraps its own TEK/TIK into the
-128-byte session for LAUNCH_START (§3.3), verifies LAUNCH_MEASURE (§2.8) and builds the LAUNCH_SECRET
-packet (§2.8, §4). TEK, TIK and the GODH private key live only in underscore attributes.
+session for LAUNCH_START, verifies LAUNCH_MEASURE and builds the LAUNCH_SECRET packet, as AMD's sev-tool
+(``src/commands.cpp``: ``build_session_buffer``, ``calculate_measurement``, ``create_launch_secret_header``)
+and virtee/sev (``src/session``) do. TEK, TIK and the GODH private key live only in underscore attributes.
 """
 from __future__ import annotations
 
 import hmac
 import os
-import struct
-from typing import Callable
+from collections.abc import Callable
 
 from Crypto.PublicKey import ECC
 
 import csev
 from pysev.firmware import certs
-from pysev.firmware.sev import session
 from pysev.firmware.certs import Algo, SevCert, Usage
+from pysev.firmware.sev import session
 from pysev.firmware.sev.abi import MEASURE_SIZE, SCRATCH_BUF_LEN
 from pysev.firmware.status import SevError, SevStatus
-
-_FLAGS = struct.Struct("<I")
 
 
 class GuestOwner:
     """One launch session with one platform.
 
-    ``platform_pdh_cert`` is the platform's PDH (2084 bytes). With ``plat_certs`` (PEK ‖ OCA ‖ CEK) and
-    ``amd_certs`` (ASK ‖ ARK) the whole chain is verified first (ARK…PDH, §5), pinned to ``anchor`` when
+    ``platform_pdh_cert`` is the platform's PDH certificate. With ``plat_certs`` (PEK ‖ OCA ‖ CEK) and
+    ``amd_certs`` (ASK ‖ ARK) the whole chain is verified first (ARK…PDH), pinned to ``anchor`` when
     given; a broken chain raises ``SevError`` with the firmware status of the failing link.
     ``rng`` is the owner's random source (injectable for known-answer tests).
     """
@@ -79,21 +77,22 @@ class GuestOwner:
             return False
         measure48 = bytes(measure48)
         expected = session.launch_measure(self._tik, api_major, api_minor, build, self.policy, bytes(digest),
-                                          measure48[32:48])
-        return hmac.compare_digest(expected, measure48[:32])
+                                          measure48[session.MNONCE])
+        return hmac.compare_digest(expected, measure48[session.MEASURE])
 
     # -- LAUNCH_SECRET -------------------------------------------------------------------------------
     def secret_packet(self, secret: bytes, measure48: bytes) -> tuple[bytes, bytes]:
-        """(52-byte header, ciphertext) for LAUNCH_SECRET: AES-128-CTR under TEK with a random IV, MAC
-        ctx 0x01 over FLAGS ‖ IV ‖ lengths ‖ ciphertext ‖ MEASURE(32) under TIK (§2.8, §4)."""
+        """(packet header, ciphertext) for LAUNCH_SECRET: AES-128-CTR under TEK with a random IV, MAC
+        ctx 0x01 over FLAGS ‖ IV ‖ lengths ‖ ciphertext ‖ MEASURE(32) under TIK (virtee/sevctl
+        ``src/secret.rs``; AMD ``sev_mcmd.c`` ``sev_mcmd_launch_secret``)."""
         secret = bytes(secret)
         if not secret or len(secret) % 16 or len(secret) > SCRATCH_BUF_LEN:
             raise ValueError(f"secret length must be a non-zero multiple of 16 up to {SCRATCH_BUF_LEN:#x}, "
                              f"got {len(secret)}")
-        if len(measure48) < 32:
+        if len(measure48) < session.MEASURE.stop:
             raise ValueError(f"measure must hold the 32-byte MEASURE, got {len(measure48)} bytes")
         iv = self._rng(16)
         ciphertext = csev.aes128_ctr(self._tek, iv, secret)
         mac = session.packet_mac(self._tik, session.CTX_SECRET, 0, iv, len(secret), len(secret), ciphertext,
-                                 bytes(measure48[:32]))
-        return _FLAGS.pack(0) + iv + mac, ciphertext
+                                 bytes(measure48[session.MEASURE]))
+        return session.pack_packet_header(0, iv, mac), ciphertext

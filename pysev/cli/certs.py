@@ -1,4 +1,4 @@
-"""``pysev certs``: verify an SEV certificate chain, or decode one certificate (sev-api.md §5).
+"""``pysev certs``: verify an SEV certificate chain, or decode one certificate (``pysev.firmware.certs``).
 
 ``verify DIR`` exits 0 when the whole chain verifies, 1 when a link fails, 2 when input is missing
 or malformed. ``show FILE`` decodes either format, chosen by size.
@@ -15,7 +15,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from pysev.firmware.certs import (
-    AmdCert, CertError, ChainReport, SevCert, load_amd_cert, load_sev_cert, read_cert_file, verify_chain,
+    AmdCert,
+    CertError,
+    ChainReport,
+    SevCert,
+    load_amd_cert,
+    load_sev_cert,
+    read_cert_file,
+    verify_chain,
 )
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2

@@ -23,8 +23,7 @@ import weakref
 import numpy as np
 
 import csev
-from pysev.hw.memctl import MemoryController
-from pysev.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
+from csev.packet import PAGE_SHIFT, PAGE_SIZE
 from pysev.hv.memory import (
     KVM_MAP_GPA_RANGE_DECRYPTED,
     KVM_MAP_GPA_RANGE_ENCRYPTED,
@@ -33,6 +32,7 @@ from pysev.hv.memory import (
     RamBlock,
     nwords,
 )
+from pysev.hw.memctl import MemoryController
 
 log = logging.getLogger(__name__)
 

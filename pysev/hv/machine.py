@@ -16,12 +16,13 @@ import threading
 
 import numpy as np
 
-from pysev import kvm as K
+from csev.packet import PAGE_SIZE
+from pysev import kvm
 from pysev.firmware.sev import CBITPOS, REDUCED_PHYS_BITS, Platform, Policy, make_policy
-from pysev.firmware.sev.abi import INIT_FLAGS_SEV_ES, Cmd, InitBuf
+from pysev.firmware.sev.abi import INIT_FLAGS_SEV_ES, MEASURE_SIZE, Cmd, InitBuf
 from pysev.hv.guest import Guest, Workload, page_pattern
-from pysev.hw.hostmem import PAGE_SIZE, HostMemory
 from pysev.hv.memory import GuestMemory
+from pysev.hw.hostmem import HostMemory
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class Host:
         self.platform = Platform(self.dram, root=root)
         if self.platform.issue(Cmd.INIT, InitBuf(flags=INIT_FLAGS_SEV_ES)) != 0:
             raise RuntimeError(f"{name}: SEV firmware INIT failed")
-        self.kvm = K.KvmHost(self.platform)
+        self.kvm = kvm.KvmHost(self.platform)
 
     def __repr__(self) -> str:
         return f"Host({self.name!r}, {self.platform!r})"
@@ -96,7 +97,7 @@ class VirtualMachine:
         self._state = RunState.INMIGRATE if incoming else RunState.PRELAUNCH
         self._state_lock = threading.Lock()
         self.state_listeners: list = []
-        self.sev: K.SevKvm | None = None
+        self.sev: kvm.SevKvm | None = None
         self.guest: Guest | None = None
         self.workload: Workload | None = None
         self._workload_args = dict(dirty_rate=dirty_rate, workload=workload, convert_rate=convert_rate,
@@ -107,7 +108,7 @@ class VirtualMachine:
         self.vmsa_hpas: list[int] = [host.dram.alloc_kernel(PAGE_SIZE) for _ in range(VCPUS)] if self.es else []
         if sev:
             self.sev = host.kvm.create_vm()
-            self.sev.op(K.sev_cmd_id.KVM_SEV_ES_INIT if policy & Policy.ES else K.sev_cmd_id.KVM_SEV_INIT)
+            self.sev.op(kvm.sev_cmd_id.KVM_SEV_ES_INIT if policy & Policy.ES else kvm.sev_cmd_id.KVM_SEV_INIT)
         if not incoming:
             self._launch()
             self._attach_guest()
@@ -146,20 +147,20 @@ class VirtualMachine:
         self.host.dram.frames[ram.frames[:len(boot)].astype(np.int64)] = boot
         if not self.sev:
             return
-        start = self.sev.op(K.sev_cmd_id.KVM_SEV_LAUNCH_START, K.kvm_sev_launch_start(policy=self.policy))
+        start = self.sev.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_START, kvm.kvm_sev_launch_start(policy=self.policy))
         log.info("%s: LAUNCH_START handle %d asid %d", self.host.name, start.handle, self.sev.asid)
         for frame in ram.frames[:len(boot)]:
-            self.sev.op(K.sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_DATA, K.kvm_sev_launch_update_data(
+            self.sev.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_DATA, kvm.kvm_sev_launch_update_data(
                 uaddr=self.sev.uaddr_of_hpa(int(frame) * PAGE_SIZE), len=PAGE_SIZE))
         for vcpu, hpa in enumerate(self.vmsa_hpas):      # LAUNCH_UPDATE_VMSA: the initial register state
             self.host.dram.write(hpa, _initial_vmsa(vcpu))
-            self.sev.op(K.sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_VMSA, K.kvm_sev_launch_update_data(
+            self.sev.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_VMSA, kvm.kvm_sev_launch_update_data(
                 uaddr=self.sev.uaddr_of_hpa(hpa), len=PAGE_SIZE))
-        measure = ctypes.create_string_buffer(48)
-        self.sev.op(K.sev_cmd_id.KVM_SEV_LAUNCH_MEASURE,
-                    K.kvm_sev_launch_measure(uaddr=ctypes.addressof(measure), len=48))
+        measure = ctypes.create_string_buffer(MEASURE_SIZE)
+        self.sev.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_MEASURE,
+                    kvm.kvm_sev_launch_measure(uaddr=ctypes.addressof(measure), len=MEASURE_SIZE))
         self.launch_measurement = measure.raw
-        self.sev.op(K.sev_cmd_id.KVM_SEV_LAUNCH_FINISH)
+        self.sev.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_FINISH)
 
     def workload_args(self) -> dict:
         """This VM's workload settings, as constructor arguments (a migrated guest keeps its workload)."""

@@ -52,7 +52,8 @@ from dataclasses import dataclass
 import numpy as np
 
 import csev
-from pysev.hw.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
+from csev.packet import PAGE_SHIFT, PAGE_SIZE
+from pysev.hw.hostmem import HostMemory
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,10 @@
 
 One flat, lazily backed mapping (``MAP_NORESERVE``): a 64 GiB host costs nothing until pages are
 touched, so a 64 GiB guest with 1 GiB written fits in this machine's memory. Host physical address
-(HPA) = byte offset into the mapping; frame = HPA >> 12. Guest RAM, firmware command buffers and the
-hypervisor's bounce buffers all live here, which is what makes the XTS tweak (the HPA, sev-api.md §8)
-and the firmware's PADDR arguments real addresses rather than labels.
+(HPA) = byte offset into the mapping; frame = HPA >> PAGE_SHIFT. Guest RAM, firmware command buffers
+and the hypervisor's bounce buffers all live here, which is what makes the memory controller's tweak
+(the HPA; AMD64 Architecture Programmer's Manual, Vol. 2, "Secure Memory Encryption") and the
+firmware's PADDR arguments real addresses rather than labels. Page geometry is ``csev.packet``'s.
 
 Frames are handed out in shuffled 2 MiB chunks, so a guest's RAM is backed by non-contiguous frames
 that differ between hosts (the reason ciphertext cannot be copied between them).
@@ -17,8 +18,8 @@ import threading
 
 import numpy as np
 
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
+from csev.packet import PAGE_SIZE
+
 CHUNK_FRAMES = 512  # 2 MiB, the granule of guest-RAM allocation
 KERNEL_CHUNKS = 8   # the first 16 MiB serve small kernel/firmware buffers, frame by frame
 
@@ -30,12 +31,12 @@ CHUNK_BYTES = CHUNK_FRAMES * PAGE_SIZE
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class OutOfHostMemory(MemoryError):
-    pass
+class OutOfHostMemoryError(MemoryError):
+    """No free frames (or no contiguous kernel buffer) of the requested size."""
 
 
 class HostMemory:
-    """DRAM of one host: ``frames`` is a ``uint8[n_frames, 4096]`` view, ``flat`` the byte view."""
+    """DRAM of one host: ``frames`` is a ``uint8[n_frames, PAGE_SIZE]`` view, ``flat`` the byte view."""
 
     def __init__(self, size: int, *, seed: int | None = None) -> None:
         n_chunks = -(-size // (CHUNK_FRAMES * PAGE_SIZE))
@@ -63,7 +64,7 @@ class HostMemory:
         need = -(-npages // CHUNK_FRAMES)
         with self._lock:
             if need > len(self._free_chunks):
-                raise OutOfHostMemory(f"{npages} pages requested, {len(self._free_chunks) * CHUNK_FRAMES} free")
+                raise OutOfHostMemoryError(f"{npages} pages requested, {len(self._free_chunks) * CHUNK_FRAMES} free")
             chunks = np.array([self._free_chunks.pop() for _ in range(need)], dtype=np.uint64)
         frames = (chunks[:, None] * CHUNK_FRAMES + np.arange(CHUNK_FRAMES, dtype=np.uint64)).ravel()
         return frames[:npages].copy()
@@ -106,7 +107,7 @@ class HostMemory:
             # first run of n free frames
             run = np.flatnonzero(np.convolve(free, np.ones(n, dtype=int), mode="valid") == n)
             if run.size == 0:
-                raise OutOfHostMemory(f"no contiguous kernel buffer of {length} bytes")
+                raise OutOfHostMemoryError(f"no contiguous kernel buffer of {length} bytes")
             first = int(run[0])
             free[first:first + n] = False
         self.flat[first * PAGE_SIZE:(first + n) * PAGE_SIZE] = 0

@@ -1,11 +1,12 @@
-"""The SEV memory controller model (sev-api.md §8): per-ASID VEKs, AES-128-XTS at the host address.
+"""The SEV memory controller model: per-ASID VEKs, AES-128-XTS with the host address as the tweak.
 
 This is hardware, not firmware: the firmware installs a guest's VEK into an ASID key slot (ACTIVATE)
 and the guest's C-bit accesses go through it. It never returns a key. Accesses with the C-bit clear
 (shared pages) bypass it and touch DRAM directly.
 
-Encryption unit: one XTS data unit per 4 KiB page, tweak = host physical address (the issue's model of
-the address tweak). Sub-page accesses (firmware commands take 16-byte granular lengths) are done as a
+Encryption unit: one XTS data unit per 4 KiB page, tweak = host physical address (a model of the real
+engine's address tweak: AMD64 Architecture Programmer's Manual, Vol. 2, "Secure Memory Encryption").
+Sub-page accesses (firmware commands take 16-byte granular lengths) are done as a
 read-modify-write of the containing pages, so bytes outside the range keep their plaintext.
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 import csev
-from pysev.hw.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
+from csev.packet import PAGE_SHIFT, PAGE_SIZE
+from pysev.hw.hostmem import HostMemory
 
 
 class MemoryController:
