@@ -1,7 +1,7 @@
 """Build the csev kernels. Metadata lives in pyproject.toml; this file only declares extensions.
 
-Every ``csev/*.pyx`` is one extension module. Compiler directives live here and nowhere else
-(house-style.md). ``CSEV_DEBUG=1`` turns on bounds/initialisation checks and annotation.
+Every ``csev/*.pyx`` is one extension module. Compiler directives live here and nowhere else.
+``CSEV_DEBUG=1`` turns on bounds/initialisation checks and annotation.
 
 No OpenSSL headers are needed: the crypto kernels declare the few EVP entry points they use as
 function-pointer types and resolve them at import time from the libcrypto that Python's own

@@ -28,8 +28,9 @@ Transport pipelines: SEND_UPDATE_DATA and RECEIVE_UPDATE_DATA (#55766; AMD's fir
         LE32(flags=0) ‖ IV ‖ LE32(4096) ‖ LE32(4096) ‖ ciphertext). Writes ``headers[i]`` (52 bytes:
         flags ‖ IV ‖ MAC) and ``trans[i]`` (4096 bytes). ``trans`` goes past the cache (non-temporal
         stores) unless ``nontemporal=False``, for a small output read again at once. With
-        ``on_slice``, ``headers``/``trans`` are a ring of n rows (page i → row i % n) and
-        ``on_slice(start, stop)`` consumes each n-page slice before the rows are reused (one thread).
+        ``on_slice`` (a ``csev.packet.RecordSink``), ``headers``/``trans`` are a ring of n rows (page i →
+        row i % n) and ``on_slice(start, stop)`` consumes each n-page slice before the rows are reused
+        (one thread).
     ``receive_pages(vek, tek, tik, headers, trans, mem, index, tweaks, *, threads=None) -> status``
         RECEIVE_UPDATE_DATA for a batch: per packet, COMPRESSED flag → UNSUPPORTED (0x15); MAC checked
         in constant time before decrypting → BAD_MEASUREMENT (0x0B); else CTR-decrypt and

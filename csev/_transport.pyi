@@ -1,8 +1,8 @@
-from collections.abc import Callable
-
 import numpy as np
 import numpy.typing as npt
 from typing_extensions import Buffer
+
+from csev.packet import RecordSink
 
 def send_pages(
     vek: Buffer,
@@ -17,7 +17,7 @@ def send_pages(
     *,
     threads: int | None = ...,
     nontemporal: bool = ...,
-    on_slice: Callable[[int, int], object] | None = ...,
+    on_slice: RecordSink | None = ...,
 ) -> None: ...
 def receive_pages(
     vek: Buffer,

@@ -7,6 +7,8 @@ source ``sev_mcmd.h``; byte offsets in ``docs/formats.md``).
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 #: Bytes per guest page.
@@ -25,3 +27,17 @@ PACKET_MAC_SIZE = 32
 PACKET_FLAG_COMPRESSED = 1 << 0
 
 assert PACKET_HEADER_SIZE == 52 and PACKET_MAC_OFFSET + PACKET_MAC_SIZE == PACKET_HEADER_SIZE
+
+
+class RecordSink(Protocol):
+    """Where the send pipeline hands its packets, slice by slice (``send_pages(..., on_slice=sink)``).
+
+    With a sink, the pipeline's ``headers``/``trans`` outputs are a ring of n rows: page i of the batch
+    goes to row i % n, and after every n pages (and after the last) the pipeline calls ``sink(start,
+    stop)``: pages ``[start, stop)`` of the batch are ready in rows ``[0, stop - start)`` and must be
+    consumed before the call returns, because the next slice overwrites them. The migration stream's
+    ``RecordRing.put`` is the sink that writes them to the connection while they are in cache
+    (``docs/design.md``). An exception from the sink ends the batch.
+    """
+
+    def __call__(self, start: int, stop: int, /) -> None: ...

@@ -15,12 +15,11 @@ import base64
 import binascii
 import ctypes
 import logging
-from typing import Callable
 
 import numpy as np
 
 import csev
-from csev.packet import PACKET_HEADER_SIZE, PAGE_SIZE
+from csev.packet import PACKET_HEADER_SIZE, PAGE_SIZE, RecordSink
 from pysev import kvm
 from pysev.firmware.sev.abi import SESSION_SIZE, SEV_CERT_SIZE, SEV_FW_BLOB_MAX_SIZE, GuestState, Policy
 from pysev.firmware.status import SevStatus
@@ -163,7 +162,7 @@ class SevOps(PlainOps):
         return csev.bitmap_split(dirty, self.vm.memory.enc_snapshot(block), private, shared)
 
     def send_pages(self, block, pages: np.ndarray, hdrs: np.ndarray, trans: np.ndarray, threads: int = 1,
-                   on_slice: Callable[[int, int], None] | None = None) -> None:
+                   on_slice: RecordSink | None = None) -> None:
         """SEND_UPDATE_DATA for ``pages`` (indices into ``block``), batched through the csev pipeline;
         ``threads`` cores work on the batch. With ``on_slice``, ``hdrs``/``trans`` are a ring the
         caller drains in ``on_slice(start, stop)`` (``Platform.send_update_data_batch``)."""
