@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from pysev.qmp.server import ArgEnum, CommandTable, JsonStreamer, QmpError, QmpServer
+from pysev.qmp.commands import ArgEnum, CommandTable, QmpError
+from pysev.qmp.framing import JsonStreamer
+from pysev.qmp.server import QmpServer
 
 TIMEOUT = 5.0
 SLEEP = 0.5

@@ -27,7 +27,8 @@ from pysev.migration.incoming import IncomingMigration
 from pysev.migration.outgoing import OutgoingMigration
 from pysev.migration.sev_ops import MigrationError
 from pysev.migration.transport import MAX_CHANNELS, TcpListener, parse_tcp, tcp_connect
-from pysev.qmp.server import ArgEnum, CommandTable, QmpError, QmpServer, Session
+from pysev.qmp.commands import ArgEnum, CommandTable, Session, generic_error
+from pysev.qmp.server import QmpServer
 
 __all__ = ["Vmm", "HOST_OVERHEAD"]
 
@@ -80,10 +81,6 @@ _PARAM_SCHEMA: dict[str, tuple[Any, bool]] = {
 # Parameters a running migration picks up at once (QEMU applies these live too).
 _LIVE_PARAMS = ("downtime_limit", "max_bandwidth", "throttle_trigger_threshold", "cpu_throttle_initial",
                 "cpu_throttle_increment", "cpu_throttle_tailslow", "max_cpu_throttle")
-
-
-def _generic(desc: str) -> QmpError:
-    return QmpError("GenericError", desc)
 
 
 class _Outgoing:
@@ -275,16 +272,16 @@ class Vmm:
 
     def _check_alive(self) -> None:
         if self._closing:
-            raise _generic("The VMM is shutting down")
+            raise generic_error("The VMM is shutting down")
 
     # -- incoming -------------------------------------------------------------------------------------
     def _listen(self, uri: str) -> None:
         try:
             listener = TcpListener(uri)
         except ValueError as err:
-            raise _generic(str(err)) from None
+            raise generic_error(str(err)) from None
         except OSError as err:
-            raise _generic(f"Failed to bind socket for '{uri}': {err.strerror or err}") from None
+            raise generic_error(f"Failed to bind socket for '{uri}': {err.strerror or err}") from None
         with self._lock:
             self._listener = listener
             self._incoming_status = "setup"
@@ -400,13 +397,13 @@ class Vmm:
             self._check_alive()
             state = self.vm.state
             if state == RunState.INMIGRATE:
-                raise _generic("Guest is waiting for an incoming migration")
+                raise generic_error("Guest is waiting for an incoming migration")
             if state == RunState.FINISH_MIGRATE:
-                raise _generic("Migration is not finalized yet")
+                raise generic_error("Migration is not finalized yet")
             if state == RunState.POSTMIGRATE:
-                raise _generic("The guest has migrated away (SEND_FINISH): it can no longer run on this host")
+                raise generic_error("The guest has migrated away (SEND_FINISH): it can no longer run on this host")
             if state in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
-                raise _generic("Resetting the Virtual Machine is required")
+                raise generic_error("Resetting the Virtual Machine is required")
             if state == RunState.PAUSED:
                 self.vm.resume()
 
@@ -415,11 +412,11 @@ class Vmm:
             self._check_alive()
             state = self.vm.state
             if state == RunState.INMIGRATE:
-                raise _generic("Guest is waiting for an incoming migration")
+                raise generic_error("Guest is waiting for an incoming migration")
             if state == RunState.POSTMIGRATE:
-                raise _generic("The guest has migrated away (SEND_FINISH): it can no longer run on this host")
+                raise generic_error("The guest has migrated away (SEND_FINISH): it can no longer run on this host")
             if self._outgoing is not None and self._outgoing.in_progress:
-                raise _generic("There's a migration process in progress")
+                raise generic_error("There's a migration process in progress")
             self.vm.reset()
             self.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
 
@@ -430,7 +427,7 @@ class Vmm:
     def cmd_query_sev(self, args: dict, session: Session) -> dict:
         vm = self.vm
         if not vm.sev_enabled or vm.sev is None:
-            raise _generic("SEV feature is not available")
+            raise generic_error("SEV feature is not available")
         status = PlatformStatusBuf()
         self.host.platform.issue(Cmd.PLATFORM_STATUS, status)
         state = "uninit"
@@ -446,21 +443,21 @@ class Vmm:
 
     def cmd_query_sev_capabilities(self, args: dict, session: Session) -> dict:
         if not self.vm.sev_enabled:
-            raise _generic("SEV is not enabled in KVM")
+            raise generic_error("SEV is not enabled in KVM")
         return self.host.sev_capabilities()
 
     def cmd_x_guest_digest(self, args: dict, session: Session) -> dict:
         self._check_alive()
         vm = self.vm
         if vm.state == RunState.INMIGRATE:
-            raise _generic("Guest is waiting for an incoming migration")
+            raise generic_error("Guest is waiting for an incoming migration")
         try:
             return {"digest": vm.digest()}
         except K.KvmError as err:
             desc = f"x-guest-digest: the firmware refused the debug read: {err}"
             if vm.policy & Policy.NODBG:
                 desc += f" (the guest policy {vm.policy:#x} has NODBG: debugging is forbidden)"
-            raise _generic(desc) from None
+            raise generic_error(desc) from None
 
     # -- migration parameters and capabilities --------------------------------------------------------
     def cmd_migrate_set_parameters(self, args: dict, session: Session) -> None:
@@ -469,10 +466,10 @@ class Vmm:
             if name in _PARAM_RANGES:
                 lo, hi, words = _PARAM_RANGES[name]
                 if not lo <= value <= hi:
-                    raise _generic(f"Parameter '{name.replace('-', '_')}' expects {words}")
+                    raise generic_error(f"Parameter '{name.replace('-', '_')}' expects {words}")
             elif name.startswith("tls-"):
                 if value:
-                    raise _generic(f"Parameter '{name}': TLS is not supported by pysev (private pages travel "
+                    raise generic_error(f"Parameter '{name}': TLS is not supported by pysev (private pages travel "
                                    "encrypted and authenticated by the SEV transport keys)")
                 continue
             elif name.startswith("sev-"):
@@ -492,15 +489,15 @@ class Vmm:
     def cmd_migrate_set_capabilities(self, args: dict, session: Session) -> None:
         with self._lock:
             if self._outgoing is not None and self._outgoing.in_progress:
-                raise _generic("There's a migration process in progress")
+                raise generic_error("There's a migration process in progress")
             updates = {}
             for item in args["capabilities"]:
                 name, state = item["capability"], item["state"]
                 if name == "return-path" and not state:
-                    raise _generic("Capability 'return-path' is required: the SEV commit protocol answers "
+                    raise generic_error("Capability 'return-path' is required: the SEV commit protocol answers "
                                    "on the return path")
                 if state and name not in SUPPORTED_CAPABILITIES:
-                    raise _generic(f"Migration capability '{name}' is not supported by pysev")
+                    raise generic_error(f"Migration capability '{name}' is not supported by pysev")
                 if name in _ENGINE_CAPS:
                     updates[name.replace("-", "_")] = state
             self.caps = dataclasses.replace(self.caps, **updates)
@@ -515,46 +512,46 @@ class Vmm:
     def _uri_from(args: dict) -> str:
         uri, channels = args.get("uri"), args.get("channels")
         if uri is not None and channels is not None:
-            raise _generic("need either 'uri' or 'channels' argument")
+            raise generic_error("need either 'uri' or 'channels' argument")
         if uri is None and channels is None:
-            raise _generic("need either 'uri' or 'channels' argument")
+            raise generic_error("need either 'uri' or 'channels' argument")
         if channels is not None:
             if len(channels) != 1:
-                raise _generic("Channel list has more than one entries")
+                raise generic_error("Channel list has more than one entries")
             addr = channels[0]["addr"]
             if addr.get("transport") != "socket" or addr.get("type") != "inet":
-                raise _generic("pysev migrates over TCP only: 'addr' must be "
+                raise generic_error("pysev migrates over TCP only: 'addr' must be "
                                "{\"transport\": \"socket\", \"type\": \"inet\", \"host\": …, \"port\": …}")
             host, port = addr.get("host"), addr.get("port")
             if not isinstance(host, str) or not isinstance(port, str):
-                raise _generic("Parameter 'addr' needs string members 'host' and 'port'")
+                raise generic_error("Parameter 'addr' needs string members 'host' and 'port'")
             uri = f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
         scheme = uri.split(":", 1)[0]
         if scheme != "tcp":
             if scheme in ("unix", "exec", "fd", "file", "rdma", "vsock"):
-                raise _generic(f"pysev migrates over tcp: only; '{scheme}:' is not supported")
-            raise _generic(f"unknown migration protocol: {uri}")
+                raise generic_error(f"pysev migrates over tcp: only; '{scheme}:' is not supported")
+            raise generic_error(f"unknown migration protocol: {uri}")
         try:
             parse_tcp(uri)
         except ValueError as err:
-            raise _generic(str(err)) from None
+            raise generic_error(str(err)) from None
         return uri
 
     def cmd_migrate(self, args: dict, session: Session) -> None:
         if args.get("resume"):
-            raise _generic("Cannot resume if there is no paused migration")
+            raise generic_error("Cannot resume if there is no paused migration")
         if args.get("blk") or args.get("inc"):
-            raise _generic("Block migration is not supported by pysev")
+            raise generic_error("Block migration is not supported by pysev")
         uri = self._uri_from(args)
         with self._lock:
             self._check_alive()
             if self._outgoing is not None and self._outgoing.in_progress:
-                raise _generic("There's a migration process in progress")
+                raise generic_error("There's a migration process in progress")
             state = self.vm.state
             if state == RunState.INMIGRATE:
-                raise _generic("Guest is waiting for an incoming migration")
+                raise generic_error("Guest is waiting for an incoming migration")
             if state not in (RunState.RUNNING, RunState.PAUSED):
-                raise _generic(f"The guest cannot be migrated in state '{state.value}'"
+                raise generic_error(f"The guest cannot be migrated in state '{state.value}'"
                                + (" (it has migrated away: SEND_FINISH)" if state == RunState.POSTMIGRATE else ""))
             job = _Outgoing(self, uri, dataclasses.replace(self.params), dataclasses.replace(self.caps))
             self._outgoing = job
@@ -566,9 +563,9 @@ class Vmm:
         with self._lock:
             self._check_alive()
             if self.incoming_setting is None:
-                raise _generic("'-incoming' was not specified on the command line")
+                raise generic_error("'-incoming' was not specified on the command line")
             if self._incoming_status in ("setup", "active", "completed"):
-                raise _generic("The incoming migration has already been started")
+                raise generic_error("The incoming migration has already been started")
             self._close_listener()      # after a failure: the new URI replaces the old listener
             self._listen(uri)
 
