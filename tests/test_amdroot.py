@@ -81,12 +81,12 @@ def test_private_material_is_not_exposed(rome):
 
 
 # -------------------------------------------------------------------------------------------------
-# KDS and CEK derivation (§2.9)
+# KDS and CEK derivation (AMD sev_plat.c sev_cek_derive)
 # -------------------------------------------------------------------------------------------------
 def test_derive_cek_follows_the_firmware_recipe():
     fused = bytes(range(32))
     seed = hashlib.sha256(fused).digest()
-    # SP 800-108 counter mode, LE32 counter and bit length, label ‖ 0x00, no context (§3.3)
+    # SP 800-108 counter mode, LE32 counter and bit length, label ‖ 0x00, no context (AMD nist_kdf.c)
     label = b"sev-chip-endorsement-key"
     blocks = b"".join(hmac.digest(seed, i.to_bytes(4, "little") + label + b"\0" + (56 * 8).to_bytes(4, "little"),
                                   "sha256") for i in (1, 2))

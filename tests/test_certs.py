@@ -1,5 +1,5 @@
-"""pysev.firmware.certs against the real AMD data in shared/testdata/sev-certs (its README's conclusions),
-the spec layout (sev-api.md §5), the firmware validation rules, and hostile input."""
+"""pysev.firmware.certs against the real AMD data in tests/data/sev-certs (its README's conclusions),
+the layouts of AMD's sev_cert.h/amd_cert.h (docs/formats.md), the firmware validation rules, and hostile input."""
 from __future__ import annotations
 
 import argparse
@@ -30,8 +30,7 @@ from pysev.firmware.certs import (
 )
 from pysev.firmware.status import SevError, SevStatus
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "sev-certs"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real SEV test data not found at {DATA}")
+DATA = Path(__file__).resolve().parent / "data" / "sev-certs"
 
 OK, BAD_SIG, INVALID_CERT = SevStatus.SUCCESS, SevStatus.BAD_SIGNATURE, SevStatus.INVALID_CERTIFICATE
 
@@ -61,7 +60,7 @@ def flip(data: bytes, offset: int, bit: int = 0) -> bytes:
 
 
 # -------------------------------------------------------------------------------------------------
-# Layout pinned to sev-api.md §5
+# Layout pinned to AMD sev_cert.h / amd_cert.h (docs/formats.md)
 # -------------------------------------------------------------------------------------------------
 def test_sev_layout_matches_spec():
     assert sev_cert.SEV_CERT_SIZE == 2084 == 0x824
@@ -114,19 +113,26 @@ README_SHA256 = {
 }
 
 
-@needs_data
 @pytest.mark.parametrize("name", sorted(README_SHA256))
 def test_testdata_is_the_documented_data(name):
     assert hashlib.sha256(raw(name)).hexdigest() == README_SHA256[name]
 
 
+def test_readme_lists_every_data_file_with_its_sha256():
+    listed = {}
+    for line in (DATA / "README.md").read_text().splitlines():
+        digest, _, path = line.partition("  ./")
+        if len(digest) == 64 and path:
+            listed[path] = digest
+    present = sorted(str(p.relative_to(DATA)) for p in DATA.rglob("*") if p.is_file() and p.name != "README.md")
+    assert sorted(listed) == present
+    assert all(hashlib.sha256(raw(path)).hexdigest() == digest for path, digest in listed.items())
+
+
 def _all_cert_files() -> list[str]:
-    if not DATA.is_dir():
-        return []
     return sorted(str(p.relative_to(DATA)) for p in DATA.glob("*/*.cert"))
 
 
-@needs_data
 @pytest.mark.parametrize("name", _all_cert_files())
 def test_round_trip_is_byte_identical(name):
     data = raw(name)
@@ -142,7 +148,6 @@ def test_round_trip_is_byte_identical(name):
 # -------------------------------------------------------------------------------------------------
 # Naples
 # -------------------------------------------------------------------------------------------------
-@needs_data
 def test_naples_ark_is_published_ark_plus_signature():
     assert raw("naples", "ark.cert") == raw("naples", "ark.cert.bad") + raw("naples", "ark.cert.sig")
     bad = AmdCert.from_bytes(raw("naples", "ark.cert.bad"), allow_unsigned=True)
@@ -152,7 +157,6 @@ def test_naples_ark_is_published_ark_plus_signature():
     assert dataclasses.replace(bad, signature=raw("naples", "ark.cert.sig")) == amd("naples", "ark.cert")
 
 
-@needs_data
 def test_naples_ark_fields():
     ark, ask = amd("naples", "ark.cert"), amd("naples", "ask.cert")
     assert ark.key_id.hex() == ark.certifying_id.hex() == "1bb987c359494606b174945601c9ea5b"
@@ -178,7 +182,6 @@ def _oracle_pss(cert: AmdCert, signer: AmdCert, hash_name: str) -> bool:
     return True
 
 
-@needs_data
 def test_naples_amd_signatures_are_pss_sha256():
     ark, ask = amd("naples", "ark.cert"), amd("naples", "ask.cert")
     assert certs.amd_cert_validate(ark, ark, Usage.ARK) == OK
@@ -187,7 +190,6 @@ def test_naples_amd_signatures_are_pss_sha256():
     assert _oracle_pss(ask, ark, "sha256")
 
 
-@needs_data
 def test_naples_chain_verifies_link_by_link():
     c = chain("naples")
     assert c["cek"].api_major == 0 and c["cek"].api_minor == 14
@@ -206,7 +208,6 @@ def test_naples_chain_verifies_link_by_link():
 # -------------------------------------------------------------------------------------------------
 # Rome, Milan, Genoa, Turin
 # -------------------------------------------------------------------------------------------------
-@needs_data
 def test_rome_chain_verifies_with_sha384():
     c = chain("rome")
     assert (c["ark"].key_id.hex(), c["ask"].key_id.hex()) == (
@@ -228,7 +229,6 @@ ROOTS = {
 }
 
 
-@needs_data
 @pytest.mark.parametrize("gen", sorted(ROOTS))
 def test_amd_roots(gen):
     ark_id, ask_id, hash_head, hash_tail = ROOTS[gen]
@@ -243,7 +243,6 @@ def test_amd_roots(gen):
         assert len(ark.to_bytes()) == 1600 and ark.hash.__name__.endswith("SHA384")
 
 
-@needs_data
 def test_genoa_ark_id_is_the_firmware_root_id():
     aspfw_amd_root_key_id = bytes([0x9F, 0x9D, 0x4A, 0x8F, 0xE7, 0x61, 0x45, 0x65,
                                    0x99, 0xF6, 0x94, 0x6C, 0x4C, 0x01, 0x0F, 0x3A])
@@ -257,7 +256,6 @@ KDS_CEK = ("naples-kds-cek/cek_5E1FDB617787B6D516F5CC5A5BB48FAE868DD57C71EC81F3F
            "DEA46C010E25304DA3FDFCE63DF87C5AE735537975EEE069CB14.cert")
 
 
-@needs_data
 def test_naples_bundle_is_ask_plus_unsigned_ark():
     bundle = raw("naples-kds-cek", "ask_ark_naples.cert")
     assert bundle == raw("naples", "ask.cert") + raw("naples", "ark.cert.bad")
@@ -269,7 +267,6 @@ def test_naples_bundle_is_ask_plus_unsigned_ark():
     assert "no signature" in report.message
 
 
-@needs_data
 def test_kds_cek_is_signed_by_naples_ask():
     cek = SevCert.from_bytes(raw(KDS_CEK))
     assert (cek.version, cek.api_major, cek.api_minor) == (1, 0, 14)
@@ -286,7 +283,6 @@ def test_kds_cek_is_signed_by_naples_ask():
 Z_ATTACK = "071e4d4688fb4410d5b161fd11c3f6c4ca5885354bae717de77f503f94a271b2f1c9a0799e8a65b278ccb2ce21721feb"
 
 
-@needs_data
 def test_migration_attack_pdh_and_ecdh():
     data = raw("migration-attack", "pdh_remote.cert")
     pdh = SevCert.from_bytes(data)
@@ -376,7 +372,6 @@ def test_signing_errors(private_keys):
 # -------------------------------------------------------------------------------------------------
 # sev_cert_validate semantics (ASPFW sev_cert_validate) and negative cases
 # -------------------------------------------------------------------------------------------------
-@needs_data
 def test_wrong_signer_and_swapped_parent_child():
     c = chain("naples")
     assert certs.sev_cert_validate(c["pdh"], c["oca"]) == INVALID_CERT   # no OCA slot on a PDH
@@ -406,7 +401,6 @@ def test_wrong_usage_signer_is_rejected_after_good_signature(private_keys):
         certs.require_valid(rogue, oca, "PDH<-OCA")
 
 
-@needs_data
 @pytest.mark.parametrize("where", ["body", "signature"])
 def test_flipped_bit_is_bad_signature(where):
     c = chain("rome")
@@ -419,7 +413,6 @@ def test_flipped_bit_is_bad_signature(where):
     assert "does not verify" in report.message
 
 
-@needs_data
 @pytest.mark.parametrize("where", ["modulus", "signature"])
 def test_flipped_bit_in_amd_cert(where):
     c = chain("rome")
@@ -431,7 +424,6 @@ def test_flipped_bit_in_amd_cert(where):
     assert report.first_failure.link == "ASK<-ARK" and "RSA-PSS/SHA-384" in report.message
 
 
-@needs_data
 def test_mixed_generations_fail():
     naples, rome, milan = chain("naples"), chain("rome"), {"ark": amd("milan", "ark.cert")}
     assert certs.sev_cert_validate(rome["pek"], naples["cek"]) == BAD_SIG   # CEK/ECDSA slot, other key
@@ -463,7 +455,6 @@ def test_slot_rules(private_keys):
 # -------------------------------------------------------------------------------------------------
 # Hostile input
 # -------------------------------------------------------------------------------------------------
-@needs_data
 @pytest.mark.parametrize("data, field", [
     (lambda d: d[:-1], "length must be 2084"),
     (lambda d: d + b"\0", "length must be 2084"),
@@ -486,7 +477,6 @@ def test_hostile_sev_cert_rejected_with_field_and_offset(data, field):
         SevCert.from_bytes(data(raw("naples", "pdh.cert")))
 
 
-@needs_data
 @pytest.mark.parametrize("mutate, field", [
     (lambda d: d[:-1], "length 1599"),
     (lambda d: d + b"\0", "length 1601"),
@@ -502,7 +492,6 @@ def test_hostile_amd_cert_rejected(mutate, field):
         AmdCert.from_bytes(mutate(raw("rome", "ask.cert")))
 
 
-@needs_data
 def test_hostile_amd_chain():
     blob = raw("rome", "ask.cert") + raw("rome", "ark.cert")
     assert certs.split_amd_chain(blob)[1] == amd("rome", "ark.cert")
@@ -511,7 +500,6 @@ def test_hostile_amd_chain():
             certs.split_amd_chain(bad)
 
 
-@needs_data
 def test_off_curve_point():
     data = bytearray(raw("naples", "pdh.cert"))
     data[0x5C] ^= 1
@@ -535,9 +523,8 @@ def test_off_curve_point_with_valid_signature_is_invalid_certificate(private_key
 
 
 # -------------------------------------------------------------------------------------------------
-# Firmware-order SEND_START checks (§2.2 steps 4, 5, 7)
+# Firmware-order SEND_START checks (AMD sev_mcmd.c validate_platform, validate_domain, sev_cert_sanity_check)
 # -------------------------------------------------------------------------------------------------
-@needs_data
 @pytest.mark.parametrize("gen", ["naples", "rome"])
 def test_validate_platform_real_chains(gen):
     c = chain(gen)
@@ -562,7 +549,6 @@ def test_validate_platform_real_chains(gen):
     assert certs.validate_platform(pdh, certs.join_plat_certs(c["pek"], c["pek"], c["cek"]), amd_chain, anchor) == OK
 
 
-@needs_data
 def test_validate_platform_naples_bundle():
     c = chain("naples")
     plat = certs.join_plat_certs(c["pek"], c["oca"], c["cek"])
@@ -575,7 +561,6 @@ def test_validate_platform_naples_bundle():
     assert certs.validate_platform(pdh, plat, bundle, rome_anchor, allow_unsigned_ark=True) == INVALID_CERT
 
 
-@needs_data
 def test_validate_domain_and_pdh_sanity():
     n, r = chain("naples"), chain("rome")
     plat = certs.join_plat_certs(n["pek"], n["oca"], n["cek"])
@@ -605,7 +590,6 @@ def run_cli(argv: list[str]) -> int:
     return int(args.func(args))
 
 
-@needs_data
 def test_cli_verify_ok(capsys):
     assert run_cli(["certs", "verify", str(DATA / "naples")]) == 0
     out = capsys.readouterr().out
@@ -615,7 +599,6 @@ def test_cli_verify_ok(capsys):
     assert report["ok"] and len(report["links"]) == 7 and report["first_failure"] is None
 
 
-@needs_data
 def test_cli_verify_failures(tmp_path, capsys):
     d = tmp_path / "chain"
     shutil.copytree(DATA / "naples", d)
@@ -632,7 +615,6 @@ def test_cli_verify_failures(tmp_path, capsys):
     assert "lacks cek.cert" in json.loads(capsys.readouterr().out)["error"]
 
 
-@needs_data
 def test_cli_show(capsys, tmp_path):
     assert run_cli(["certs", "show", str(DATA / "rome" / "pek.cert"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -1,9 +1,10 @@
-"""Session crypto (sev-api.md §3, §4, §2.8) against external known answers and an independent oracle.
+"""Session crypto (AMD sev_channel.c, nist_kdf.c; LAUNCH_MEASURE and LAUNCH_SECRET) against external known
+answers and an independent oracle.
 
 KATs: virtee/sev ``src/session/key.rs`` unit tests (KDF, MAC); virtee/sevctl ``tests/secretbuild.rs``
 (LAUNCH_SECRET header/payload) and ``tests/measurementbuild.rs`` (LAUNCH_MEASURE) — the 16-byte TIK/TEK
 files of those tests were recovered exactly by checking candidates against the published MACs/ciphertext;
-the migration-attack ECDH Z from testdata/sev-certs/README.md.
+the migration-attack ECDH Z from tests/data/sev-certs/README.md.
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 import csev
 from pysev.firmware import certs
 from pysev.firmware.sev import session
-from pysev.owner import GuestOwner
 from pysev.firmware.status import SevError, SevStatus
+from pysev.owner import GuestOwner
 
-CERTS = Path("/work/shared/testdata/sev-certs")
+CERTS = Path(__file__).resolve().parent / "data" / "sev-certs"
 
 # virtee/sevctl tests/data/secret/{tik1,tek1}.bin and tests/data/measurement/tik1.bin
 SECRET_TIK = bytes.fromhex("c6d5a9956133050912b24bbe5c372686")

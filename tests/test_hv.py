@@ -1,7 +1,7 @@
 """The hypervisor side: RAM blocks, dirty log, page-encryption state, the guest and its workload.
 
 The SEV context is a real launch through ``pysev.kvm`` (KVM_SEV_INIT, LAUNCH_START, LAUNCH_MEASURE,
-LAUNCH_FINISH), so the guest's VEK is installed for ``kvm.asid`` in the platform's memory controller.
+LAUNCH_FINISH), so the guest's VEK is installed for ``sev_kvm.asid`` in the platform's memory controller.
 """
 import ctypes
 import errno
@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 
 import csev
-from pysev import kvm as K
+from pysev import kvm
 from pysev.firmware.sev import Platform, Policy, make_policy
 from pysev.hv import memory as hvmem
 from pysev.hv.guest import FB_BAND, Guest, Workload, framebuffer_lines, page_pattern
-from pysev.hw.hostmem import PAGE_SIZE, HostMemory
 from pysev.hv.memory import (
     BIOS_IDSTR,
     FLASH_VARS_IDSTR,
@@ -31,6 +30,7 @@ from pysev.hv.memory import (
     Region,
     nwords,
 )
+from pysev.hw.hostmem import PAGE_SIZE, HostMemory
 
 MiB, GiB = 1 << 20, 1 << 30
 EINVAL = -errno.EINVAL
@@ -38,18 +38,18 @@ EINVAL = -errno.EINVAL
 
 @pytest.fixture(scope="session")
 def sev(tmp_path_factory):
-    """A launched SEV guest context on a 66 GiB (lazily backed) host: (platform, kvm)."""
+    """A launched SEV guest context on a 66 GiB (lazily backed) host: (platform, sev_kvm)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYSEV_HOME", str(tmp_path_factory.mktemp("pysev-home")))
         platform = Platform(HostMemory(66 * GiB, seed=1))
-        kvm = K.KvmHost(platform).create_vm()
-        kvm.op(K.sev_cmd_id.KVM_SEV_INIT)
-        kvm.op(K.sev_cmd_id.KVM_SEV_LAUNCH_START,
-               K.kvm_sev_launch_start(policy=make_policy(Policy.SEV, 0, 17)))
+        sev_kvm = kvm.KvmHost(platform).create_vm()
+        sev_kvm.op(kvm.sev_cmd_id.KVM_SEV_INIT)
+        sev_kvm.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_START,
+               kvm.kvm_sev_launch_start(policy=make_policy(Policy.SEV, 0, 17)))
         m = ctypes.create_string_buffer(48)
-        kvm.op(K.sev_cmd_id.KVM_SEV_LAUNCH_MEASURE, K.kvm_sev_launch_measure(uaddr=ctypes.addressof(m), len=48))
-        kvm.op(K.sev_cmd_id.KVM_SEV_LAUNCH_FINISH)
-        yield platform, kvm
+        sev_kvm.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_MEASURE, kvm.kvm_sev_launch_measure(uaddr=ctypes.addressof(m), len=48))
+        sev_kvm.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_FINISH)
+        yield platform, sev_kvm
 
 
 @pytest.fixture
@@ -62,8 +62,8 @@ def mem(sev):
 
 @pytest.fixture
 def guest(sev, mem):
-    platform, kvm = sev
-    return Guest(mem, platform.memctl, kvm.asid, seed=7)
+    platform, sev_kvm = sev
+    return Guest(mem, platform.memctl, sev_kvm.asid, seed=7)
 
 
 def bits(words, n):
@@ -370,9 +370,9 @@ def test_framebuffer_and_guest_errors(sev, guest, mem):
 # -- the workload ------------------------------------------------------------------------------------------
 @pytest.fixture
 def big_guest(sev):
-    platform, kvm = sev
+    platform, sev_kvm = sev
     m = GuestMemory(platform.dram, 256 * MiB)
-    yield Guest(m, platform.memctl, kvm.asid, seed=1)
+    yield Guest(m, platform.memctl, sev_kvm.asid, seed=1)
     m.free()
 
 
@@ -465,12 +465,12 @@ def _vmrss():
 
 
 def test_64gib_guest_stays_small(sev):
-    platform, kvm = sev
+    platform, sev_kvm = sev
     dram = platform.dram
     rss0, res0 = _vmrss(), dram.resident_bytes()
     m = GuestMemory(dram, 64 * GiB)
     try:
-        g = Guest(m, platform.memctl, kvm.asid)
+        g = Guest(m, platform.memctl, sev_kvm.asid)
         ram = m.ram
         pages = np.array([0, 1, ram.npages // 2, ram.npages - 1])
         g.plant(pages, b"far")
