@@ -370,7 +370,7 @@ def test_signing_errors(private_keys):
 
 
 # -------------------------------------------------------------------------------------------------
-# sev_cert_validate semantics (ASPFW sev_cert_validate) and negative cases
+# sev_cert_validate semantics (AMD sev_cert.c sev_cert_validate) and negative cases
 # -------------------------------------------------------------------------------------------------
 def test_wrong_signer_and_swapped_parent_child():
     c = chain("naples")
@@ -441,7 +441,7 @@ def test_slot_rules(private_keys):
     malformed = dataclasses.replace(pek, sig2=Signature(Usage.CEK, Algo.INVALID))
     assert certs.sev_cert_validate(malformed, oca) == BAD_SIG
     assert SevCert.from_bytes(malformed.to_bytes()) == malformed    # parses: the rule decides
-    # both slots claim OCA; the last matching slot decides (ASPFW loop)
+    # both slots claim OCA; the last matching slot decides (the loop of AMD sev_cert.c sev_cert_validate)
     one = pek.unsigned().sign_as(oca, private_keys["oca"])
     good, junk = one.sig1, Signature(Usage.OCA, Algo.ECDSA_SHA256, bytes([1]) + bytes(143) + bytes(368))
     assert certs.sev_cert_validate(dataclasses.replace(one, sig2=junk), oca) == BAD_SIG

@@ -67,7 +67,6 @@ class Algo(enum.IntEnum):
         return SHA384 if self & 0x100 else SHA256
 
 
-
 # Usages a firmware key may carry (AMD sev_cert.c usage_is_valid): INVALID is not one of them.
 KEY_USAGES = frozenset({Usage.ARK, Usage.ASK, Usage.OCA, Usage.PEK, Usage.PDH, Usage.CEK})
 

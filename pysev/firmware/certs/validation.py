@@ -26,7 +26,7 @@ from pysev.firmware.status import SevError, SevStatus
 Signer = SevCert | AmdCert | CertPubkey
 
 
-def as_pubkey(signer: Signer) -> CertPubkey:
+def _as_pubkey(signer: Signer) -> CertPubkey:
     if isinstance(signer, CertPubkey):
         return signer
     if isinstance(signer, AmdCert):
@@ -64,7 +64,7 @@ def sev_cert_validate(cert: SevCert, signer: Signer) -> SevStatus:
     verification decides (BAD_SIGNATURE on failure); none matching → INVALID_CERTIFICATE. Then the
     body (version 1, valid key) and the signer's usage for this subject → INVALID_CERTIFICATE.
     """
-    key = as_pubkey(signer)
+    key = _as_pubkey(signer)
     if not key.is_valid():
         return SevStatus.INVALID_CERTIFICATE
     status = SevStatus.INVALID_CERTIFICATE
@@ -126,6 +126,7 @@ class TrustAnchor:
 
 
 def ark_matches_anchor(ark: AmdCert, anchor: TrustAnchor) -> bool:
+    """The ARK is the pinned root: its KEY_ID and its SHA-384 both match (compared in constant time)."""
     return (hmac.compare_digest(ark.key_id, anchor.ark_key_id)
             and hmac.compare_digest(ark.key_hash(), anchor.ark_hash))
 
@@ -202,7 +203,8 @@ def require_valid(cert: SevCert, signer: Signer, link: str) -> None:
 
 
 def explain(cert: SevCert, signer: Signer, status: SevStatus) -> str:
-    key = as_pubkey(signer)
+    """Why :func:`sev_cert_validate` returned ``status``, in words (for ``require_valid`` and the chain report)."""
+    key = _as_pubkey(signer)
     if status == SevStatus.SUCCESS:
         n = [i for i, s in enumerate((cert.sig1, cert.sig2), 1) if (s.usage, s.algo) == (key.usage, key.algo)]
         return f"signed by {key.usage.name}/{key.algo.name} (slot {n[-1]})"
