@@ -81,20 +81,31 @@ class CommandSpec:
 
 
 class CommandRefusedError(Exception):
-    """A handler's early exit with a firmware status; :meth:`Mailbox.issue` returns the status."""
+    """A handler's early exit with a firmware status (of the command set's status enum);
+    :meth:`Mailbox.issue` returns the status."""
 
-    def __init__(self, status: enum.IntEnum) -> None:
+    def __init__(self, status: Any) -> None:
         self.status = status
 
 
 class MailboxStatuses(Protocol):
-    """The statuses the mailbox itself returns: every command set's status enum has them."""
+    """The statuses the mailbox itself returns: every command set's status enum has these members."""
 
-    INVALID_COMMAND: enum.IntEnum
-    INVALID_PLATFORM_STATE: enum.IntEnum
-    INVALID_GUEST: enum.IntEnum
-    INVALID_GUEST_STATE: enum.IntEnum
-    INVALID_ADDRESS: enum.IntEnum
+    # Read-only members, as an enum's are (hence properties, named as the members).
+    @property
+    def INVALID_COMMAND(self) -> enum.IntEnum: ...  # noqa: N802
+
+    @property
+    def INVALID_PLATFORM_STATE(self) -> enum.IntEnum: ...  # noqa: N802
+
+    @property
+    def INVALID_GUEST(self) -> enum.IntEnum: ...  # noqa: N802
+
+    @property
+    def INVALID_GUEST_STATE(self) -> enum.IntEnum: ...  # noqa: N802
+
+    @property
+    def INVALID_ADDRESS(self) -> enum.IntEnum: ...  # noqa: N802
 
 
 class GuestRecord(Protocol):
