@@ -1,6 +1,7 @@
 """SEND_UPDATE_DATA / RECEIVE_UPDATE_DATA for whole batches of pages (#55766; AMD's firmware source
 ``sev_mcmd.c``, ``sev_channel.c``). Page and header geometry come from ``csev.packet``; the bytes are
-laid out in ``docs/formats.md``.
+laid out in ``docs/formats.md``. The firmware handlers that run these kernels are in
+``pysev/firmware/sev/transport.py``; the KVM face (``KVM_SEV_SEND_UPDATE_DATA``) is ``pysev/kvm.py``.
 
 Send, per page: XTS-decrypt the guest page under the VEK at its host-address tweak (the memory
 controller model of ``csev._xts``) → AES-128-CTR under TEK with the packet IV → MAC =

@@ -6,7 +6,7 @@ RAM private at boot), writes private pages through the memory controller under t
 DRAM, and marks the pages dirty after the data is written (memory.py, ordering invariant 4). Page
 conversions follow Linux: the KVM_HC_MAP_GPA_RANGE hypercall, the C-bit change, and old contents
 treated as lost — fresh contents are written through the new mapping (Sean Christopherson's
-answer to race #3, qemu-migration.md §2.3).
+answer to race #3, the KVM list, Sean Christopherson, Message-Id <YEaAXXGZH0uSMA3v@google.com>).
 
 ``Workload`` runs vCPU threads that dirty guest RAM at a set rate with a set access pattern, flip
 DMA bounce pages between private and shared, and redraw the VGA framebuffer: the load a live
@@ -193,7 +193,7 @@ class Guest:
         with self._lock:
             words = self._cbit[block.idstr]
             (csev.bitmap_set_range if private else csev.bitmap_clear_range)(words, first, npages)
-        # Old contents are lost the instant the host is told (qemu-migration.md §2.3, race #3).
+        # Old contents are lost the instant the host is told (race #3, Message-Id <YEaAXXGZH0uSMA3v@google.com>).
         zeros = np.zeros((min(npages, _CONVERT_CHUNK), PAGE_SIZE), dtype=np.uint8)
         gfn = gpa >> PAGE_SHIFT
         for i in range(0, npages, _CONVERT_CHUNK):

@@ -1,16 +1,16 @@
 """Guest RAM as the hypervisor sees it: RAM blocks, KVM's dirty log, and page-encryption state.
 
 A ``RamBlock`` is QEMU's RAMBlock: an ``idstr``, a guest-physical base, and the host frames that back
-it (``HostMemory.alloc_ram``; HPA = frame << 12, the XTS tweak of sev-api.md §8). Each block carries two
+it (``HostMemory.alloc_ram``; HPA = frame << 12, the memory controller's address tweak, docs/formats.md "Guest memory ciphertext"). Each block carries two
 bitmaps of uint64 words, one bit per page, little-endian bit order (csev's bitmap kernels):
 
 - ``dirty_log``: KVM's per-memslot dirty log, set by guest writes and by encryption-state flips,
   fetched-and-cleared by ``sync_dirty`` (KVM_GET_DIRTY_LOG).
 - ``enc``: the VMM's page-encryption state, 1 = private. Merged KVM keeps no such bitmap; the VMM
-  tracks it from ``KVM_HC_MAP_GPA_RANGE`` exits (qemu-migration.md §2.3, sev-api.md §7).
+  tracks it from ``KVM_HC_MAP_GPA_RANGE`` exits (Linux Documentation/virt/kvm/x86/hypercalls.rst).
   Device regions (VGA framebuffer, BIOS ROM, pflash vars) are ``shared_by_nature``: never
-  encrypted, always migrated in the clear, their ``enc`` all zero (qemu-migration.md §1.7, the VGA
-  and flash fixes).
+  encrypted, always migrated in the clear, their ``enc`` all zero (as the SEV live-migration
+  series' VGA and flash fixes).
 
 Ordering invariant (what makes encryption-state flips race-free with the migration engine)
 ------------------------------------------------------------------------------------------
@@ -25,13 +25,13 @@ Ordering invariant (what makes encryption-state flips race-free with the migrati
 4. Guest writes mark dirty AFTER the data is in DRAM, so a page the engine reads mid-write is
    always re-sent.
 
-This answers Sean Christopherson's three races (qemu-migration.md §2.3): #1 (convert after write,
+This answers Sean Christopherson's three races (KVM list, Message-Id <YEaAXXGZH0uSMA3v@google.com>): #1 (convert after write,
 migration in between) and #3 (set_private, write, set_shared) are covered because the flip itself
 dirties the page, and the guest treats old contents as lost at conversion; #2 (dirty log read after
 the state list, private data sent as shared) cannot happen because we read the state after the log.
 
 Dave Gilbert asked for the opposite order, "sync the encrypted bitmap before the dirty bitmap"
-(qemu-migration.md §1.7). In v3 a flip did not dirty the page: the kernel bitmap changed silently and
+(review of the series v2, Message-Id <20190711190541.GU3971@work-vm>). In v3 a flip did not dirty the page: the kernel bitmap changed silently and
 only the guest's later write re-dirtied it, so reading state first guaranteed that write came after.
 Here the flip is itself a dirty event; reading state first would let a flip land between the
 snapshot and the fetch, hand the engine that flip's dirty bit with the old state, and consume the
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 MiB, GiB = 1 << 20, 1 << 30
 U64_MAX = (1 << 64) - 1
 
-# KVM_HC_MAP_GPA_RANGE attributes (sev-api.md §7, arch/x86/include/uapi/asm/kvm_para.h)
+# KVM_HC_MAP_GPA_RANGE attributes (Linux Documentation/virt/kvm/x86/hypercalls.rst, arch/x86/include/uapi/asm/kvm_para.h)
 KVM_HC_MAP_GPA_RANGE = 12
 KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0
 KVM_MAP_GPA_RANGE_PAGE_SZ_2M = 1 << 0
@@ -264,7 +264,7 @@ class GuestMemory:
             return b.enc.copy()
 
     def map_gpa_range(self, gpa: int, npages: int, attrs: int) -> int:
-        """The KVM_HC_MAP_GPA_RANGE exit handler (sev-api.md §7): 0, or -EINVAL.
+        """The KVM_HC_MAP_GPA_RANGE exit handler (Linux Documentation/virt/kvm/x86/hypercalls.rst): 0, or -EINVAL.
 
         Rejects what KVM rejects before exiting (unaligned ``gpa``, ``npages`` == 0, a range that
         wraps) and what the VMM rejects (MBZ bits 63:5, a page-size hint other than 4K/2M/1G, a range
