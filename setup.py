@@ -7,6 +7,7 @@ No OpenSSL headers are needed: the crypto kernels declare the few EVP entry poin
 function-pointer types and resolve them at import time from the libcrypto that Python's own
 ``_hashlib`` already loaded (csev/_libcrypto.pyx).
 """
+
 import glob
 import os
 

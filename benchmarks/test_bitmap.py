@@ -3,6 +3,7 @@
 Run: python -m pytest benchmarks/test_bitmap.py --benchmark-enable
 The limits are ratios against numpy measured in the same run, plus the issue's absolute ceiling.
 """
+
 import time
 
 import numpy as np
@@ -76,6 +77,7 @@ def test_find_next(benchmark, words, impl):
     pages = numpy_extract(words)
     assert got == pages[np.searchsorted(pages, start)]
 
+
 def test_extract_target():
     """The issue's target: at 1 % density, >= 15x faster than the numpy expression, <= 2 ms."""
     words = _bitmap(0.01)
@@ -83,7 +85,6 @@ def test_extract_target():
     t_native = _best(native.bitmap_extract, words, repeat=15)
     t_numpy = _best(numpy_extract, words, repeat=5)
     ratio = t_numpy / t_native
-    print(f"\nextract 1%: native {t_native * 1e3:.3f} ms, numpy {t_numpy * 1e3:.2f} ms, "
-          f"{ratio:.1f}x")
+    print(f"\nextract 1%: native {t_native * 1e3:.3f} ms, numpy {t_numpy * 1e3:.2f} ms, {ratio:.1f}x")
     assert ratio >= 15, f"native extraction only {ratio:.1f}x faster than numpy"
     assert t_native <= 2e-3, f"native extraction took {t_native * 1e3:.2f} ms"

@@ -9,6 +9,7 @@ Off in the default test run (``testpaths = ["tests"]`` and ``--benchmark-disable
 The limit is measured once per session with ``openssl speed`` (pysev.benchmarking.pipeline_limit);
 ``test_targets`` asserts the issue's targets with ratios measured in the same run.
 """
+
 from __future__ import annotations
 
 import functools

@@ -10,6 +10,7 @@
 (e) the design choice behind (a): SEND_UPDATE_DATA into a cache-sized ring that a loopback socket drains
     slice by slice beats streaming whole batches past the cache and sending them after.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ import pytest
 
 import csev
 from pysev import benchmarking
-from pysev.migration import stream as S
+from pysev.migration import stream
 from pysev.migration.channels import BATCH_PAGES, SEND_RING_RECORDS
 from pysev.migration.transport import SOCKET_BUFFER
 
@@ -63,8 +64,13 @@ SOURCE = textwrap.dedent("""
 
 def _source(size: int, dirty: float = 0.0, downtime: int = 300, channels: int = 0) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-c", SOURCE, str(size), str(dirty), str(downtime), str(channels)],
-                         capture_output=True, text=True, env=env, timeout=1800)
+    res = subprocess.run(
+        [sys.executable, "-c", SOURCE, str(size), str(dirty), str(downtime), str(channels)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -82,16 +88,22 @@ def test_idle_2g_tcp_throughput_memory_and_pages_per_second(benchmark, send_1t_m
     info = r["info"]
     assert info["status"] == "completed" and r["verified"], r
     first = r["passes"][0]
-    mbps = first["pages"] * 4096 / first["seconds"] / 1e6          # guest MB/s of the bulk pass
+    mbps = first["pages"] * 4096 / first["seconds"] / 1e6  # guest MB/s of the bulk pass
     overall = info["ram"]["total"] / (info["total-time"] / 1000) / 1e6
     pps = first["pages"] / first["seconds"]
     extra = {
-        "guest_bytes": size, "send_kernel_1t_mbps": send_1t_mbps,
-        "migration_mbps_first_pass": mbps, "migration_mbps_overall": overall,
-        "ratio_to_send_kernel_1t": mbps / send_1t_mbps, "ratio_overall_to_send_kernel_1t": overall / send_1t_mbps,
-        "total_time_ms": info["total-time"], "downtime_ms": info["downtime"],
-        "source_vmhwm_bytes": r["hwm"], "source_peak_ratio_to_guest": r["hwm"] / size,
-        "pages_per_second": pps, "ratio_to_psp_450": pps / PSP_PAGES_PER_S[1],
+        "guest_bytes": size,
+        "send_kernel_1t_mbps": send_1t_mbps,
+        "migration_mbps_first_pass": mbps,
+        "migration_mbps_overall": overall,
+        "ratio_to_send_kernel_1t": mbps / send_1t_mbps,
+        "ratio_overall_to_send_kernel_1t": overall / send_1t_mbps,
+        "total_time_ms": info["total-time"],
+        "downtime_ms": info["downtime"],
+        "source_vmhwm_bytes": r["hwm"],
+        "source_peak_ratio_to_guest": r["hwm"] / size,
+        "pages_per_second": pps,
+        "ratio_to_psp_450": pps / PSP_PAGES_PER_S[1],
         "ratio_to_psp_350": pps / PSP_PAGES_PER_S[0],
     }
     benchmark.extra_info.update(extra)
@@ -104,8 +116,14 @@ def test_idle_2g_tcp_throughput_memory_and_pages_per_second(benchmark, send_1t_m
 def test_dirtying_100mbs_converges_within_300ms(benchmark):
     r = benchmark.pedantic(lambda: _source(1 * GIB, dirty=100e6, downtime=300), rounds=1, iterations=1)
     info = r["info"]
-    extra = {"status": info["status"], "downtime_ms": info.get("downtime"), "passes": len(r["passes"]),
-             "total_time_ms": info["total-time"], "dirty_rate_bytes_s": 100e6, "downtime_limit_ms": 300}
+    extra = {
+        "status": info["status"],
+        "downtime_ms": info.get("downtime"),
+        "passes": len(r["passes"]),
+        "total_time_ms": info["total-time"],
+        "dirty_rate_bytes_s": 100e6,
+        "downtime_limit_ms": 300,
+    }
     benchmark.extra_info.update(extra)
     print(json.dumps(extra, indent=1))
     assert info["status"] == "completed" and r["verified"]
@@ -136,14 +154,23 @@ def _send_over_loopback(mem: np.ndarray, batches: list[np.ndarray], ring: bool) 
 
     reader = threading.Thread(target=drain)
     reader.start()
-    rec = np.zeros(SEND_RING_RECORDS if ring else BATCH_PAGES, S.ENC_PAGE_RECORD)
+    rec = np.zeros(SEND_RING_RECORDS if ring else BATCH_PAGES, stream.ENC_PAGE_RECORD)
     t0 = time.perf_counter()
     try:
         for idx in batches:
             tweaks = idx.astype(np.uint64) << np.uint64(12)
             if ring:
-                csev.send_pages(*keys, mem, idx, tweaks, rec["hdr"], rec["trans"], threads=1, nontemporal=False,
-                                on_slice=lambda start, stop: a.sendall(rec[:stop - start].view(np.uint8)))
+                csev.send_pages(
+                    *keys,
+                    mem,
+                    idx,
+                    tweaks,
+                    rec["hdr"],
+                    rec["trans"],
+                    threads=1,
+                    nontemporal=False,
+                    on_slice=lambda start, stop: a.sendall(rec[: stop - start].view(np.uint8)),
+                )
             else:
                 csev.send_pages(*keys, mem, idx, tweaks, rec["hdr"], rec["trans"], threads=1)
                 a.sendall(rec.view(np.uint8))
@@ -156,10 +183,10 @@ def _send_over_loopback(mem: np.ndarray, batches: list[np.ndarray], ring: bool) 
 
 
 def test_send_ring_beats_streamed_batches_over_loopback(benchmark):
-    rows = (1 << 30) // 4096                      # 1 GiB of guest rows: the pages come from DRAM
+    rows = (1 << 30) // 4096  # 1 GiB of guest rows: the pages come from DRAM
     mem = np.ones((rows, 4096), np.uint8)
     perm = np.random.default_rng(0).permutation(rows).astype(np.int64)
-    batches = [perm[i:i + BATCH_PAGES] for i in range(0, 64 * BATCH_PAGES, BATCH_PAGES)]
+    batches = [perm[i : i + BATCH_PAGES] for i in range(0, 64 * BATCH_PAGES, BATCH_PAGES)]
     runs = {"ring": [], "streamed": []}
 
     def alternate() -> None:
@@ -168,8 +195,13 @@ def test_send_ring_beats_streamed_batches_over_loopback(benchmark):
 
     benchmark.pedantic(alternate, rounds=3, iterations=1)
     ring, streamed = max(runs["ring"]), max(runs["streamed"])
-    extra = {"ring_mbps": ring, "streamed_mbps": streamed, "ring_to_streamed": ring / streamed,
-             "ring_records": SEND_RING_RECORDS, "batch_pages": BATCH_PAGES}
+    extra = {
+        "ring_mbps": ring,
+        "streamed_mbps": streamed,
+        "ring_to_streamed": ring / streamed,
+        "ring_records": SEND_RING_RECORDS,
+        "batch_pages": BATCH_PAGES,
+    }
     benchmark.extra_info.update(extra)
     print(json.dumps(extra, indent=1))
-    assert ring / streamed >= 1.05                # measured 1.12-1.18 on this project's machine
+    assert ring / streamed >= 1.05  # measured 1.12-1.18 on this project's machine

@@ -61,6 +61,7 @@ Backend: the crypto kernels call OpenSSL's libcrypto (the one Python's ``_hashli
 import time without headers. Where it cannot be found, or with ``CSEV_PURE=1``, the plain-Python twins
 serve instead, with a one-line warning.
 """
+
 from csev._dispatch import (  # noqa: F401  (public re-exports)
     BACKEND,
     aes128_ctr,

@@ -5,6 +5,7 @@ Native kernels (Cython over OpenSSL's libcrypto, ``csev._xts``/``_transport``/``
 (``csev._fallback_crypto``, ``csev._fallback_bitmap``), same signatures and outputs, announced by one
 logged line that says why: a slower backend is never chosen silently.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,6 +62,7 @@ else:
                 from csev._transport import receive_pages, send_pages
                 from csev._wrap import aes128_ctr, hmac_sha256, unwrap_tk, wrap_tk
                 from csev._xts import xts_decrypt, xts_encrypt
+
                 _native_crypto = True
             except ImportError as exc:
                 _why.append(f"native crypto kernels not built ({exc})")
@@ -82,6 +84,7 @@ else:
         xts_decrypt,
         xts_encrypt,
     )
+
     BACKEND = "python"
 
 _native_bitmap = False
@@ -98,6 +101,7 @@ if not PURE:
             bitmap_sync,
             bitmap_to_ranges,
         )
+
         _native_bitmap = True
     except ImportError as exc:
         _why.append(f"native bitmap kernels not built ({exc})")
@@ -117,8 +121,7 @@ if not _native_bitmap:
 #: Why the plain-Python kernels serve ("" when fully native).
 FALLBACK_REASON = "; ".join(_why)
 if _why:
-    what = "crypto and bitmap" if not (_native_crypto or _native_bitmap) else (
-        "bitmap" if _native_crypto else "crypto")
+    what = "crypto and bitmap" if not (_native_crypto or _native_bitmap) else ("bitmap" if _native_crypto else "crypto")
     slower = "" if _native_crypto else ", ~6x slower"
     msg = f"csev: {FALLBACK_REASON}; using the plain-Python {what} kernels{slower}"
     # An explicit CSEV_PURE=1 is a choice, not a problem: log it at INFO; anything else warns.

@@ -4,6 +4,7 @@ Bit i is bit (i % 64) of word i // 64, the little-endian ``unsigned long`` order
 (Linux ``Documentation/virt/kvm/api.rst``, KVM_GET_DIRTY_LOG). Words are unpacked through a
 little-endian view, so the twins also agree with the kernels on a big-endian host.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -102,8 +103,10 @@ def bitmap_split(dirty, enc, private, shared) -> tuple[int, int]:
     shared = _words(shared, "shared", writable=True)
     n = dirty.shape[0]
     if enc.shape[0] != n or private.shape[0] != n or shared.shape[0] != n:
-        raise ValueError(f"length mismatch: dirty {n}, enc {enc.shape[0]}, "
-                         f"private {private.shape[0]}, shared {shared.shape[0]} words")
+        raise ValueError(
+            f"length mismatch: dirty {n}, enc {enc.shape[0]}, "
+            f"private {private.shape[0]}, shared {shared.shape[0]} words"
+        )
     _disjoint(private, shared, "private and shared")
     _disjoint(private, dirty, "private and dirty")
     _disjoint(private, enc, "private and enc")
@@ -153,7 +156,7 @@ def bitmap_find_next(words, start, nbits) -> int:
     i += 1
     window = 64
     while i < nw:
-        nz = np.flatnonzero(words[i:i + window])
+        nz = np.flatnonzero(words[i : i + window])
         if nz.size:
             j = i + int(nz[0])
             w = int(words[j])
@@ -174,7 +177,7 @@ def _fill_range(words: np.ndarray, start: int, n: int, value: bool) -> None:
         masks = [(i, first_mask & last_mask)]
     else:
         masks = [(i, first_mask), (last, last_mask)]
-        words[i + 1:last] = _ALL if value else 0
+        words[i + 1 : last] = _ALL if value else 0
     for j, m in masks:
         w = int(words[j])
         words[j] = (w | m) if value else (w & ~m)

@@ -5,6 +5,7 @@ kernels are tested against. No home-written primitives: AES is pycryptodome's (E
 HMAC-SHA256 is the stdlib's. pycryptodome has no XTS mode, so XTS (IEEE 1619) is composed here from
 AES-ECB and the GF(2^128) tweak chain, vectorised with numpy across all pages of a batch.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -35,11 +36,12 @@ _STATUS_SUCCESS = 0x00
 _STATUS_BAD_MEASUREMENT = 0x0B
 _STATUS_UNSUPPORTED = 0x15
 _XTS_MAX_UNIT = 1 << 24
-_GF_POLY = 0x87           # x^128 + x^7 + x^2 + x + 1
-_BATCH = 4096             # pages per numpy step (bounds the tweak table to 16 MiB)
+_GF_POLY = 0x87  # x^128 + x^7 + x^2 + x + 1
+_BATCH = 4096  # pages per numpy step (bounds the tweak table to 16 MiB)
 
 
 # --- argument checks (mirror csev._libcrypto's, message for message) ---------------------------
+
 
 def _view(a, name: str) -> memoryview:
     try:
@@ -129,6 +131,7 @@ def _bytes_of(data, name: str) -> memoryview:
 
 # --- XTS (IEEE 1619) from AES-ECB + the tweak chain -------------------------------------------
 
+
 def _xts_pages(key: bytes, pages: np.ndarray, tweaks: np.ndarray, encrypt: bool) -> np.ndarray:
     """XTS of k whole pages (uint8[k, 4096]) at LE128 tweaks (uint64[k]); returns uint8[k, 4096]."""
     k = pages.shape[0]
@@ -138,18 +141,19 @@ def _xts_pages(key: bytes, pages: np.ndarray, tweaks: np.ndarray, encrypt: bool)
     for b in range(0, k, _BATCH):
         n = min(_BATCH, k - b)
         t0 = np.zeros((n, 2), dtype="<u8")
-        t0[:, 0] = tweaks[b:b + n]
+        t0[:, 0] = tweaks[b : b + n]
         t0 = np.frombuffer(tweak_key.encrypt(t0.tobytes()), dtype="<u8").reshape(n, 2)
-        chain = np.empty((n, _BLOCKS, 2), dtype="<u8")     # T_j = T_0 · α^j, little-endian halves
+        chain = np.empty((n, _BLOCKS, 2), dtype="<u8")  # T_j = T_0 · α^j, little-endian halves
         chain[:, 0] = t0
         for j in range(1, _BLOCKS):
             lo, hi = chain[:, j - 1, 0], chain[:, j - 1, 1]
             chain[:, j, 1] = (hi << np.uint64(1)) | (lo >> np.uint64(63))
             chain[:, j, 0] = (lo << np.uint64(1)) ^ ((hi >> np.uint64(63)) * np.uint64(_GF_POLY))
-        x = pages[b:b + n].view("<u8").reshape(n, _BLOCKS, 2) ^ chain
+        x = pages[b : b + n].view("<u8").reshape(n, _BLOCKS, 2) ^ chain
         y = (data_key.encrypt if encrypt else data_key.decrypt)(x.tobytes())
-        out[b:b + n] = (np.frombuffer(y, dtype="<u8").reshape(n, _BLOCKS, 2) ^ chain).view(
-            np.uint8).reshape(n, PAGE_SIZE)
+        out[b : b + n] = (
+            (np.frombuffer(y, dtype="<u8").reshape(n, _BLOCKS, 2) ^ chain).view(np.uint8).reshape(n, PAGE_SIZE)
+        )
     return out
 
 
@@ -179,9 +183,9 @@ def xts_crypt_raw(key, tweak, data, encrypt=True) -> bytes:
         return bytes(p ^ q for p, q in zip(y, tweaks[j], strict=True))
 
     m, r = divmod(n, 16)
-    out = [block(inp[16 * j:16 * j + 16], j) for j in range(m - (1 if r else 0))]
-    if r:   # ciphertext stealing (IEEE 1619 §5.3.2 / §5.4.2)
-        last, tail = inp[16 * (m - 1):16 * m], inp[16 * m:]
+    out = [block(inp[16 * j : 16 * j + 16], j) for j in range(m - (1 if r else 0))]
+    if r:  # ciphertext stealing (IEEE 1619 §5.3.2 / §5.4.2)
+        last, tail = inp[16 * (m - 1) : 16 * m], inp[16 * m :]
         if encrypt:
             cc = block(last, m - 1)
             out += [block(tail + cc[r:], m), cc[:r]]
@@ -218,6 +222,7 @@ def xts_decrypt(key, src, dst, tweaks, src_index=None, dst_index=None, *, thread
 
 
 # --- CTR, HMAC, key wrapping (SEND_START / RECEIVE_START, #55766; sev_channel.c) ----------------
+
 
 def _ctr(key: bytes, iv: bytes, data) -> bytes:
     """SP 800-38A CTR, 128-bit counter wrapping mod 2^128 like OpenSSL (pycryptodome would raise)."""
@@ -263,6 +268,7 @@ def unwrap_tk(kek, kik, wrap_iv, wrap_tk, wrap_mac) -> tuple[bytes, bytes]:
 
 # --- SEND/RECEIVE_UPDATE_DATA (#55766; sev_mcmd.c, sev_channel.c) -------------------------------
 
+
 def _aad(flags: bytes, iv: bytes) -> bytes:
     """What the MAC covers before the ciphertext: CTX ‖ LE32 FLAGS ‖ IV ‖ LE32 len_a ‖ LE32 len_b."""
     size = PAGE_SIZE.to_bytes(4, "little")
@@ -273,8 +279,21 @@ def _keys(vek, tek, tik) -> tuple[bytes, bytes, bytes]:
     return _xts_key(vek, "vek"), _key(tek, "tek", 16), _key(tik, "tik", 16)
 
 
-def send_pages(vek, tek, tik, mem, index, tweaks, headers, trans, ivs=None, *, threads=None,
-               nontemporal: bool = True, on_slice=None) -> None:
+def send_pages(
+    vek,
+    tek,
+    tik,
+    mem,
+    index,
+    tweaks,
+    headers,
+    trans,
+    ivs=None,
+    *,
+    threads=None,
+    nontemporal: bool = True,
+    on_slice=None,
+) -> None:
     """SEND_UPDATE_DATA for ``k = len(tweaks)`` pages ``mem[index[i]]`` into ``headers[i]``/``trans[i]``.
 
     ``ivs``: None for fresh random IVs, else a C-contiguous buffer of ``16 * k`` bytes.
@@ -302,12 +321,12 @@ def send_pages(vek, tek, tik, mem, index, tweaks, headers, trans, ivs=None, *, t
     if k == 0:
         return
     rows = _rows(ix, k, mm.shape[0], "index")
-    hdr = bytearray(PACKET_HEADER_SIZE)                 # FLAGS = 0: no compression
+    hdr = bytearray(PACKET_HEADER_SIZE)  # FLAGS = 0: no compression
     for start in range(0, k, ring):
         stop = min(start + ring, k)
         plain = _xts_pages(v, mm[rows[start:stop]], tw[start:stop], False)
         for i in range(start, stop):
-            iv = iv_all[PACKET_IV_SIZE * i:PACKET_IV_SIZE * (i + 1)]
+            iv = iv_all[PACKET_IV_SIZE * i : PACKET_IV_SIZE * (i + 1)]
             ct = _ctr(t, iv, plain[i - start].data)
             tr[i - start] = np.frombuffer(ct, dtype=np.uint8)
             hdr[_IV] = iv
@@ -335,12 +354,12 @@ def receive_pages(vek, tek, tik, headers, trans, mem, index, tweaks, *, threads=
     plain = np.empty((k, PAGE_SIZE), dtype=np.uint8)
     for i in range(k):
         hdr = h[i].tobytes()
-        if int.from_bytes(hdr[_FLAGS], "little") & PACKET_FLAG_COMPRESSED:    # as in the firmware
+        if int.from_bytes(hdr[_FLAGS], "little") & PACKET_FLAG_COMPRESSED:  # as in the firmware
             status[i] = _STATUS_UNSUPPORTED
             continue
         ct = tr[i].tobytes()
         mac = hmac.digest(m, _aad(hdr[_FLAGS], hdr[_IV]) + ct, "sha256")
-        if not hmac.compare_digest(mac, hdr[_MAC]):                 # the MAC before decrypting
+        if not hmac.compare_digest(mac, hdr[_MAC]):  # the MAC before decrypting
             status[i] = _STATUS_BAD_MEASUREMENT
             continue
         plain[i] = np.frombuffer(_ctr(t, hdr[_IV], ct), dtype=np.uint8)

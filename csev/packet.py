@@ -5,6 +5,7 @@ A guest page is 4 KiB (one XTS data unit, one transport packet). The SEND/RECEIV
 header is ``LE32 FLAGS ‖ IV[16] ‖ MAC[32]`` (AMD SEV API pub. #55766, SEND_UPDATE_DATA; AMD's firmware
 source ``sev_mcmd.h``; byte offsets in ``docs/formats.md``).
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -17,10 +18,10 @@ PAGE_SHIFT = 12
 
 #: The transport packet header, field by field (little-endian FLAGS).
 PACKET_HEADER = np.dtype([("flags", "<u4"), ("iv", "u1", (16,)), ("mac", "u1", (32,))])
-PACKET_HEADER_SIZE = PACKET_HEADER.itemsize               # 52
-PACKET_FLAGS_OFFSET = PACKET_HEADER.fields["flags"][1]    # 0
-PACKET_IV_OFFSET = PACKET_HEADER.fields["iv"][1]          # 4
-PACKET_MAC_OFFSET = PACKET_HEADER.fields["mac"][1]        # 20
+PACKET_HEADER_SIZE = PACKET_HEADER.itemsize  # 52
+PACKET_FLAGS_OFFSET = PACKET_HEADER.fields["flags"][1]  # 0
+PACKET_IV_OFFSET = PACKET_HEADER.fields["iv"][1]  # 4
+PACKET_MAC_OFFSET = PACKET_HEADER.fields["mac"][1]  # 20
 PACKET_IV_SIZE = 16
 PACKET_MAC_SIZE = 32
 #: FLAGS bit 0: the payload is compressed (no firmware supports it: UNSUPPORTED).

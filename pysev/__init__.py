@@ -8,4 +8,5 @@ page-encryption state, vCPU workload, the VM); ``pysev.migration`` the pre-copy 
 stream format and transports; ``pysev.qmp`` the QMP server of ``pysev vm``; ``pysev.cli`` the command
 line. ``csev`` (a package of its own) holds the native kernels under all of them.
 """
+
 __version__ = "0.2.0"

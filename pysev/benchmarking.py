@@ -1,4 +1,5 @@
-"""Measure the csev kernels against the limits of this machine, measured in the same run (``docs/performance.md``, "Method"). No printing.
+"""Measure the csev kernels against the limits of this machine, measured in the same run
+(``docs/performance.md``, "Method"). No printing.
 
 The limit is computed in the same run from ``openssl speed`` on 4096-byte blocks: one page costs one
 AES-128-XTS, one AES-128-CTR and one HMAC-SHA256 pass, so limit = 1 / (t_xts + t_ctr + t_hmac) bytes
@@ -7,6 +8,7 @@ per second. When the ``openssl`` binary is missing, the same three primitives ar
 
 MB/s everywhere is 10^6 bytes of guest pages per second.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,7 +35,7 @@ TARGETS = {
     "scaling_recv": 1.8,
     "speedup_vs_python": 5.0,
     "extract_speedup": 15.0,
-    "extract_ms": 2.0,      # an upper bound
+    "extract_ms": 2.0,  # an upper bound
 }
 
 
@@ -67,7 +69,10 @@ def openssl_speed(seconds: int = 2) -> dict[str, float]:
     for name, args in _SPEED_ARGS.items():
         proc = subprocess.run(
             ["openssl", "speed", "-elapsed", "-seconds", str(seconds), "-bytes", str(PAGE), *args],
-            capture_output=True, text=True, check=True)
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out[name] = _parse_speed(proc.stdout)
     return out
 
@@ -80,8 +85,11 @@ def inprocess_speed(seconds: float = 1.0) -> dict[str, float]:
     key = os.urandom(32)
     xts = Cipher(algorithms.AES(key), modes.XTS(bytes(16))).encryptor()
     ctr = Cipher(algorithms.AES(key[:16]), modes.CTR(bytes(16))).encryptor()
-    loops = {"xts": lambda: xts.update(buf), "ctr": lambda: ctr.update(buf),
-             "hmac": lambda: hmac.digest(key[:16], buf, "sha256")}
+    loops = {
+        "xts": lambda: xts.update(buf),
+        "ctr": lambda: ctr.update(buf),
+        "hmac": lambda: hmac.digest(key[:16], buf, "sha256"),
+    }
     out = {}
     for name, fn in loops.items():
         n, t0 = 0, time.perf_counter()
@@ -100,11 +108,15 @@ def pipeline_limit(seconds: int = 2) -> dict[str, object]:
     else:
         speeds, source = inprocess_speed(seconds), "in-process loops (openssl binary not found)"
     per_byte = sum(1.0 / speeds[name] for name in ("xts", "ctr", "hmac"))
-    return {"limit_mbps": 1.0 / per_byte / 1e6, "limit_source": source,
-            **{f"{name}_mbps": v / 1e6 for name, v in speeds.items()}}
+    return {
+        "limit_mbps": 1.0 / per_byte / 1e6,
+        "limit_source": source,
+        **{f"{name}_mbps": v / 1e6 for name, v in speeds.items()},
+    }
 
 
 # --- the pipelines ------------------------------------------------------------------------------
+
 
 class Workload:
     """Random guest pages at random host rows, with keys, tweaks and output buffers."""
@@ -114,7 +126,7 @@ class Workload:
         self.n = max(1, mib * (1 << 20) // PAGE)
         self.mem = rng.integers(0, 256, size=(self.n, PAGE), dtype=np.uint8)
         self.index = rng.permutation(self.n).astype(np.int64)
-        self.tweaks = (rng.integers(0, 1 << 40, size=self.n, dtype=np.uint64) << np.uint64(12))
+        self.tweaks = rng.integers(0, 1 << 40, size=self.n, dtype=np.uint64) << np.uint64(12)
         self.vek, self.vek_b = os.urandom(32), os.urandom(32)
         self.tek, self.tik = os.urandom(16), os.urandom(16)
         self.headers = np.zeros((self.n, HEADER), np.uint8)
@@ -122,12 +134,22 @@ class Workload:
         self.dest = np.zeros_like(self.mem)
 
     def send(self, threads: int) -> None:
-        csev.send_pages(self.vek, self.tek, self.tik, self.mem, self.index, self.tweaks,
-                        self.headers, self.trans, threads=threads)
+        csev.send_pages(
+            self.vek, self.tek, self.tik, self.mem, self.index, self.tweaks, self.headers, self.trans, threads=threads
+        )
 
     def receive(self, threads: int) -> None:
-        status = csev.receive_pages(self.vek_b, self.tek, self.tik, self.headers, self.trans,
-                                    self.dest, self.index, self.tweaks, threads=threads)
+        status = csev.receive_pages(
+            self.vek_b,
+            self.tek,
+            self.tik,
+            self.headers,
+            self.trans,
+            self.dest,
+            self.index,
+            self.tweaks,
+            threads=threads,
+        )
         if status.any():
             raise RuntimeError(f"receive_pages rejected {np.count_nonzero(status)} packets")
 
@@ -151,8 +173,11 @@ def python_baseline_mbps(pages: int = 2048, repeats: int = 3) -> float:
     def run():
         for i in range(w.n):
             row = idx[i]
-            pt = Cipher(algorithms.AES(w.vek), modes.XTS(tweaks[i])).decryptor().update(
-                mv[row * PAGE:(row + 1) * PAGE])
+            pt = (
+                Cipher(algorithms.AES(w.vek), modes.XTS(tweaks[i]))
+                .decryptor()
+                .update(mv[row * PAGE : (row + 1) * PAGE])
+            )
             iv = os.urandom(16)
             ct = Cipher(algorithms.AES(w.tek), modes.CTR(iv)).encryptor().update(pt)
             mac = hmac.digest(w.tik, b"\x02\x00\x00\x00\x00" + iv + lens + ct, "sha256")
@@ -173,20 +198,22 @@ def extraction_ms(repeats: int = 7, nbits: int = 16 << 20, density: float = 0.01
     if not np.array_equal(np.asarray(got), ref):
         raise RuntimeError("csev.bitmap_extract disagrees with numpy")
     ours = best_of(lambda: csev.bitmap_extract(words), repeats) * 1e3
-    theirs = best_of(lambda: np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little")),
-                     repeats) * 1e3
+    theirs = best_of(lambda: np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little")), repeats) * 1e3
     return {"extract_ms": ours, "numpy_extract_ms": theirs, "extract_speedup": theirs / ours}
 
 
-def measure_kernels(mib: int = 64, seconds: int = 2, repeats: int = 5,
-                    threads: int | None = None) -> dict[str, object]:
+def measure_kernels(mib: int = 64, seconds: int = 2, repeats: int = 5, threads: int | None = None) -> dict[str, object]:
     """Every figure of ``pysev bench kernels``: pipelines vs limit, scaling, Python, extraction."""
     threads = threads or csev.default_threads()
-    result: dict[str, object] = {"backend": csev.BACKEND, "threads": threads, "mib": mib,
-                                 "openssl_version": _openssl_version()}
+    result: dict[str, object] = {
+        "backend": csev.BACKEND,
+        "threads": threads,
+        "mib": mib,
+        "openssl_version": _openssl_version(),
+    }
     result.update(pipeline_limit(seconds))
     w = Workload(mib)
-    w.send(threads)                    # warm up: page faults, pool threads
+    w.send(threads)  # warm up: page faults, pool threads
     w.receive(threads)
     for tag, nthreads in (("1t", 1), ("nt", threads)):
         result[f"send_mbps_{tag}"] = w.mbps(best_of(functools.partial(w.send, nthreads), repeats))
@@ -212,7 +239,7 @@ def verdicts(result: dict[str, object]) -> dict[str, bool]:
         value = result.get(name)
         if isinstance(value, (int, float)):
             out[name] = value <= target if name == "extract_ms" else value >= target
-    if result.get("threads", 1) == 1:           # one usable core: scaling cannot be measured
+    if result.get("threads", 1) == 1:  # one usable core: scaling cannot be measured
         out.pop("scaling_send", None)
         out.pop("scaling_recv", None)
     return out
@@ -221,9 +248,11 @@ def verdicts(result: dict[str, object]) -> dict[str, bool]:
 def _openssl_version() -> str:
     try:
         from csev import _libcrypto
+
         if _libcrypto.VERSION:
             return _libcrypto.VERSION
     except ImportError:
         pass
     import ssl
+
     return ssl.OPENSSL_VERSION

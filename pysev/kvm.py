@@ -20,6 +20,7 @@ migration needs them.
 SEND_UPDATE_DATA and the other migration commands: the KVM face is here (``SevKvm._send_update``), the
 firmware handler in ``pysev/firmware/sev/transport.py``, the batch kernel in ``csev/_transport.pyx``.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -74,8 +75,14 @@ class kvm_sev_cmd(ctypes.Structure):  # noqa: N801
 
 
 class kvm_sev_launch_start(ctypes.Structure):  # noqa: N801
-    _fields_ = [("handle", u32), ("policy", u32), ("dh_uaddr", u64), ("dh_len", u32),
-                ("session_uaddr", u64), ("session_len", u32)]
+    _fields_ = [
+        ("handle", u32),
+        ("policy", u32),
+        ("dh_uaddr", u64),
+        ("dh_len", u32),
+        ("session_uaddr", u64),
+        ("session_len", u32),
+    ]
 
 
 class kvm_sev_launch_update_data(ctypes.Structure):  # noqa: N801
@@ -83,8 +90,14 @@ class kvm_sev_launch_update_data(ctypes.Structure):  # noqa: N801
 
 
 class kvm_sev_launch_secret(ctypes.Structure):  # noqa: N801
-    _fields_ = [("hdr_uaddr", u64), ("hdr_len", u32), ("guest_uaddr", u64), ("guest_len", u32),
-                ("trans_uaddr", u64), ("trans_len", u32)]
+    _fields_ = [
+        ("hdr_uaddr", u64),
+        ("hdr_len", u32),
+        ("guest_uaddr", u64),
+        ("guest_len", u32),
+        ("trans_uaddr", u64),
+        ("trans_len", u32),
+    ]
 
 
 class kvm_sev_launch_measure(ctypes.Structure):  # noqa: N801
@@ -100,29 +113,65 @@ class kvm_sev_dbg(ctypes.Structure):  # noqa: N801
 
 
 class kvm_sev_send_start(ctypes.Structure):  # noqa: N801
-    _fields_ = [("policy", u32), ("pdh_cert_uaddr", u64), ("pdh_cert_len", u32),
-                ("plat_certs_uaddr", u64), ("plat_certs_len", u32), ("amd_certs_uaddr", u64),
-                ("amd_certs_len", u32), ("session_uaddr", u64), ("session_len", u32)]
+    _fields_ = [
+        ("policy", u32),
+        ("pdh_cert_uaddr", u64),
+        ("pdh_cert_len", u32),
+        ("plat_certs_uaddr", u64),
+        ("plat_certs_len", u32),
+        ("amd_certs_uaddr", u64),
+        ("amd_certs_len", u32),
+        ("session_uaddr", u64),
+        ("session_len", u32),
+    ]
 
 
 class kvm_sev_send_update_data(ctypes.Structure):  # noqa: N801
-    _fields_ = [("hdr_uaddr", u64), ("hdr_len", u32), ("guest_uaddr", u64), ("guest_len", u32),
-                ("trans_uaddr", u64), ("trans_len", u32)]
+    _fields_ = [
+        ("hdr_uaddr", u64),
+        ("hdr_len", u32),
+        ("guest_uaddr", u64),
+        ("guest_len", u32),
+        ("trans_uaddr", u64),
+        ("trans_len", u32),
+    ]
 
 
 class kvm_sev_receive_start(ctypes.Structure):  # noqa: N801
-    _fields_ = [("handle", u32), ("policy", u32), ("pdh_uaddr", u64), ("pdh_len", u32),
-                ("session_uaddr", u64), ("session_len", u32)]
+    _fields_ = [
+        ("handle", u32),
+        ("policy", u32),
+        ("pdh_uaddr", u64),
+        ("pdh_len", u32),
+        ("session_uaddr", u64),
+        ("session_len", u32),
+    ]
 
 
 class kvm_sev_receive_update_data(ctypes.Structure):  # noqa: N801
-    _fields_ = [("hdr_uaddr", u64), ("hdr_len", u32), ("guest_uaddr", u64), ("guest_len", u32),
-                ("trans_uaddr", u64), ("trans_len", u32)]
+    _fields_ = [
+        ("hdr_uaddr", u64),
+        ("hdr_len", u32),
+        ("guest_uaddr", u64),
+        ("guest_len", u32),
+        ("trans_uaddr", u64),
+        ("trans_len", u32),
+    ]
 
 
-STRUCTS = (kvm_sev_cmd, kvm_sev_launch_start, kvm_sev_launch_update_data, kvm_sev_launch_secret,
-           kvm_sev_launch_measure, kvm_sev_guest_status, kvm_sev_dbg, kvm_sev_send_start,
-           kvm_sev_send_update_data, kvm_sev_receive_start, kvm_sev_receive_update_data)
+STRUCTS = (
+    kvm_sev_cmd,
+    kvm_sev_launch_start,
+    kvm_sev_launch_update_data,
+    kvm_sev_launch_secret,
+    kvm_sev_launch_measure,
+    kvm_sev_guest_status,
+    kvm_sev_dbg,
+    kvm_sev_send_start,
+    kvm_sev_send_update_data,
+    kvm_sev_receive_start,
+    kvm_sev_receive_update_data,
+)
 
 
 class KvmError(OSError):
@@ -159,7 +208,7 @@ class _UserMemory:
                 span, perms = line.split()[:2]
                 if perms.startswith("rw"):
                     lo, hi = (int(x, 16) for x in span.split("-"))
-                    if ranges and ranges[-1][1] == lo:   # a buffer may span adjacent mappings
+                    if ranges and ranges[-1][1] == lo:  # a buffer may span adjacent mappings
                         ranges[-1] = (ranges[-1][0], hi)
                     else:
                         ranges.append((lo, hi))
@@ -349,8 +398,9 @@ class SevKvm:
         if not arg.len or arg.uaddr % 16 or arg.len % 16:
             raise _IoctlError(-errno.EINVAL)
         for uaddr, length in self._page_chunks(arg.uaddr, arg.len):
-            self._fw(fw_cmd, abi.LaunchUpdateBuf(handle=self.handle, address=self._guest_pa(uaddr, length),
-                                                len=length), cmd)
+            self._fw(
+                fw_cmd, abi.LaunchUpdateBuf(handle=self.handle, address=self._guest_pa(uaddr, length), len=length), cmd
+            )
 
     def _launch_measure(self, cmd, arg: kvm_sev_launch_measure) -> None:
         buf = abi.LaunchMeasureBuf(handle=self.handle)
@@ -367,10 +417,15 @@ class SevKvm:
     def _launch_secret(self, cmd, arg: kvm_sev_launch_secret) -> None:
         if not arg.guest_len or arg.guest_uaddr // PAGE_SIZE != (arg.guest_uaddr + arg.guest_len - 1) // PAGE_SIZE:
             raise _IoctlError(-errno.EINVAL)
-        buf = abi.TransportBuf(handle=self.handle, hdr_address=self._blob_in(arg.hdr_uaddr, arg.hdr_len),
-                              hdr_len=arg.hdr_len, guest_address=self._guest_pa(arg.guest_uaddr, arg.guest_len),
-                              guest_len=arg.guest_len, trans_address=self._blob_in(arg.trans_uaddr, arg.trans_len),
-                              trans_len=arg.trans_len)
+        buf = abi.TransportBuf(
+            handle=self.handle,
+            hdr_address=self._blob_in(arg.hdr_uaddr, arg.hdr_len),
+            hdr_len=arg.hdr_len,
+            guest_address=self._guest_pa(arg.guest_uaddr, arg.guest_len),
+            guest_len=arg.guest_len,
+            trans_address=self._blob_in(arg.trans_uaddr, arg.trans_len),
+            trans_len=arg.trans_len,
+        )
         self._fw(abi.Cmd.LAUNCH_SECRET, buf, cmd)
 
     def _send_start(self, cmd, arg: kvm_sev_send_start) -> None:
@@ -379,17 +434,22 @@ class SevKvm:
             cmd.error = int(self.platform.issue(abi.Cmd.SEND_START, buf))
             arg.session_len = buf.session_len
             raise _IoctlError(-errno.EIO)
-        if not (arg.pdh_cert_uaddr and arg.plat_certs_uaddr and arg.amd_certs_uaddr) or \
-                arg.session_len > SEV_FW_BLOB_MAX_SIZE:
+        if (
+            not (arg.pdh_cert_uaddr and arg.plat_certs_uaddr and arg.amd_certs_uaddr)
+            or arg.session_len > SEV_FW_BLOB_MAX_SIZE
+        ):
             raise _IoctlError(-errno.EINVAL)
         buf = abi.SendStartBuf(
             handle=self.handle,
-            pdh_cert_address=self._blob_in(arg.pdh_cert_uaddr, arg.pdh_cert_len), pdh_cert_len=arg.pdh_cert_len,
+            pdh_cert_address=self._blob_in(arg.pdh_cert_uaddr, arg.pdh_cert_len),
+            pdh_cert_len=arg.pdh_cert_len,
             plat_certs_address=self._blob_in(arg.plat_certs_uaddr, arg.plat_certs_len),
             plat_certs_len=arg.plat_certs_len,
             amd_certs_address=self._blob_in(arg.amd_certs_uaddr, arg.amd_certs_len),
             amd_certs_len=arg.amd_certs_len,
-            session_address=self._kbuf(arg.session_len), session_len=arg.session_len)
+            session_address=self._kbuf(arg.session_len),
+            session_len=arg.session_len,
+        )
         self._fw(abi.Cmd.SEND_START, buf, cmd)
         arg.policy = buf.policy
         self._to_user(arg.session_uaddr, buf.session_address, abi.SESSION_SIZE)
@@ -402,13 +462,23 @@ class SevKvm:
             cmd.error = int(self.platform.issue(fw_cmd, buf))
             arg.hdr_len, arg.trans_len = buf.hdr_len, buf.trans_len
             raise _IoctlError(-errno.EIO)
-        if (not arg.guest_len or arg.guest_len > PAGE_SIZE
-                or arg.guest_uaddr % PAGE_SIZE + arg.guest_len > PAGE_SIZE or arg.hdr_len > SEV_FW_BLOB_MAX_SIZE
-                or arg.trans_len > SEV_FW_BLOB_MAX_SIZE):
+        if (
+            not arg.guest_len
+            or arg.guest_len > PAGE_SIZE
+            or arg.guest_uaddr % PAGE_SIZE + arg.guest_len > PAGE_SIZE
+            or arg.hdr_len > SEV_FW_BLOB_MAX_SIZE
+            or arg.trans_len > SEV_FW_BLOB_MAX_SIZE
+        ):
             raise _IoctlError(-errno.EINVAL)
-        buf = abi.TransportBuf(handle=self.handle, hdr_address=self._kbuf(arg.hdr_len), hdr_len=arg.hdr_len,
-                              guest_address=self._guest_pa(arg.guest_uaddr, arg.guest_len), guest_len=arg.guest_len,
-                              trans_address=self._kbuf(arg.trans_len), trans_len=arg.trans_len)
+        buf = abi.TransportBuf(
+            handle=self.handle,
+            hdr_address=self._kbuf(arg.hdr_len),
+            hdr_len=arg.hdr_len,
+            guest_address=self._guest_pa(arg.guest_uaddr, arg.guest_len),
+            guest_len=arg.guest_len,
+            trans_address=self._kbuf(arg.trans_len),
+            trans_len=arg.trans_len,
+        )
         self._fw(fw_cmd, buf, cmd)
         self._to_user(arg.trans_uaddr, buf.trans_address, arg.guest_len)
         self._to_user(arg.hdr_uaddr, buf.hdr_address, abi.PACKET_HEADER_SIZE)
@@ -420,24 +490,34 @@ class SevKvm:
     def _receive_start(self, cmd, arg: kvm_sev_receive_start) -> None:
         if not (arg.pdh_uaddr and arg.pdh_len and arg.session_uaddr and arg.session_len):
             raise _IoctlError(-errno.EINVAL)
-        buf = abi.ReceiveStartBuf(handle=arg.handle, policy=arg.policy,
-                                 pdh_cert_address=self._blob_in(arg.pdh_uaddr, arg.pdh_len), pdh_cert_len=arg.pdh_len,
-                                 session_address=self._blob_in(arg.session_uaddr, arg.session_len),
-                                 session_len=arg.session_len)
+        buf = abi.ReceiveStartBuf(
+            handle=arg.handle,
+            policy=arg.policy,
+            pdh_cert_address=self._blob_in(arg.pdh_uaddr, arg.pdh_len),
+            pdh_cert_len=arg.pdh_len,
+            session_address=self._blob_in(arg.session_uaddr, arg.session_len),
+            session_len=arg.session_len,
+        )
         self._fw(abi.Cmd.RECEIVE_START, buf, cmd)
         self.handle = arg.handle = buf.handle
         self._bind_asid(cmd)
 
     def _receive_update(self, cmd, arg: kvm_sev_receive_update_data, fw_cmd=abi.Cmd.RECEIVE_UPDATE_DATA) -> None:
-        if not (arg.hdr_uaddr and arg.hdr_len and arg.guest_uaddr and arg.guest_len and arg.trans_uaddr
-                and arg.trans_len):
+        if not (
+            arg.hdr_uaddr and arg.hdr_len and arg.guest_uaddr and arg.guest_len and arg.trans_uaddr and arg.trans_len
+        ):
             raise _IoctlError(-errno.EINVAL)
         if arg.guest_len > PAGE_SIZE or arg.guest_uaddr % PAGE_SIZE + arg.guest_len > PAGE_SIZE:
             raise _IoctlError(-errno.EINVAL)
-        buf = abi.TransportBuf(handle=self.handle, hdr_address=self._blob_in(arg.hdr_uaddr, arg.hdr_len),
-                              hdr_len=arg.hdr_len, guest_address=self._guest_pa(arg.guest_uaddr, arg.guest_len),
-                              guest_len=arg.guest_len, trans_address=self._blob_in(arg.trans_uaddr, arg.trans_len),
-                              trans_len=arg.trans_len)
+        buf = abi.TransportBuf(
+            handle=self.handle,
+            hdr_address=self._blob_in(arg.hdr_uaddr, arg.hdr_len),
+            hdr_len=arg.hdr_len,
+            guest_address=self._guest_pa(arg.guest_uaddr, arg.guest_len),
+            guest_len=arg.guest_len,
+            trans_address=self._blob_in(arg.trans_uaddr, arg.trans_len),
+            trans_len=arg.trans_len,
+        )
         self._fw(fw_cmd, buf, cmd)
 
     def _receive_update_vmsa(self, cmd, arg) -> None:
@@ -491,18 +571,27 @@ class SevKvm:
         self.active = False
 
     # -- pysev batch extension: many pages per call through the csev pipelines -------------------------
-    def send_update_data_batch(self, frames: np.ndarray, headers: np.ndarray, trans: np.ndarray, *,
-                               threads: int | None = None,
-                               on_slice: Callable[[int, int], None] | None = None) -> None:
-        status = self.platform.send_update_data_batch(self.handle, frames, headers, trans, threads=threads,
-                                                      on_slice=on_slice)
+    def send_update_data_batch(
+        self,
+        frames: np.ndarray,
+        headers: np.ndarray,
+        trans: np.ndarray,
+        *,
+        threads: int | None = None,
+        on_slice: Callable[[int, int], None] | None = None,
+    ) -> None:
+        status = self.platform.send_update_data_batch(
+            self.handle, frames, headers, trans, threads=threads, on_slice=on_slice
+        )
         if status != SevStatus.SUCCESS:
             raise KvmError("SEND_UPDATE_DATA(batch)", errno.EIO, status)
 
-    def receive_update_data_batch(self, frames: np.ndarray, headers: np.ndarray, trans: np.ndarray, *,
-                                  threads: int | None = None) -> np.ndarray:
-        status, per_packet = self.platform.receive_update_data_batch(self.handle, frames, headers, trans,
-                                                                     threads=threads)
+    def receive_update_data_batch(
+        self, frames: np.ndarray, headers: np.ndarray, trans: np.ndarray, *, threads: int | None = None
+    ) -> np.ndarray:
+        status, per_packet = self.platform.receive_update_data_batch(
+            self.handle, frames, headers, trans, threads=threads
+        )
         if status != SevStatus.SUCCESS:
             raise KvmError("RECEIVE_UPDATE_DATA(batch)", errno.EIO, status)
         return per_packet
@@ -516,6 +605,7 @@ class SevKvm:
 def _handle_only(fw_cmd: abi.Cmd):
     def run(self: SevKvm, cmd: kvm_sev_cmd, arg: None) -> None:
         self._fw(fw_cmd, abi.HandleBuf(handle=self.handle), cmd)
+
     return run
 
 
@@ -524,14 +614,15 @@ _HANDLERS = {
     sev_cmd_id.KVM_SEV_ES_INIT: SevKvm._es_init,
     sev_cmd_id.KVM_SEV_LAUNCH_START: SevKvm._launch_start,
     sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_DATA: SevKvm._launch_update,
-    sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_VMSA:
-        lambda self, cmd, arg: self._launch_update(cmd, arg, abi.Cmd.LAUNCH_UPDATE_VMSA),
+    sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_VMSA: lambda self, cmd, arg: self._launch_update(
+        cmd, arg, abi.Cmd.LAUNCH_UPDATE_VMSA
+    ),
     sev_cmd_id.KVM_SEV_LAUNCH_SECRET: SevKvm._launch_secret,
     sev_cmd_id.KVM_SEV_LAUNCH_MEASURE: SevKvm._launch_measure,
     sev_cmd_id.KVM_SEV_LAUNCH_FINISH: _handle_only(abi.Cmd.LAUNCH_FINISH),
     sev_cmd_id.KVM_SEV_SEND_START: SevKvm._send_start,
     sev_cmd_id.KVM_SEV_SEND_UPDATE_DATA: SevKvm._send_update,
-    sev_cmd_id.KVM_SEV_SEND_UPDATE_VMSA: SevKvm._send_update_vmsa,       # pysev extension
+    sev_cmd_id.KVM_SEV_SEND_UPDATE_VMSA: SevKvm._send_update_vmsa,  # pysev extension
     sev_cmd_id.KVM_SEV_SEND_FINISH: _handle_only(abi.Cmd.SEND_FINISH),
     sev_cmd_id.KVM_SEV_SEND_CANCEL: _handle_only(abi.Cmd.SEND_CANCEL),
     sev_cmd_id.KVM_SEV_RECEIVE_START: SevKvm._receive_start,

@@ -5,6 +5,7 @@ session for LAUNCH_START, verifies LAUNCH_MEASURE and builds the LAUNCH_SECRET p
 (``src/commands.cpp``: ``build_session_buffer``, ``calculate_measurement``, ``create_launch_secret_header``)
 and virtee/sev (``src/session``) do. TEK, TIK and the GODH private key live only in underscore attributes.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -30,9 +31,16 @@ class GuestOwner:
     ``rng`` is the owner's random source (injectable for known-answer tests).
     """
 
-    def __init__(self, platform_pdh_cert: bytes, policy: int, *, plat_certs: bytes | None = None,
-                 amd_certs: bytes | None = None, anchor: certs.TrustAnchor | None = None,
-                 rng: Callable[[int], bytes] = os.urandom) -> None:
+    def __init__(
+        self,
+        platform_pdh_cert: bytes,
+        policy: int,
+        *,
+        plat_certs: bytes | None = None,
+        amd_certs: bytes | None = None,
+        anchor: certs.TrustAnchor | None = None,
+        rng: Callable[[int], bytes] = os.urandom,
+    ) -> None:
         pdh_bytes = bytes(platform_pdh_cert)
         status = certs.pdh_sanity_check(pdh_bytes)
         if status != SevStatus.SUCCESS:
@@ -70,14 +78,14 @@ class GuestOwner:
         return self.godh_cert, self.session
 
     # -- LAUNCH_MEASURE ------------------------------------------------------------------------------
-    def verify_measurement(self, measure48: bytes, digest: bytes, api_major: int, api_minor: int,
-                           build: int) -> bool:
+    def verify_measurement(self, measure48: bytes, digest: bytes, api_major: int, api_minor: int, build: int) -> bool:
         """Whether LAUNCH_MEASURE's MEASURE ‖ MNONCE matches ``digest`` (SHA-256 of the launched plaintext)."""
         if len(measure48) != MEASURE_SIZE or len(digest) != 32:
             return False
         measure48 = bytes(measure48)
-        expected = session.launch_measure(self._tik, api_major, api_minor, build, self.policy, bytes(digest),
-                                          measure48[session.MNONCE])
+        expected = session.launch_measure(
+            self._tik, api_major, api_minor, build, self.policy, bytes(digest), measure48[session.MNONCE]
+        )
         return hmac.compare_digest(expected, measure48[session.MEASURE])
 
     # -- LAUNCH_SECRET -------------------------------------------------------------------------------
@@ -87,12 +95,21 @@ class GuestOwner:
         ``src/secret.rs``; AMD ``sev_mcmd.c`` ``sev_mcmd_launch_secret``)."""
         secret = bytes(secret)
         if not secret or len(secret) % 16 or len(secret) > SCRATCH_BUF_LEN:
-            raise ValueError(f"secret length must be a non-zero multiple of 16 up to {SCRATCH_BUF_LEN:#x}, "
-                             f"got {len(secret)}")
+            raise ValueError(
+                f"secret length must be a non-zero multiple of 16 up to {SCRATCH_BUF_LEN:#x}, got {len(secret)}"
+            )
         if len(measure48) < session.MEASURE.stop:
             raise ValueError(f"measure must hold the 32-byte MEASURE, got {len(measure48)} bytes")
         iv = self._rng(16)
         ciphertext = csev.aes128_ctr(self._tek, iv, secret)
-        mac = session.packet_mac(self._tik, session.CTX_SECRET, 0, iv, len(secret), len(secret), ciphertext,
-                                 bytes(measure48[session.MEASURE]))
+        mac = session.packet_mac(
+            self._tik,
+            session.CTX_SECRET,
+            0,
+            iv,
+            len(secret),
+            len(secret),
+            ciphertext,
+            bytes(measure48[session.MEASURE]),
+        )
         return session.pack_packet_header(0, iv, mac), ciphertext

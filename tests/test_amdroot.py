@@ -1,4 +1,5 @@
 """pysev.firmware.amdroot: the simulated AMD root, its key server, CEK derivation, and the shared default root."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,10 @@ from pysev.firmware.certs.keys import P384_N
 from pysev.firmware.status import SevStatus
 
 OK = SevStatus.SUCCESS
-CHIP = bytes.fromhex("5E1FDB617787B6D516F5CC5A5BB48FAE868DD57C71EC81F3FD59AD7C84A761C7"
-                     "453289287481DEA46C010E25304DA3FDFCE63DF87C5AE735537975EEE069CB14")
+CHIP = bytes.fromhex(
+    "5E1FDB617787B6D516F5CC5A5BB48FAE868DD57C71EC81F3FD59AD7C84A761C7"
+    "453289287481DEA46C010E25304DA3FDFCE63DF87C5AE735537975EEE069CB14"
+)
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +45,7 @@ def untrusted() -> SimulatedRoot:
 
 def platform_chain(root: SimulatedRoot, chip_id: bytes = CHIP):
     """What a simulated platform holds after PEK_GEN, with its CEK fetched from the KDS."""
-    cek_key = derive_cek(root.fuse_chip(chip_id))        # platform side: from the fused key
+    cek_key = derive_cek(root.fuse_chip(chip_id))  # platform side: from the fused key
     cek = SevCert.from_bytes(root.kds.cek_cert(chip_id))  # KDS side
     oca_key, pek_key, pdh_key = (ECC.generate(curve="P-384") for _ in range(3))
     oca = SevCert.build(oca_key.public_key(), Usage.OCA, Algo.ECDSA_SHA256, 1, 55)
@@ -88,8 +91,10 @@ def test_derive_cek_follows_the_firmware_recipe():
     seed = hashlib.sha256(fused).digest()
     # SP 800-108 counter mode, LE32 counter and bit length, label ‖ 0x00, no context (AMD nist_kdf.c)
     label = b"sev-chip-endorsement-key"
-    blocks = b"".join(hmac.digest(seed, i.to_bytes(4, "little") + label + b"\0" + (56 * 8).to_bytes(4, "little"),
-                                  "sha256") for i in (1, 2))
+    blocks = b"".join(
+        hmac.digest(seed, i.to_bytes(4, "little") + label + b"\0" + (56 * 8).to_bytes(4, "little"), "sha256")
+        for i in (1, 2)
+    )
     d = int.from_bytes(blocks[:56], "big") % (P384_N - 1) + 1
     assert int(derive_cek(fused).d) == d
     assert derive_cek(fused).public_key() == derive_cek(fused).public_key()
@@ -101,7 +106,7 @@ def test_derive_cek_follows_the_firmware_recipe():
 def test_kds_cek_verifies_and_matches_platform_derivation(request, gen):
     root: SimulatedRoot = request.getfixturevalue(gen)
     data = root.kds.cek_cert(CHIP)
-    assert len(data) == certs.SEV_CERT_SIZE and root.kds.cek_cert(CHIP) == data   # one cert per chip
+    assert len(data) == certs.SEV_CERT_SIZE and root.kds.cek_cert(CHIP) == data  # one cert per chip
     cek = SevCert.from_bytes(data)
     assert (cek.version, cek.api_major, cek.api_minor) == (1, 0, 14)
     assert (cek.pubkey_usage, cek.pubkey_algo) == (Usage.CEK, Algo.ECDSA_SHA256)
@@ -117,7 +122,7 @@ def test_kds_cek_verifies_and_matches_platform_derivation(request, gen):
 def test_kds_cek_fails_under_another_root(rome, untrusted, naples):
     cek = SevCert.from_bytes(untrusted.kds.cek_cert(CHIP))
     assert certs.sev_cert_validate(cek, rome.ask) == SevStatus.BAD_SIGNATURE
-    assert certs.sev_cert_validate(cek, naples.ask) == SevStatus.INVALID_CERTIFICATE   # no RSA_SHA256 slot
+    assert certs.sev_cert_validate(cek, naples.ask) == SevStatus.INVALID_CERTIFICATE  # no RSA_SHA256 slot
     assert untrusted.fuse_chip(CHIP) != rome.fuse_chip(CHIP)
 
 
@@ -140,8 +145,10 @@ def test_platform_chain_verifies_under_its_root(rome, untrusted):
     assert certs.validate_platform(pdh.to_bytes(), plat, rome.amd_chain(), rome.trust_anchor) == OK
     assert certs.validate_domain(pdh, plat, oca) == OK
     # wrong root: the target presents another root's chain
-    assert certs.validate_platform(pdh.to_bytes(), plat, untrusted.amd_chain(), rome.trust_anchor) == \
-        SevStatus.INVALID_CERTIFICATE
+    assert (
+        certs.validate_platform(pdh.to_bytes(), plat, untrusted.amd_chain(), rome.trust_anchor)
+        == SevStatus.INVALID_CERTIFICATE
+    )
     # wrong root: the anchor is right but the ASK is another root's → ASK←ARK fails
     mixed = untrusted.ask.to_bytes() + rome.ark.to_bytes()
     assert certs.validate_platform(pdh.to_bytes(), plat, mixed, rome.trust_anchor) == SevStatus.BAD_SIGNATURE
@@ -152,8 +159,9 @@ def test_platform_chain_verifies_under_its_root(rome, untrusted):
     # the CEK of a chip of the untrusted root
     foreign_cek, oca2, pek2, pdh2 = platform_chain(untrusted)
     plat2 = certs.join_plat_certs(pek2, oca2, foreign_cek)
-    assert certs.validate_platform(pdh2.to_bytes(), plat2, rome.amd_chain(), rome.trust_anchor) == \
-        SevStatus.BAD_SIGNATURE
+    assert (
+        certs.validate_platform(pdh2.to_bytes(), plat2, rome.amd_chain(), rome.trust_anchor) == SevStatus.BAD_SIGNATURE
+    )
     report = certs.verify_chain(rome.ark, rome.ask, foreign_cek, oca2, pek2, pdh2)
     assert report.first_failure.link == "CEK<-ASK"
 
@@ -194,22 +202,25 @@ def test_create_rejects_unknown_generation():
         SimulatedRoot.create(generation="milan")
 
 
-_CHILD = ("import sys; from pysev.firmware.amdroot import default_root; r = default_root(); "
-          "sys.stdout.write(r.ark.key_id.hex() + ' ' + r.ask.key_id.hex())")
+_CHILD = (
+    "import sys; from pysev.firmware.amdroot import default_root; r = default_root(); "
+    "sys.stdout.write(r.ark.key_id.hex() + ' ' + r.ask.key_id.hex())"
+)
 
 
 def _spawn(home: Path) -> subprocess.Popen:
     env = dict(os.environ, PYSEV_HOME=str(home))
     repo = str(Path(pysev.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
-    return subprocess.Popen([sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_default_root_is_shared_between_processes(tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("PYSEV_HOME", str(home))
-    children = [_spawn(home), _spawn(home)]          # started together: one creates, one waits
+    children = [_spawn(home), _spawn(home)]  # started together: one creates, one waits
     ids = []
     for child in children:
         out, err = child.communicate(timeout=120)
@@ -220,12 +231,12 @@ def test_default_root_is_shared_between_processes(tmp_path, monkeypatch):
     before = {p.name: p.stat().st_mtime_ns for p in root_dir.iterdir()}
     mine = default_root()
     assert f"{mine.ark.key_id.hex()} {mine.ask.key_id.hex()}" == ids[0]
-    assert default_root() is mine                    # cached per PYSEV_HOME
+    assert default_root() is mine  # cached per PYSEV_HOME
     later = _spawn(home)
     out, err = later.communicate(timeout=120)
     assert later.returncode == 0, err
     assert out == ids[0]
-    assert {p.name: p.stat().st_mtime_ns for p in root_dir.iterdir()} == before   # not regenerated
+    assert {p.name: p.stat().st_mtime_ns for p in root_dir.iterdir()} == before  # not regenerated
     assert not [p for p in (home / "roots").iterdir() if p.name.startswith(".default.") and p.is_dir()]
     assert stat.S_IMODE((root_dir / "ask_key.pem").stat().st_mode) == 0o600
 

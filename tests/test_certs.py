@@ -1,5 +1,6 @@
 """pysev.firmware.certs against the real AMD data in tests/data/sev-certs (its README's conclusions),
 the layouts of AMD's sev_cert.h/amd_cert.h (docs/formats.md), the firmware validation rules, and hostile input."""
+
 from __future__ import annotations
 
 import argparse
@@ -65,10 +66,18 @@ def flip(data: bytes, offset: int, bit: int = 0) -> bytes:
 def test_sev_layout_matches_spec():
     assert sev_cert.SEV_CERT_SIZE == 2084 == 0x824
     assert sev_cert.SEV_CERT_BODY_SIZE == 0x414
-    assert (sev_cert.OFF_VERSION, sev_cert.OFF_API_MAJOR, sev_cert.OFF_API_MINOR, sev_cert.OFF_RESERVED) == \
-        (0x000, 0x004, 0x005, 0x006)
-    assert (sev_cert.OFF_PUBKEY_USAGE, sev_cert.OFF_PUBKEY_ALGO, keys.OFF_PUBKEY, keys.PUBKEY_SIZE) == \
-        (0x008, 0x00C, 0x010, 1028)
+    assert (sev_cert.OFF_VERSION, sev_cert.OFF_API_MAJOR, sev_cert.OFF_API_MINOR, sev_cert.OFF_RESERVED) == (
+        0x000,
+        0x004,
+        0x005,
+        0x006,
+    )
+    assert (sev_cert.OFF_PUBKEY_USAGE, sev_cert.OFF_PUBKEY_ALGO, keys.OFF_PUBKEY, keys.PUBKEY_SIZE) == (
+        0x008,
+        0x00C,
+        0x010,
+        1028,
+    )
     assert (keys.OFF_EC_CURVE, keys.OFF_EC_QX, keys.OFF_EC_QY, keys.OFF_EC_RESERVED) == (0x010, 0x014, 0x05C, 0x0A4)
     assert sev_cert.SEV_CERT_BODY_SIZE - keys.OFF_EC_RESERVED == 880
     assert (keys.OFF_RSA_MODULUS_BITS, keys.OFF_RSA_PUBEXP, keys.OFF_RSA_MODULUS) == (0x010, 0x014, 0x214)
@@ -79,21 +88,41 @@ def test_sev_layout_matches_spec():
 
 
 def test_amd_layout_matches_spec():
-    assert (amd_cert.AMD_OFF_VERSION, amd_cert.AMD_OFF_KEY_ID, amd_cert.AMD_OFF_CERTIFYING_ID,
-            amd_cert.AMD_OFF_KEY_USAGE) == (0, 4, 0x14, 0x24)
-    assert (amd_cert.AMD_OFF_RESERVED, amd_cert.AMD_OFF_PUBEXP_SIZE, amd_cert.AMD_OFF_MODULUS_SIZE) == \
-        (0x28, 0x38, 0x3C)
+    assert (
+        amd_cert.AMD_OFF_VERSION,
+        amd_cert.AMD_OFF_KEY_ID,
+        amd_cert.AMD_OFF_CERTIFYING_ID,
+        amd_cert.AMD_OFF_KEY_USAGE,
+    ) == (0, 4, 0x14, 0x24)
+    assert (amd_cert.AMD_OFF_RESERVED, amd_cert.AMD_OFF_PUBEXP_SIZE, amd_cert.AMD_OFF_MODULUS_SIZE) == (
+        0x28,
+        0x38,
+        0x3C,
+    )
     assert amd_cert.AMD_CERT_FIXED_SIZE == certs.AMD_CERT_FIXED_SIZE == 64
     assert (certs.AMD_CERT_SIZE_2K, certs.AMD_CERT_SIZE_4K, certs.AMD_CERT_UNSIGNED_SIZE_2K) == (832, 1600, 576)
     assert certs.NAPLES_BUNDLE_SIZE == 1408
 
 
 def test_codes_match_spec():
-    assert {u.name: int(u) for u in Usage} == {"ARK": 0, "ASK": 0x13, "INVALID": 0x1000, "OCA": 0x1001,
-                                                "PEK": 0x1002, "PDH": 0x1003, "CEK": 0x1004}
-    assert {a.name: int(a) for a in Algo} == {"INVALID": 0, "RSA_SHA256": 1, "ECDSA_SHA256": 2,
-                                               "ECDH_SHA256": 3, "RSA_SHA384": 0x101,
-                                               "ECDSA_SHA384": 0x102, "ECDH_SHA384": 0x103}
+    assert {u.name: int(u) for u in Usage} == {
+        "ARK": 0,
+        "ASK": 0x13,
+        "INVALID": 0x1000,
+        "OCA": 0x1001,
+        "PEK": 0x1002,
+        "PDH": 0x1003,
+        "CEK": 0x1004,
+    }
+    assert {a.name: int(a) for a in Algo} == {
+        "INVALID": 0,
+        "RSA_SHA256": 1,
+        "ECDSA_SHA256": 2,
+        "ECDH_SHA256": 3,
+        "RSA_SHA384": 0x101,
+        "ECDSA_SHA384": 0x102,
+        "ECDH_SHA384": 0x103,
+    }
 
 
 def test_p384_constants_match_pycryptodome():
@@ -175,8 +204,9 @@ def _oracle_pss(cert: AmdCert, signer: AmdCert, hash_name: str) -> bool:
     h = {"sha256": hashes.SHA256(), "sha384": hashes.SHA384()}[hash_name]
     pub = rsa.RSAPublicNumbers(signer.pubexp, signer.modulus).public_key()
     try:
-        pub.verify(cert.signature[::-1], cert.signed_bytes(),
-                   padding.PSS(mgf=padding.MGF1(h), salt_length=h.digest_size), h)
+        pub.verify(
+            cert.signature[::-1], cert.signed_bytes(), padding.PSS(mgf=padding.MGF1(h), salt_length=h.digest_size), h
+        )
     except InvalidSignature:
         return False
     return True
@@ -199,10 +229,18 @@ def test_naples_chain_verifies_link_by_link():
     report = certs.verify_chain(**c)
     assert report.ok, report.message
     assert [link.link for link in report.links] == [
-        "ARK (self-signed)", "ASK<-ARK", "CEK<-ASK", "OCA (self-signed)", "PEK<-OCA", "PEK<-CEK", "PDH<-PEK"]
+        "ARK (self-signed)",
+        "ASK<-ARK",
+        "CEK<-ASK",
+        "OCA (self-signed)",
+        "PEK<-OCA",
+        "PEK<-CEK",
+        "PDH<-PEK",
+    ]
     assert "slot 2" in report.links[5].message and "RSA_SHA256" in report.links[2].message
-    assert all(isinstance(c[n].pubkey, certs.EcPublicKey) and c[n].pubkey.is_valid()
-               for n in ("cek", "oca", "pek", "pdh"))
+    assert all(
+        isinstance(c[n].pubkey, certs.EcPublicKey) and c[n].pubkey.is_valid() for n in ("cek", "oca", "pek", "pdh")
+    )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -211,7 +249,9 @@ def test_naples_chain_verifies_link_by_link():
 def test_rome_chain_verifies_with_sha384():
     c = chain("rome")
     assert (c["ark"].key_id.hex(), c["ask"].key_id.hex()) == (
-        "e6002122fb58419399d15fee7b131351", "c6cbcf145b3146f498e40ecb4ad4fded")
+        "e6002122fb58419399d15fee7b131351",
+        "c6cbcf145b3146f498e40ecb4ad4fded",
+    )
     assert _oracle_pss(c["ark"], c["ark"], "sha384") and not _oracle_pss(c["ark"], c["ark"], "sha256")
     assert _oracle_pss(c["ask"], c["ark"], "sha384")
     assert c["cek"].sig1.algo == Algo.RSA_SHA384 and c["pek"].api_minor == 22
@@ -244,16 +284,19 @@ def test_amd_roots(gen):
 
 
 def test_genoa_ark_id_is_the_firmware_root_id():
-    aspfw_amd_root_key_id = bytes([0x9F, 0x9D, 0x4A, 0x8F, 0xE7, 0x61, 0x45, 0x65,
-                                   0x99, 0xF6, 0x94, 0x6C, 0x4C, 0x01, 0x0F, 0x3A])
+    aspfw_amd_root_key_id = bytes(
+        [0x9F, 0x9D, 0x4A, 0x8F, 0xE7, 0x61, 0x45, 0x65, 0x99, 0xF6, 0x94, 0x6C, 0x4C, 0x01, 0x0F, 0x3A]
+    )
     assert amd("genoa", "ark.cert").key_id == aspfw_amd_root_key_id
 
 
 # -------------------------------------------------------------------------------------------------
 # naples-kds-cek and migration-attack
 # -------------------------------------------------------------------------------------------------
-KDS_CEK = ("naples-kds-cek/cek_5E1FDB617787B6D516F5CC5A5BB48FAE868DD57C71EC81F3FD59AD7C84A761C7453289287481"
-           "DEA46C010E25304DA3FDFCE63DF87C5AE735537975EEE069CB14.cert")
+KDS_CEK = (
+    "naples-kds-cek/cek_5E1FDB617787B6D516F5CC5A5BB48FAE868DD57C71EC81F3FD59AD7C84A761C7453289287481"
+    "DEA46C010E25304DA3FDFCE63DF87C5AE735537975EEE069CB14.cert"
+)
 
 
 def test_naples_bundle_is_ask_plus_unsigned_ark():
@@ -277,7 +320,8 @@ def test_kds_cek_is_signed_by_naples_ask():
     assert certs.sev_cert_validate(cek, amd("rome", "ask.cert")) == INVALID_CERT  # no RSA_SHA384 slot
     # data.sig is DER ECDSA-SHA256 made with this chip's CEK private key
     DSS.new(cek.ecc_key(), "fips-186-3", encoding="der").verify(
-        SHA256.new(raw("naples-kds-cek", "data")), raw("naples-kds-cek", "data.sig"))
+        SHA256.new(raw("naples-kds-cek", "data")), raw("naples-kds-cek", "data.sig")
+    )
 
 
 Z_ATTACK = "071e4d4688fb4410d5b161fd11c3f6c4ca5885354bae717de77f503f94a271b2f1c9a0799e8a65b278ccb2ce21721feb"
@@ -300,6 +344,7 @@ def test_migration_attack_pdh_and_ecdh():
 
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     oracle = load_pem_private_key(raw("migration-attack", "pdh_priv.pem"), None)
     peer = ec.EllipticCurvePublicNumbers(pdh.pubkey.x, pdh.pubkey.y, ec.SECP384R1()).public_key()
     assert oracle.exchange(ec.ECDH(), peer) == z
@@ -374,8 +419,8 @@ def test_signing_errors(private_keys):
 # -------------------------------------------------------------------------------------------------
 def test_wrong_signer_and_swapped_parent_child():
     c = chain("naples")
-    assert certs.sev_cert_validate(c["pdh"], c["oca"]) == INVALID_CERT   # no OCA slot on a PDH
-    assert certs.sev_cert_validate(c["cek"], c["pek"]) == INVALID_CERT   # swapped: parent under child
+    assert certs.sev_cert_validate(c["pdh"], c["oca"]) == INVALID_CERT  # no OCA slot on a PDH
+    assert certs.sev_cert_validate(c["cek"], c["pek"]) == INVALID_CERT  # swapped: parent under child
     assert certs.sev_cert_validate(c["pek"], c["pdh"]) == INVALID_CERT
     assert certs.amd_cert_validate(c["ark"], c["ask"], Usage.ARK) == BAD_SIG
     swapped = certs.verify_chain(c["ark"], c["ask"], c["pek"], c["oca"], c["cek"], c["pdh"])
@@ -405,7 +450,7 @@ def test_wrong_usage_signer_is_rejected_after_good_signature(private_keys):
 def test_flipped_bit_is_bad_signature(where):
     c = chain("rome")
     data = c["pdh"].to_bytes()
-    offset = 0x20 if where == "body" else sev_cert.OFF_SIG1 + 8 + 5   # QX byte / R byte
+    offset = 0x20 if where == "body" else sev_cert.OFF_SIG1 + 8 + 5  # QX byte / R byte
     bad = SevCert.from_bytes(flip(data, offset), check_key=False)
     assert certs.sev_cert_validate(bad, c["pek"]) == BAD_SIG
     report = certs.verify_chain(c["ark"], c["ask"], c["cek"], c["oca"], c["pek"], bad)
@@ -426,7 +471,7 @@ def test_flipped_bit_in_amd_cert(where):
 
 def test_mixed_generations_fail():
     naples, rome, milan = chain("naples"), chain("rome"), {"ark": amd("milan", "ark.cert")}
-    assert certs.sev_cert_validate(rome["pek"], naples["cek"]) == BAD_SIG   # CEK/ECDSA slot, other key
+    assert certs.sev_cert_validate(rome["pek"], naples["cek"]) == BAD_SIG  # CEK/ECDSA slot, other key
     assert certs.amd_cert_validate(rome["ask"], milan["ark"], Usage.ASK) == BAD_SIG
     assert certs.sev_cert_validate(naples["cek"], rome["ask"]) == INVALID_CERT
     report = certs.verify_chain(milan["ark"], rome["ask"], rome["cek"], rome["oca"], rome["pek"], rome["pdh"])
@@ -440,7 +485,7 @@ def test_slot_rules(private_keys):
     # malformed slot (exactly one of usage/algo INVALID) → BAD_SIGNATURE even if the other slot is good
     malformed = dataclasses.replace(pek, sig2=Signature(Usage.CEK, Algo.INVALID))
     assert certs.sev_cert_validate(malformed, oca) == BAD_SIG
-    assert SevCert.from_bytes(malformed.to_bytes()) == malformed    # parses: the rule decides
+    assert SevCert.from_bytes(malformed.to_bytes()) == malformed  # parses: the rule decides
     # both slots claim OCA; the last matching slot decides (the loop of AMD sev_cert.c sev_cert_validate)
     one = pek.unsigned().sign_as(oca, private_keys["oca"])
     good, junk = one.sig1, Signature(Usage.OCA, Algo.ECDSA_SHA256, bytes([1]) + bytes(143) + bytes(368))
@@ -455,38 +500,44 @@ def test_slot_rules(private_keys):
 # -------------------------------------------------------------------------------------------------
 # Hostile input
 # -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("data, field", [
-    (lambda d: d[:-1], "length must be 2084"),
-    (lambda d: d + b"\0", "length must be 2084"),
-    (lambda d: b"", "length must be 2084"),
-    (lambda d: struct.pack("<I", 2) + d[4:], "VERSION at offset 0x000"),
-    (lambda d: d[:6] + b"\1\0" + d[8:], "reserved at offset 0x006"),
-    (lambda d: d[:8] + struct.pack("<I", 0x1005) + d[12:], "PUBKEY_USAGE at offset 0x008"),
-    (lambda d: d[:8] + struct.pack("<I", 0x1000) + d[12:], "PUBKEY_USAGE at offset 0x008"),
-    (lambda d: d[:12] + struct.pack("<I", 0x4) + d[16:], "PUBKEY_ALGO at offset 0x00c"),
-    (lambda d: d[:16] + struct.pack("<I", 1) + d[20:], "CURVE at offset 0x010"),
-    (lambda d: flip(d, 0x100), "PUBKEY reserved at offset 0x100"),
-    (lambda d: flip(d, 0x5C), "PUBKEY at offset 0x014: point"),
-    (lambda d: d[:0x414] + struct.pack("<I", 0x7) + d[0x418:], "SIG1_USAGE at offset 0x414"),
-    (lambda d: d[:0x620] + struct.pack("<I", 0x104) + d[0x624:], "SIG2_ALGO at offset 0x620"),
-    (lambda d: flip(d, 0x700), "SIG2 (empty slot) at offset 0x700"),
-    (lambda d: flip(d, 0x41C + 200), "SIG1 reserved at offset 0x4e4"),
-])
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        (lambda d: d[:-1], "length must be 2084"),
+        (lambda d: d + b"\0", "length must be 2084"),
+        (lambda d: b"", "length must be 2084"),
+        (lambda d: struct.pack("<I", 2) + d[4:], "VERSION at offset 0x000"),
+        (lambda d: d[:6] + b"\1\0" + d[8:], "reserved at offset 0x006"),
+        (lambda d: d[:8] + struct.pack("<I", 0x1005) + d[12:], "PUBKEY_USAGE at offset 0x008"),
+        (lambda d: d[:8] + struct.pack("<I", 0x1000) + d[12:], "PUBKEY_USAGE at offset 0x008"),
+        (lambda d: d[:12] + struct.pack("<I", 0x4) + d[16:], "PUBKEY_ALGO at offset 0x00c"),
+        (lambda d: d[:16] + struct.pack("<I", 1) + d[20:], "CURVE at offset 0x010"),
+        (lambda d: flip(d, 0x100), "PUBKEY reserved at offset 0x100"),
+        (lambda d: flip(d, 0x5C), "PUBKEY at offset 0x014: point"),
+        (lambda d: d[:0x414] + struct.pack("<I", 0x7) + d[0x418:], "SIG1_USAGE at offset 0x414"),
+        (lambda d: d[:0x620] + struct.pack("<I", 0x104) + d[0x624:], "SIG2_ALGO at offset 0x620"),
+        (lambda d: flip(d, 0x700), "SIG2 (empty slot) at offset 0x700"),
+        (lambda d: flip(d, 0x41C + 200), "SIG1 reserved at offset 0x4e4"),
+    ],
+)
 def test_hostile_sev_cert_rejected_with_field_and_offset(data, field):
     with pytest.raises(CertError, match=field.replace("(", r"\(").replace(")", r"\)")):
         SevCert.from_bytes(data(raw("naples", "pdh.cert")))
 
 
-@pytest.mark.parametrize("mutate, field", [
-    (lambda d: d[:-1], "length 1599"),
-    (lambda d: d + b"\0", "length 1601"),
-    (lambda d: d[:40], "shorter than the 64-byte header"),
-    (lambda d: struct.pack("<I", 3) + d[4:], "VERSION at offset 0x000"),
-    (lambda d: d[:0x24] + struct.pack("<I", 0x1001) + d[0x28:], "KEY_USAGE at offset 0x024"),
-    (lambda d: flip(d, 0x30), "reserved at offset 0x030"),
-    (lambda d: d[:0x3C] + struct.pack("<I", 3072) + d[0x40:], "MODULUS_SIZE at offset 0x03c"),
-    (lambda d: d[:0x38] + struct.pack("<I", 0xFFFFFFF8) + d[0x3C:], "PUBEXP_SIZE at offset 0x038"),
-])
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda d: d[:-1], "length 1599"),
+        (lambda d: d + b"\0", "length 1601"),
+        (lambda d: d[:40], "shorter than the 64-byte header"),
+        (lambda d: struct.pack("<I", 3) + d[4:], "VERSION at offset 0x000"),
+        (lambda d: d[:0x24] + struct.pack("<I", 0x1001) + d[0x28:], "KEY_USAGE at offset 0x024"),
+        (lambda d: flip(d, 0x30), "reserved at offset 0x030"),
+        (lambda d: d[:0x3C] + struct.pack("<I", 3072) + d[0x40:], "MODULUS_SIZE at offset 0x03c"),
+        (lambda d: d[:0x38] + struct.pack("<I", 0xFFFFFFF8) + d[0x3C:], "PUBEXP_SIZE at offset 0x038"),
+    ],
+)
 def test_hostile_amd_cert_rejected(mutate, field):
     with pytest.raises(CertError, match=field):
         AmdCert.from_bytes(mutate(raw("rome", "ask.cert")))
@@ -517,7 +568,7 @@ def test_off_curve_point_with_valid_signature_is_invalid_certificate(private_key
     _, _, pek, _ = make_domain(private_keys)
     x = certs.EcPublicKey.from_ecc(private_keys["pdh"]).x
     off = SevCert(Usage.PDH, Algo.ECDH_SHA256, certs.EcPublicKey(x, 5)).sign_as(pek, private_keys["pek"])
-    assert certs.sev_cert_validate(off, pek) == INVALID_CERT   # signature first, then the body
+    assert certs.sev_cert_validate(off, pek) == INVALID_CERT  # signature first, then the body
     with pytest.raises(SevError, match="not on P-384"):
         certs.require_valid(off, pek, "PDH<-PEK")
 
@@ -542,7 +593,7 @@ def test_validate_platform_real_chains(gen):
     assert certs.validate_platform(pdh, plat + b"\0", amd_chain, anchor) == SevStatus.INVALID_LENGTH
     assert certs.validate_platform(pdh, plat, amd_chain[:-1], anchor) == SevStatus.INVALID_LENGTH
     assert certs.validate_platform(flip(pdh, 0x30), plat, amd_chain, anchor) == BAD_SIG
-    assert certs.validate_platform(pdh, flip(plat, 0x30), amd_chain, anchor) == BAD_SIG   # PEK body
+    assert certs.validate_platform(pdh, flip(plat, 0x30), amd_chain, anchor) == BAD_SIG  # PEK body
     swapped = certs.join_plat_certs(c["cek"], c["oca"], c["pek"])
     assert certs.validate_platform(pdh, swapped, amd_chain, anchor) == INVALID_CERT
     # the OCA is not part of the SEV-bit check
@@ -581,9 +632,11 @@ def run_cli(argv: list[str]) -> int:
     """Through the full dispatcher when every subcommand module imports, else this module alone."""
     try:
         from pysev.cli import build_parser
+
         parser = build_parser()
     except ImportError:
         from pysev.cli import certs as cli_certs
+
         parser = argparse.ArgumentParser(prog="pysev")
         cli_certs.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
@@ -602,7 +655,7 @@ def test_cli_verify_ok(capsys):
 def test_cli_verify_failures(tmp_path, capsys):
     d = tmp_path / "chain"
     shutil.copytree(DATA / "naples", d)
-    (d / "pek.cert").write_bytes(flip(raw("naples", "pek.cert"), 0x05))   # API_MINOR: body changed
+    (d / "pek.cert").write_bytes(flip(raw("naples", "pek.cert"), 0x05))  # API_MINOR: body changed
     assert run_cli(["certs", "verify", str(d), "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert not report["ok"] and report["first_failure"] == "PEK<-OCA"

@@ -4,9 +4,11 @@ firmware source implements it (amd/AMD-ASPFW ``sev_mcmd.c``, ``sev_plat.c``, ``s
 Expected statuses come from tables written here from the spec, not from ``pysev.firmware.sev.platform.COMMANDS``.
 Packets and sessions are built with an independent oracle (``cryptography``) or by ``pysev.owner``.
 """
+
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import hmac
 import logging
@@ -116,7 +118,7 @@ class Host:
 
     @property
     def certs(self):
-        if self.p._identity._pdh is None:     # never INITed (or PLATFORM_RESET): borrow a peer's certs
+        if self.p._identity._pdh is None:  # never INITed (or PLATFORM_RESET): borrow a peer's certs
             return _peer_certs()
         return self.p.public_certs()
 
@@ -147,8 +149,9 @@ class Guest:
 
     def read(self, off=0, n=PAGE_SIZE) -> bytes:
         dst = self.host.k(n)
-        st = self.host.issue(Cmd.DBG_DECRYPT, abi.DbgBuf(handle=self.handle, src_addr=(self.hpa + off) | CBIT,
-                                                       dst_addr=dst, len=n))
+        st = self.host.issue(
+            Cmd.DBG_DECRYPT, abi.DbgBuf(handle=self.handle, src_addr=(self.hpa + off) | CBIT, dst_addr=dst, len=n)
+        )
         assert st == SevStatus.SUCCESS, st
         return self.host.get(dst, n)
 
@@ -160,8 +163,7 @@ class Guest:
         h.dram.free_ram(self.frames)
 
 
-def launch(host: Host, policy=0, *, npages=1, owner: GuestOwner | None = None, share=0, activate=True,
-           seed=0) -> Guest:
+def launch(host: Host, policy=0, *, npages=1, owner: GuestOwner | None = None, share=0, activate=True, seed=0) -> Guest:
     frames = host.dram.alloc_ram(npages)
     plain = np.random.default_rng(seed).integers(0, 256, (npages, PAGE_SIZE), dtype=np.uint8)
     host.dram.frames[frames] = plain
@@ -201,10 +203,17 @@ def send_start_buf(host: Host, g: Guest, target: dict, *, session_len=128, amd=N
     pdh = target["pdh"] if pdh is None else pdh
     plat = target["cert_chain"] if plat is None else plat
     amd = target["amd_cert_chain"] if amd is None else amd
-    return abi.SendStartBuf(handle=g.handle, pdh_cert_address=host.put(pdh), pdh_cert_len=len(pdh),
-                          plat_certs_address=host.put(plat), plat_certs_len=len(plat),
-                          amd_certs_address=host.put(amd), amd_certs_len=len(amd),
-                          session_address=host.k(128), session_len=session_len)
+    return abi.SendStartBuf(
+        handle=g.handle,
+        pdh_cert_address=host.put(pdh),
+        pdh_cert_len=len(pdh),
+        plat_certs_address=host.put(plat),
+        plat_certs_len=len(plat),
+        amd_certs_address=host.put(amd),
+        amd_certs_len=len(amd),
+        session_address=host.k(128),
+        session_len=session_len,
+    )
 
 
 def send_start(host, g, target, **kw):
@@ -213,9 +222,14 @@ def send_start(host, g, target, **kw):
 
 
 def receive_start_buf(host: Host, policy: int, sender_pdh: bytes, session: bytes, handle=0):
-    return abi.ReceiveStartBuf(handle=handle, policy=policy, pdh_cert_address=host.put(sender_pdh),
-                             pdh_cert_len=len(sender_pdh), session_address=host.put(session),
-                             session_len=len(session))
+    return abi.ReceiveStartBuf(
+        handle=handle,
+        policy=policy,
+        pdh_cert_address=host.put(sender_pdh),
+        pdh_cert_len=len(sender_pdh),
+        session_address=host.put(session),
+        session_len=len(session),
+    )
 
 
 def receiving(host: Host, policy=0, *, share=0, activate=True, npages=1):
@@ -240,7 +254,7 @@ def root():
 
 @pytest.fixture(scope="module")
 def other_root():
-    return SimulatedRoot.create("naples")   # a second, untrusted AMD root (2048-bit: quick to make)
+    return SimulatedRoot.create("naples")  # a second, untrusted AMD root (2048-bit: quick to make)
 
 
 @pytest.fixture(scope="module")
@@ -255,16 +269,24 @@ ALL_P = frozenset(PlatformState)
 IW = frozenset({PlatformState.INIT, PlatformState.WORKING})
 W = frozenset({PlatformState.WORKING})
 SPEC_PLATFORM = {
-    Cmd.INIT: {PlatformState.UNINIT}, Cmd.SHUTDOWN: ALL_P, Cmd.PLATFORM_RESET: {PlatformState.UNINIT},
+    Cmd.INIT: {PlatformState.UNINIT},
+    Cmd.SHUTDOWN: ALL_P,
+    Cmd.PLATFORM_RESET: {PlatformState.UNINIT},
     Cmd.PLATFORM_STATUS: ALL_P,
-    Cmd.PEK_GEN: {PlatformState.INIT}, Cmd.PEK_CERT_IMPORT: {PlatformState.INIT},
-    Cmd.PEK_CSR: IW, Cmd.PDH_GEN: IW, Cmd.PDH_CERT_EXPORT: IW, Cmd.GUEST_STATUS: IW,
-    Cmd.LAUNCH_START: IW, Cmd.RECEIVE_START: IW,
+    Cmd.PEK_GEN: {PlatformState.INIT},
+    Cmd.PEK_CERT_IMPORT: {PlatformState.INIT},
+    Cmd.PEK_CSR: IW,
+    Cmd.PDH_GEN: IW,
+    Cmd.PDH_CERT_EXPORT: IW,
+    Cmd.GUEST_STATUS: IW,
+    Cmd.LAUNCH_START: IW,
+    Cmd.RECEIVE_START: IW,
     # not in the state table: Linux issues DF_FLUSH right after INIT and GET_ID without INIT
-    Cmd.DF_FLUSH: IW, Cmd.GET_ID: ALL_P,
+    Cmd.DF_FLUSH: IW,
+    Cmd.GET_ID: ALL_P,
 }
 for _cmd in Cmd:
-    SPEC_PLATFORM.setdefault(_cmd, W)   # DECOMMISSION and every other guest command: WORKING only
+    SPEC_PLATFORM.setdefault(_cmd, W)  # DECOMMISSION and every other guest command: WORKING only
 
 
 def wellformed(host: Host, cmd: Cmd, g: Guest | None, handle: int | None = None):
@@ -280,15 +302,23 @@ def wellformed(host: Host, cmd: Cmd, g: Guest | None, handle: int | None = None)
     if cmd == Cmd.PEK_CSR:
         return abi.PekCsrBuf(address=host.k(2084), len=2084)
     if cmd == Cmd.PEK_CERT_IMPORT:
-        return abi.PekCertImportBuf(pek_cert_address=host.k(2084), pek_cert_len=2084, oca_cert_address=host.k(2084),
-                                  oca_cert_len=2084)
+        return abi.PekCertImportBuf(
+            pek_cert_address=host.k(2084), pek_cert_len=2084, oca_cert_address=host.k(2084), oca_cert_len=2084
+        )
     if cmd == Cmd.PDH_CERT_EXPORT:
-        return abi.PdhCertExportBuf(pdh_cert_address=host.k(2084), pdh_cert_len=2084,
-                                  cert_chain_address=host.k(6252), cert_chain_len=6252)
+        return abi.PdhCertExportBuf(
+            pdh_cert_address=host.k(2084), pdh_cert_len=2084, cert_chain_address=host.k(6252), cert_chain_len=6252
+        )
     if cmd == Cmd.GET_ID:
         return abi.GetIdBuf(address=host.k(64), len=64)
-    if cmd in (Cmd.DECOMMISSION, Cmd.DEACTIVATE, Cmd.LAUNCH_FINISH, Cmd.SEND_FINISH, Cmd.SEND_CANCEL,
-               Cmd.RECEIVE_FINISH):
+    if cmd in (
+        Cmd.DECOMMISSION,
+        Cmd.DEACTIVATE,
+        Cmd.LAUNCH_FINISH,
+        Cmd.SEND_FINISH,
+        Cmd.SEND_CANCEL,
+        Cmd.RECEIVE_FINISH,
+    ):
         return abi.HandleBuf(handle=h)
     if cmd == Cmd.ACTIVATE:
         return abi.ActivateBuf(handle=h, asid=host.free_asid())
@@ -304,11 +334,25 @@ def wellformed(host: Host, cmd: Cmd, g: Guest | None, handle: int | None = None)
     if cmd == Cmd.LAUNCH_MEASURE:
         return abi.LaunchMeasureBuf(handle=h, address=host.k(48), len=48)
     if cmd == Cmd.LAUNCH_SECRET:
-        return abi.TransportBuf(handle=h, hdr_address=host.k(52), hdr_len=52, guest_address=page | CBIT, guest_len=16,
-                              trans_address=host.k(16), trans_len=16)
+        return abi.TransportBuf(
+            handle=h,
+            hdr_address=host.k(52),
+            hdr_len=52,
+            guest_address=page | CBIT,
+            guest_len=16,
+            trans_address=host.k(16),
+            trans_len=16,
+        )
     if cmd in (Cmd.SEND_UPDATE_DATA, Cmd.SEND_UPDATE_VMSA, Cmd.RECEIVE_UPDATE_DATA, Cmd.RECEIVE_UPDATE_VMSA):
-        return abi.TransportBuf(handle=h, hdr_address=host.k(52), hdr_len=52, guest_address=page | CBIT,
-                              guest_len=PAGE_SIZE, trans_address=host.k(PAGE_SIZE), trans_len=PAGE_SIZE)
+        return abi.TransportBuf(
+            handle=h,
+            hdr_address=host.k(52),
+            hdr_len=52,
+            guest_address=page | CBIT,
+            guest_len=PAGE_SIZE,
+            trans_address=host.k(PAGE_SIZE),
+            trans_len=PAGE_SIZE,
+        )
     if cmd == Cmd.SEND_START:
         buf = send_start_buf(host, g or Guest(host, h, None, None, 0), host.certs)
         buf.handle = h
@@ -316,8 +360,12 @@ def wellformed(host: Host, cmd: Cmd, g: Guest | None, handle: int | None = None)
     if cmd in (Cmd.DBG_DECRYPT, Cmd.DBG_ENCRYPT):
         scratch = host.k(16)
         guest = page | CBIT
-        return abi.DbgBuf(handle=h, src_addr=guest if cmd == Cmd.DBG_DECRYPT else scratch,
-                        dst_addr=scratch if cmd == Cmd.DBG_DECRYPT else guest, len=16)
+        return abi.DbgBuf(
+            handle=h,
+            src_addr=guest if cmd == Cmd.DBG_DECRYPT else scratch,
+            dst_addr=scratch if cmd == Cmd.DBG_DECRYPT else guest,
+            len=16,
+        )
     raise AssertionError(cmd)
 
 
@@ -342,8 +390,9 @@ def test_platform_state_table(state):
         assert (st == SevStatus.INVALID_PLATFORM_STATE) == (not allowed), (cmd.name, st.name)
 
 
-@pytest.mark.parametrize("cmd_id", [0x00, 0x0B, 0x0D, 0x0E, 0x0F, 0x24, 0x25, 0x36, 0x45, 0x54, 0x62, 0x70, 0x71,
-                                    0xFF, 0x1234])
+@pytest.mark.parametrize(
+    "cmd_id", [0x00, 0x0B, 0x0D, 0x0E, 0x0F, 0x24, 0x25, 0x36, 0x45, 0x54, 0x62, 0x70, 0x71, 0xFF, 0x1234]
+)
 def test_unknown_command_is_invalid_command(target, cmd_id):
     assert target.issue(cmd_id, None) == SevStatus.INVALID_COMMAND
     assert target.p.issue_mailbox(cmd_id, 0) == SevStatus.INVALID_COMMAND
@@ -354,16 +403,25 @@ def test_unknown_command_is_invalid_command(target, cmd_id):
 # ---------------------------------------------------------------------------------------------------
 LIVE = frozenset(GuestState) - {GuestState.UNINIT}
 SPEC_GUEST = {
-    Cmd.LAUNCH_UPDATE_DATA: {GuestState.LUPDATE}, Cmd.LAUNCH_UPDATE_VMSA: {GuestState.LUPDATE},
+    Cmd.LAUNCH_UPDATE_DATA: {GuestState.LUPDATE},
+    Cmd.LAUNCH_UPDATE_VMSA: {GuestState.LUPDATE},
     Cmd.LAUNCH_MEASURE: {GuestState.LUPDATE},
-    Cmd.LAUNCH_SECRET: {GuestState.LSECRET}, Cmd.LAUNCH_FINISH: {GuestState.LSECRET},
+    Cmd.LAUNCH_SECRET: {GuestState.LSECRET},
+    Cmd.LAUNCH_FINISH: {GuestState.LSECRET},
     Cmd.SEND_START: {GuestState.RUNNING},
-    Cmd.SEND_UPDATE_DATA: {GuestState.SUPDATE}, Cmd.SEND_UPDATE_VMSA: {GuestState.SUPDATE},
-    Cmd.SEND_FINISH: {GuestState.SUPDATE}, Cmd.SEND_CANCEL: {GuestState.SUPDATE},
-    Cmd.RECEIVE_UPDATE_DATA: {GuestState.RUPDATE}, Cmd.RECEIVE_UPDATE_VMSA: {GuestState.RUPDATE},
+    Cmd.SEND_UPDATE_DATA: {GuestState.SUPDATE},
+    Cmd.SEND_UPDATE_VMSA: {GuestState.SUPDATE},
+    Cmd.SEND_FINISH: {GuestState.SUPDATE},
+    Cmd.SEND_CANCEL: {GuestState.SUPDATE},
+    Cmd.RECEIVE_UPDATE_DATA: {GuestState.RUPDATE},
+    Cmd.RECEIVE_UPDATE_VMSA: {GuestState.RUPDATE},
     Cmd.RECEIVE_FINISH: {GuestState.RUPDATE},
-    Cmd.ACTIVATE: LIVE - {GuestState.SENT}, Cmd.DECOMMISSION: LIVE,
-    Cmd.DEACTIVATE: LIVE, Cmd.GUEST_STATUS: LIVE, Cmd.DBG_DECRYPT: LIVE, Cmd.DBG_ENCRYPT: LIVE,
+    Cmd.ACTIVATE: LIVE - {GuestState.SENT},
+    Cmd.DECOMMISSION: LIVE,
+    Cmd.DEACTIVATE: LIVE,
+    Cmd.GUEST_STATUS: LIVE,
+    Cmd.DBG_DECRYPT: LIVE,
+    Cmd.DBG_ENCRYPT: LIVE,
 }
 
 
@@ -414,7 +472,7 @@ def test_guest_state_table(table_host, state):
 
 def test_bad_handle_is_invalid_guest(table_host):
     host = table_host
-    keep = running(host)   # platform WORKING
+    keep = running(host)  # platform WORKING
     for cmd in SPEC_GUEST:
         assert host.issue(cmd, wellformed(host, cmd, keep, handle=0x777)) == SevStatus.INVALID_GUEST, cmd.name
     # key sharing with a handle that does not exist
@@ -430,7 +488,7 @@ def test_sent_only_decommission(table_host):
     g = make_guest(host, GuestState.SENT)
     assert g.activate(g.host.gstatus(g.handle).asid) == SevStatus.INVALID_GUEST_STATE
     assert host.issue(Cmd.DEACTIVATE, abi.HandleBuf(handle=g.handle)) == SevStatus.SUCCESS
-    assert g.activate() == SevStatus.INVALID_GUEST_STATE   # cannot run again (AMD sev_mcmd.c activate_common)
+    assert g.activate() == SevStatus.INVALID_GUEST_STATE  # cannot run again (AMD sev_mcmd.c activate_common)
     for cmd in (Cmd.SEND_START, Cmd.LAUNCH_FINISH, Cmd.RECEIVE_FINISH, Cmd.SEND_CANCEL, Cmd.SEND_FINISH):
         assert host.issue(cmd, wellformed(host, cmd, g)) == SevStatus.INVALID_GUEST_STATE
     assert host.issue(Cmd.DECOMMISSION, abi.HandleBuf(handle=g.handle)) == SevStatus.SUCCESS
@@ -460,8 +518,10 @@ def test_send_update_hdr_len_before_handle(target):
             assert buf.hdr_len == 52
     # with HDR_LEN fine: handle, then state (RUNNING is not SUPDATE)
     assert target.issue(Cmd.SEND_UPDATE_DATA, abi.TransportBuf(handle=0x999, hdr_len=52)) == SevStatus.INVALID_GUEST
-    assert target.issue(Cmd.SEND_UPDATE_DATA, abi.TransportBuf(handle=g.handle, hdr_len=52)) == \
-        SevStatus.INVALID_GUEST_STATE
+    assert (
+        target.issue(Cmd.SEND_UPDATE_DATA, abi.TransportBuf(handle=g.handle, hdr_len=52))
+        == SevStatus.INVALID_GUEST_STATE
+    )
     g.destroy()
 
 
@@ -470,31 +530,43 @@ def test_send_update_checks(target):
     assert send_start(target, g, target.certs)[0] == SevStatus.SUCCESS
 
     def sud(**kw):
-        base = dict(handle=g.handle, hdr_address=target.k(52), hdr_len=52, guest_address=g.hpa | CBIT,
-                    guest_len=4096, trans_address=target.k(0x6000), trans_len=4096)
+        base = dict(
+            handle=g.handle,
+            hdr_address=target.k(52),
+            hdr_len=52,
+            guest_address=g.hpa | CBIT,
+            guest_len=4096,
+            trans_address=target.k(0x6000),
+            trans_len=4096,
+        )
         base.update(kw)
         return target.issue(Cmd.SEND_UPDATE_DATA, abi.TransportBuf(**base))
 
-    for kw in (dict(guest_len=0), dict(guest_len=0x5010, trans_len=0x5010), dict(guest_len=24),
-               dict(trans_len=0), dict(trans_len=4080)):
+    for kw in (
+        dict(guest_len=0),
+        dict(guest_len=0x5010, trans_len=0x5010),
+        dict(guest_len=24),
+        dict(trans_len=0),
+        dict(trans_len=4080),
+    ):
         assert sud(**kw) == SevStatus.INVALID_LENGTH, kw
-    assert sud(guest_len=0x5000, trans_len=0x5000) == SevStatus.SUCCESS     # up to SEV_SCRATCH_BUF_LEN
-    assert sud(trans_len=8192) == SevStatus.SUCCESS                          # TRANS_LEN may exceed GUEST_LEN
+    assert sud(guest_len=0x5000, trans_len=0x5000) == SevStatus.SUCCESS  # up to SEV_SCRATCH_BUF_LEN
+    assert sud(trans_len=8192) == SevStatus.SUCCESS  # TRANS_LEN may exceed GUEST_LEN
     assert sud(guest_address=(g.hpa + 8) | CBIT) == SevStatus.INVALID_ADDRESS
-    assert sud(guest_address=(g.hpa + 8) | CBIT, guest_len=0) == SevStatus.INVALID_LENGTH   # lengths first
+    assert sud(guest_address=(g.hpa + 8) | CBIT, guest_len=0) == SevStatus.INVALID_LENGTH  # lengths first
     assert sud(guest_address=target.dram.size | CBIT) == SevStatus.INVALID_ADDRESS
     assert sud(hdr_address=target.dram.size - 10) == SevStatus.INVALID_ADDRESS
     # INACTIVE before the lengths
     assert target.issue(Cmd.DEACTIVATE, abi.HandleBuf(handle=g.handle)) == SevStatus.SUCCESS
     assert sud(guest_len=0) == SevStatus.INACTIVE
-    assert sud(hdr_len=10) == SevStatus.INVALID_LENGTH     # HDR_LEN still first of all
+    assert sud(hdr_len=10) == SevStatus.INVALID_LENGTH  # HDR_LEN still first of all
     # VMSA variant on a non-ES guest
     assert target.issue(Cmd.SEND_UPDATE_VMSA, abi.TransportBuf(handle=g.handle, hdr_len=52)) == SevStatus.UNSUPPORTED
     g.destroy()
 
 
 def test_send_start_session_len_order(target):
-    g = launch(target)                         # LUPDATE: wrong state, but the length comes first
+    g = launch(target)  # LUPDATE: wrong state, but the length comes first
     for bad in (0, 127, 129, 0x4000):
         buf = send_start_buf(target, g, target.certs, session_len=bad)
         assert target.issue(Cmd.SEND_START, buf) == SevStatus.INVALID_LENGTH
@@ -502,7 +574,7 @@ def test_send_start_session_len_order(target):
     buf = send_start_buf(target, g, target.certs)
     assert target.issue(Cmd.SEND_START, buf) == SevStatus.INVALID_GUEST_STATE
     bad_handle = abi.SendStartBuf(handle=0x4444, session_len=0)
-    assert target.issue(Cmd.SEND_START, bad_handle) == SevStatus.INVALID_GUEST     # handle before the length
+    assert target.issue(Cmd.SEND_START, bad_handle) == SevStatus.INVALID_GUEST  # handle before the length
     g.destroy()
 
 
@@ -514,7 +586,7 @@ def test_send_start_length_rules(target, root):
     assert send_start(target, g, c, amd=c["amd_cert_chain"][:-1])[0] == SevStatus.INVALID_LENGTH
     assert g.state() == GuestState.RUNNING
     g.destroy()
-    g = running(target, 0)                     # no chain check: only the PDH length matters
+    g = running(target, 0)  # no chain check: only the PDH length matters
     assert send_start(target, g, c, pdh=c["pdh"][:100])[0] == SevStatus.INVALID_LENGTH
     assert send_start(target, g, c, plat=b"x", amd=b"y")[0] == SevStatus.SUCCESS
     g.destroy()
@@ -526,21 +598,35 @@ def test_receive_update_checks(target):
     hdr, ct = oracle_packet(tek, tik, b"\x11" * 4096)
 
     def rud(**kw):
-        base = dict(handle=g.handle, hdr_address=target.put(hdr), hdr_len=52, guest_address=int(g.frames[0]) * 4096 | CBIT,
-                    guest_len=4096, trans_address=target.put(ct), trans_len=4096)
+        base = dict(
+            handle=g.handle,
+            hdr_address=target.put(hdr),
+            hdr_len=52,
+            guest_address=int(g.frames[0]) * 4096 | CBIT,
+            guest_len=4096,
+            trans_address=target.put(ct),
+            trans_len=4096,
+        )
         base.update(kw)
         return target.issue(Cmd.RECEIVE_UPDATE_DATA, abi.TransportBuf(**base))
 
-    for kw in (dict(trans_len=0), dict(trans_len=0x5010, guest_len=0x5010), dict(guest_len=0),
-               dict(guest_len=4080), dict(guest_len=24, trans_len=24), dict(hdr_len=51), dict(hdr_len=0)):
+    for kw in (
+        dict(trans_len=0),
+        dict(trans_len=0x5010, guest_len=0x5010),
+        dict(guest_len=0),
+        dict(guest_len=4080),
+        dict(guest_len=24, trans_len=24),
+        dict(hdr_len=51),
+        dict(hdr_len=0),
+    ):
         assert rud(**kw) == SevStatus.INVALID_LENGTH, kw
     assert rud(guest_address=(int(g.frames[0]) * 4096 + 8) | CBIT) == SevStatus.INVALID_ADDRESS
     assert rud(handle=0x5555) == SevStatus.INVALID_GUEST
     assert rud() == SevStatus.SUCCESS
-    assert rud(hdr_len=100) == SevStatus.SUCCESS                           # HDR_LEN >= 52 is fine
+    assert rud(hdr_len=100) == SevStatus.SUCCESS  # HDR_LEN >= 52 is fine
     assert target.issue(Cmd.RECEIVE_UPDATE_VMSA, abi.TransportBuf(handle=g.handle, hdr_len=52)) == SevStatus.UNSUPPORTED
     assert target.issue(Cmd.DEACTIVATE, abi.HandleBuf(handle=g.handle)) == SevStatus.SUCCESS
-    assert rud(trans_len=0) == SevStatus.INACTIVE                          # INACTIVE before the lengths
+    assert rud(trans_len=0) == SevStatus.INACTIVE  # INACTIVE before the lengths
     g.destroy()
 
 
@@ -552,11 +638,15 @@ def test_inactive_before_activation(target):
     assert g.activate() == SevStatus.SUCCESS
     assert target.issue(Cmd.LAUNCH_UPDATE_DATA, upd) == SevStatus.SUCCESS
     for kw in (dict(len=0), dict(len=24)):
-        assert target.issue(Cmd.LAUNCH_UPDATE_DATA, abi.LaunchUpdateBuf(handle=g.handle, address=g.hpa | CBIT, **kw)) \
+        assert (
+            target.issue(Cmd.LAUNCH_UPDATE_DATA, abi.LaunchUpdateBuf(handle=g.handle, address=g.hpa | CBIT, **kw))
             == SevStatus.INVALID_LENGTH
-    assert target.issue(Cmd.LAUNCH_UPDATE_DATA, abi.LaunchUpdateBuf(handle=g.handle, address=(g.hpa + 4) | CBIT,
-                                                                 len=16)) == SevStatus.INVALID_ADDRESS
-    assert target.issue(Cmd.LAUNCH_UPDATE_VMSA, upd) == SevStatus.UNSUPPORTED      # not an ES guest
+        )
+    assert (
+        target.issue(Cmd.LAUNCH_UPDATE_DATA, abi.LaunchUpdateBuf(handle=g.handle, address=(g.hpa + 4) | CBIT, len=16))
+        == SevStatus.INVALID_ADDRESS
+    )
+    assert target.issue(Cmd.LAUNCH_UPDATE_VMSA, upd) == SevStatus.UNSUPPORTED  # not an ES guest
     g.destroy()
 
 
@@ -569,7 +659,7 @@ def test_launch_measure_length_query(target):
     assert g.state() == GuestState.LUPDATE
     g2 = running(target)
     buf = abi.LaunchMeasureBuf(handle=g2.handle, len=0)
-    assert target.issue(Cmd.LAUNCH_MEASURE, buf) == SevStatus.INVALID_GUEST_STATE   # state before length
+    assert target.issue(Cmd.LAUNCH_MEASURE, buf) == SevStatus.INVALID_GUEST_STATE  # state before length
     buf = abi.LaunchMeasureBuf(handle=g.handle, address=target.k(64), len=64)
     assert target.issue(Cmd.LAUNCH_MEASURE, buf) == SevStatus.SUCCESS and buf.len == 48
     g.destroy()
@@ -597,15 +687,22 @@ def test_pdh_cert_export_length_query(target):
     assert target.get(buf.pdh_cert_address, 2084) == target.certs["pdh"]
     chain = target.get(buf.cert_chain_address, 6252)
     cek = SevCert.from_bytes(chain[4168:])
-    assert cek.pubkey_usage == Usage.CEK and cek.sig1.usage == Usage.INVALID   # PDH_CERT_EXPORT: CEK unsigned
+    assert cek.pubkey_usage == Usage.CEK and cek.sig1.usage == Usage.INVALID  # PDH_CERT_EXPORT: CEK unsigned
     assert chain[:4168] == target.certs["cert_chain"][:4168]
 
 
 def test_platform_status_fields():
     host = Host(seed=5, init=False)
     st = host.pstatus()
-    assert (st.api_major, st.api_minor, st.build, st.state, st.owner, st.config, st.guest_count) == \
-        (API_MAJOR, API_MINOR, BUILD, 0, 0, 0, 0)
+    assert (st.api_major, st.api_minor, st.build, st.state, st.owner, st.config, st.guest_count) == (
+        API_MAJOR,
+        API_MINOR,
+        BUILD,
+        0,
+        0,
+        0,
+        0,
+    )
     assert host.issue(Cmd.INIT, abi.InitBuf(flags=abi.INIT_FLAGS_SEV_ES)) == SevStatus.SUCCESS
     assert (host.pstatus().state, host.pstatus().config) == (PlatformState.INIT, 1)
     g = running(host)
@@ -629,7 +726,7 @@ def test_activate_rules():
     assert host.issue(Cmd.DEACTIVATE, abi.HandleBuf(handle=a.handle)) == SevStatus.SUCCESS
     assert act(b, 3) == SevStatus.DF_FLUSH_REQUIRED
     assert act(a, 3) == SevStatus.DF_FLUSH_REQUIRED
-    assert act(b, 4) == SevStatus.SUCCESS                 # another, clean ASID is fine
+    assert act(b, 4) == SevStatus.SUCCESS  # another, clean ASID is fine
     assert host.issue(Cmd.DF_FLUSH) == SevStatus.SUCCESS
     assert act(a, 3) == SevStatus.SUCCESS
     for g in (a, b):
@@ -666,19 +763,23 @@ def test_sev_bit_chain(target, other_root):
     alien = Host(seed=12, root=other_root)
     st = send_start(src, g, alien.certs)[0]
     assert st in (SevStatus.INVALID_CERTIFICATE, SevStatus.BAD_SIGNATURE), st
-    assert send_start(src, g, c, amd=other_root.amd_chain())[0] in (SevStatus.INVALID_CERTIFICATE,
-                                                                     SevStatus.BAD_SIGNATURE)
+    assert send_start(src, g, c, amd=other_root.amd_chain())[0] in (
+        SevStatus.INVALID_CERTIFICATE,
+        SevStatus.BAD_SIGNATURE,
+    )
     # tampering with each link
     pek, oca, cek = c["cert_chain"][:2084], c["cert_chain"][2084:4168], c["cert_chain"][4168:]
-    assert send_start(src, g, c, plat=_flip(pek, 0x20) + oca + cek)[0] == SevStatus.BAD_SIGNATURE      # PEK body
+    assert send_start(src, g, c, plat=_flip(pek, 0x20) + oca + cek)[0] == SevStatus.BAD_SIGNATURE  # PEK body
     assert send_start(src, g, c, plat=pek[:0x624] + _flip(pek, 0x624)[0x624:] + oca + cek)[0] == SevStatus.BAD_SIGNATURE
-    assert send_start(src, g, c, plat=pek + oca + _flip(cek, 0x30))[0] == SevStatus.BAD_SIGNATURE      # CEK body
-    assert send_start(src, g, c, pdh=_flip(c["pdh"], 0x30))[0] == SevStatus.BAD_SIGNATURE              # PDH body
-    assert send_start(src, g, c, pdh=_flip(c["pdh"], 0x41C))[0] == SevStatus.BAD_SIGNATURE             # PDH sig
-    unsigned_cek = SevCert.from_bytes(cek).unsigned().to_bytes()                      # as PDH_CERT_EXPORT gives it
+    assert send_start(src, g, c, plat=pek + oca + _flip(cek, 0x30))[0] == SevStatus.BAD_SIGNATURE  # CEK body
+    assert send_start(src, g, c, pdh=_flip(c["pdh"], 0x30))[0] == SevStatus.BAD_SIGNATURE  # PDH body
+    assert send_start(src, g, c, pdh=_flip(c["pdh"], 0x41C))[0] == SevStatus.BAD_SIGNATURE  # PDH sig
+    unsigned_cek = SevCert.from_bytes(cek).unsigned().to_bytes()  # as PDH_CERT_EXPORT gives it
     assert send_start(src, g, c, plat=pek + oca + unsigned_cek)[0] == SevStatus.INVALID_CERTIFICATE
-    assert send_start(src, g, c, amd=_flip(c["amd_cert_chain"], 0x100))[0] in (SevStatus.BAD_SIGNATURE,
-                                                                                 SevStatus.INVALID_CERTIFICATE)
+    assert send_start(src, g, c, amd=_flip(c["amd_cert_chain"], 0x100))[0] in (
+        SevStatus.BAD_SIGNATURE,
+        SevStatus.INVALID_CERTIFICATE,
+    )
     assert send_start(src, g, alien.certs, pdh=c["pdh"])[0] != SevStatus.SUCCESS
     # the OCA is not part of the SEV check: a foreign OCA passes
     assert send_start(src, g, c, plat=pek + alien.certs["cert_chain"][2084:4168] + cek)[0] == SevStatus.SUCCESS
@@ -702,9 +803,15 @@ def take_ownership(host: Host, oca: SevCert, oca_key) -> SevStatus:
     pek = SevCert.from_bytes(host.get(csr.address, 2084))
     assert pek.sig1.usage == Usage.INVALID and pek.sig2.usage == Usage.INVALID
     pek = pek.sign_as(oca, oca_key)
-    return host.issue(Cmd.PEK_CERT_IMPORT, abi.PekCertImportBuf(
-        pek_cert_address=host.put(pek.to_bytes()), pek_cert_len=2084,
-        oca_cert_address=host.put(oca.to_bytes()), oca_cert_len=2084))
+    return host.issue(
+        Cmd.PEK_CERT_IMPORT,
+        abi.PekCertImportBuf(
+            pek_cert_address=host.put(pek.to_bytes()),
+            pek_cert_len=2084,
+            oca_cert_address=host.put(oca.to_bytes()),
+            oca_cert_len=2084,
+        ),
+    )
 
 
 def test_domain_bit():
@@ -715,15 +822,17 @@ def test_domain_bit():
         assert take_ownership(h, oca, oca_key) == SevStatus.SUCCESS
         assert h.pstatus().owner == 1
     assert take_ownership(a, oca, oca_key) == SevStatus.ALREADY_OWNED
-    assert b.certs["pdh"] != old_pdh                         # PEK_CERT_IMPORT regenerates the PDH
+    assert b.certs["pdh"] != old_pdh  # PEK_CERT_IMPORT regenerates the PDH
     assert b.certs["cert_chain"][2084:4168] == oca.to_bytes()
     g = running(a, make_policy(Policy.DOMAIN))
-    assert send_start(a, g, d.certs)[0] == SevStatus.POLICY_FAILURE                     # other (self-owned) OCA
+    assert send_start(a, g, d.certs)[0] == SevStatus.POLICY_FAILURE  # other (self-owned) OCA
     other_oca, other_key = make_oca()
     forged_pek = SevCert.from_bytes(b.certs["cert_chain"][:2084]).unsigned().sign_as(other_oca, other_key)
-    assert send_start(a, g, b.certs, plat=forged_pek.to_bytes() + oca.to_bytes() + b.certs["cert_chain"][4168:])[0] \
-        in (SevStatus.BAD_SIGNATURE, SevStatus.INVALID_CERTIFICATE)
-    assert send_start(a, g, b.certs, amd=b"not looked at")[0] == SevStatus.SUCCESS      # same OCA; AMD chain unused
+    assert send_start(a, g, b.certs, plat=forged_pek.to_bytes() + oca.to_bytes() + b.certs["cert_chain"][4168:])[0] in (
+        SevStatus.BAD_SIGNATURE,
+        SevStatus.INVALID_CERTIFICATE,
+    )
+    assert send_start(a, g, b.certs, amd=b"not looked at")[0] == SevStatus.SUCCESS  # same OCA; AMD chain unused
     # SEV | DOMAIN: both checks
     g2 = running(a, make_policy(Policy.DOMAIN | Policy.SEV))
     assert send_start(a, g2, d.certs)[0] == SevStatus.POLICY_FAILURE
@@ -755,7 +864,7 @@ def test_receive_start_policy():
     for pol in (0x40, 0x8000, make_policy(0, API_MAJOR, API_MINOR + 1), make_policy(0, API_MAJOR + 1, 0)):
         assert _receive_start(host, pol)[0] == SevStatus.POLICY_FAILURE, hex(pol)
     assert _receive_start(host, make_policy(Policy.ES))[0] == SevStatus.UNSUPPORTED
-    assert host.p.guest_handles == [] and host.pstatus().state == PlatformState.INIT     # refused: nothing changed
+    assert host.p.guest_handles == [] and host.pstatus().state == PlatformState.INIT  # refused: nothing changed
     # POLICY_MAC is checked before the policy itself
     assert _receive_start(host, 0x40, owner_policy=0)[0] == SevStatus.BAD_MEASUREMENT
     assert _receive_start(host, make_policy(0, API_MAJOR, API_MINOR))[0] == SevStatus.SUCCESS
@@ -774,12 +883,12 @@ def test_key_sharing_copies_vek():
     assert st == SevStatus.SUCCESS and buf.handle not in (0, first.handle)
     second = Guest(host, buf.handle, first.frames, None, 0)
     assert second.activate() == SevStatus.SUCCESS
-    assert second.read() == first.plain[0].tobytes()                     # same VEK: same ciphertext decrypts
+    assert second.read() == first.plain[0].tobytes()  # same VEK: same ciphertext decrypts
     st = host.issue(Cmd.LAUNCH_START, abi.LaunchStartBuf(handle=first.handle, policy=0))
     assert st == SevStatus.SUCCESS
     shared_key = abi.LaunchStartBuf(handle=noks.handle, policy=noks.policy)
     assert host.issue(Cmd.LAUNCH_START, shared_key) == SevStatus.POLICY_FAILURE
-    third = launch(host, 0)                                              # no sharing: a fresh VEK
+    third = launch(host, 0)  # no sharing: a fresh VEK
     third_view = Guest(host, third.handle, first.frames, None, 0)
     assert third_view.read() != first.plain[0].tobytes()
 
@@ -787,15 +896,17 @@ def test_key_sharing_copies_vek():
 # ---------------------------------------------------------------------------------------------------
 # MAC tampering → BAD_MEASUREMENT (AMD sev_channel.c establish_channel, sev_mcmd.c sev_mcmd_receive_update)
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("off", [0x00, 0x0F, 0x10, 0x2F, 0x30, 0x3F, 0x40, 0x5F, 0x60, 0x7F],
-                         ids=lambda o: f"session+{o:#04x}")
+@pytest.mark.parametrize(
+    "off", [0x00, 0x0F, 0x10, 0x2F, 0x30, 0x3F, 0x40, 0x5F, 0x60, 0x7F], ids=lambda o: f"session+{o:#04x}"
+)
 def test_session_tamper(target, off):
     owner = GuestOwner(target.certs["pdh"], 0)
     godh, session = owner.launch_blobs()
     bad = _flip(session, off, 3)
     assert target.issue(Cmd.RECEIVE_START, receive_start_buf(target, 0, godh, bad)) == SevStatus.BAD_MEASUREMENT
-    buf = abi.LaunchStartBuf(policy=0, dh_cert_address=target.put(godh), dh_cert_len=2084,
-                           session_address=target.put(bad), session_len=128)
+    buf = abi.LaunchStartBuf(
+        policy=0, dh_cert_address=target.put(godh), dh_cert_len=2084, session_address=target.put(bad), session_len=128
+    )
     assert target.issue(Cmd.LAUNCH_START, buf) == SevStatus.BAD_MEASUREMENT
     assert target.p.guest_handles == []
 
@@ -807,14 +918,17 @@ def test_policy_mismatch_and_length(target):
     long_session = receive_start_buf(target, 1, godh, session + b"\0")
     assert target.issue(Cmd.RECEIVE_START, long_session) == SevStatus.INVALID_LENGTH
     assert target.issue(Cmd.RECEIVE_START, receive_start_buf(target, 1, godh[:-1], session)) == SevStatus.INVALID_LENGTH
-    ecdsa_cert = target.certs["cert_chain"][:2084]       # a PEK (ECDSA) is not a PDH (sev_cert_sanity_check)
-    assert target.issue(Cmd.RECEIVE_START, receive_start_buf(target, 1, ecdsa_cert, session)) == \
-        SevStatus.INVALID_CERTIFICATE
+    ecdsa_cert = target.certs["cert_chain"][:2084]  # a PEK (ECDSA) is not a PDH (sev_cert_sanity_check)
+    assert (
+        target.issue(Cmd.RECEIVE_START, receive_start_buf(target, 1, ecdsa_cert, session))
+        == SevStatus.INVALID_CERTIFICATE
+    )
     assert target.issue(Cmd.RECEIVE_START, receive_start_buf(target, 1, godh, session)) == SevStatus.SUCCESS
 
 
-@pytest.mark.parametrize("what,off", [("hdr", 4), ("hdr", 19), ("hdr", 20), ("hdr", 51), ("ct", 0), ("ct", 4095),
-                                      ("len", 0)])
+@pytest.mark.parametrize(
+    "what,off", [("hdr", 4), ("hdr", 19), ("hdr", 20), ("hdr", 51), ("ct", 0), ("ct", 4095), ("len", 0)]
+)
 def test_packet_tamper_leaves_memory(target, what, off):
     g = receiving(target)
     hpa = int(g.frames[0]) * PAGE_SIZE
@@ -825,18 +939,28 @@ def test_packet_tamper_leaves_memory(target, what, off):
     elif what == "ct":
         ct = _flip(ct, off, 7)
     else:
-        guest_len = 4080        # the MAC covers the lengths
+        guest_len = 4080  # the MAC covers the lengths
         ct = ct[:4080]
     before = target.get(hpa, PAGE_SIZE)
-    buf = abi.TransportBuf(handle=g.handle, hdr_address=target.put(hdr), hdr_len=52, guest_address=hpa | CBIT,
-                         guest_len=guest_len, trans_address=target.put(ct), trans_len=guest_len)
+    buf = abi.TransportBuf(
+        handle=g.handle,
+        hdr_address=target.put(hdr),
+        hdr_len=52,
+        guest_address=hpa | CBIT,
+        guest_len=guest_len,
+        trans_address=target.put(ct),
+        trans_len=guest_len,
+    )
     assert target.issue(Cmd.RECEIVE_UPDATE_DATA, buf) == SevStatus.BAD_MEASUREMENT
     assert target.get(hpa, PAGE_SIZE) == before
     # batch form: the same verdict per packet, nothing written
     if guest_len == 4096:
         status, per = target.p.receive_update_data_batch(
-            g.handle, g.frames[:1], np.frombuffer(hdr, np.uint8).reshape(1, 52).copy(),
-            np.frombuffer(ct, np.uint8).reshape(1, 4096).copy())
+            g.handle,
+            g.frames[:1],
+            np.frombuffer(hdr, np.uint8).reshape(1, 52).copy(),
+            np.frombuffer(ct, np.uint8).reshape(1, 4096).copy(),
+        )
         assert status == SevStatus.SUCCESS and list(per) == [SevStatus.BAD_MEASUREMENT]
         assert target.get(hpa, PAGE_SIZE) == before
     g.destroy()
@@ -847,21 +971,33 @@ def test_packet_good_and_compressed(target):
     hpa = int(g.frames[0]) * PAGE_SIZE
     data = bytes(range(256)) * 16
     hdr, ct = oracle_packet(g.owner._tek, g.owner._tik, data)
-    buf = lambda h, c: abi.TransportBuf(handle=g.handle, hdr_address=target.put(h), hdr_len=52,  # noqa: E731
-                                      guest_address=hpa | CBIT, guest_len=4096, trans_address=target.put(c),
-                                      trans_len=4096)
-    chdr, cct = oracle_packet(g.owner._tek, g.owner._tik, data, flags=1)      # correctly MACed, but compressed
+
+    def buf(h, c):
+        return abi.TransportBuf(
+            handle=g.handle,
+            hdr_address=target.put(h),
+            hdr_len=52,
+            guest_address=hpa | CBIT,
+            guest_len=4096,
+            trans_address=target.put(c),
+            trans_len=4096,
+        )
+
+    chdr, cct = oracle_packet(g.owner._tek, g.owner._tik, data, flags=1)  # correctly MACed, but compressed
     before = target.get(hpa, PAGE_SIZE)
     assert target.issue(Cmd.RECEIVE_UPDATE_DATA, buf(chdr, cct)) == SevStatus.UNSUPPORTED
     assert target.get(hpa, PAGE_SIZE) == before
-    status, per = target.p.receive_update_data_batch(g.handle, g.frames[:1],
-                                                     np.frombuffer(chdr, np.uint8).reshape(1, 52).copy(),
-                                                     np.frombuffer(cct, np.uint8).reshape(1, 4096).copy())
+    status, per = target.p.receive_update_data_batch(
+        g.handle,
+        g.frames[:1],
+        np.frombuffer(chdr, np.uint8).reshape(1, 52).copy(),
+        np.frombuffer(cct, np.uint8).reshape(1, 4096).copy(),
+    )
     assert list(per) == [SevStatus.UNSUPPORTED] and target.get(hpa, PAGE_SIZE) == before
-    shdr, sct = oracle_packet(g.owner._tek, g.owner._tik, data, ctx=1)        # a secret-context MAC
+    shdr, sct = oracle_packet(g.owner._tek, g.owner._tik, data, ctx=1)  # a secret-context MAC
     assert target.issue(Cmd.RECEIVE_UPDATE_DATA, buf(shdr, sct)) == SevStatus.BAD_MEASUREMENT
     assert target.issue(Cmd.RECEIVE_UPDATE_DATA, buf(hdr, ct)) == SevStatus.SUCCESS
-    assert target.get(hpa, PAGE_SIZE) != data                                 # stored encrypted
+    assert target.get(hpa, PAGE_SIZE) != data  # stored encrypted
     assert target.issue(Cmd.RECEIVE_FINISH, abi.HandleBuf(handle=g.handle)) == SevStatus.SUCCESS
     assert Guest(target, g.handle, g.frames, None, 0).read() == data
     # the channel keys are gone after RECEIVE_FINISH: nothing else is accepted
@@ -875,17 +1011,20 @@ def test_packet_good_and_compressed(target):
 def test_launch_with_owner(target, root):
     c = target.certs
     pol = make_policy(Policy.NOKS, 0, 17)
-    owner = GuestOwner(c["pdh"], pol, plat_certs=c["cert_chain"], amd_certs=c["amd_cert_chain"],
-                       anchor=root.trust_anchor)
+    owner = GuestOwner(
+        c["pdh"], pol, plat_certs=c["cert_chain"], amd_certs=c["amd_cert_chain"], anchor=root.trust_anchor
+    )
     assert "policy" in repr(owner)
     g = launch(target, pol, owner=owner, activate=False, npages=2)
     assert g.activate() == SevStatus.SUCCESS
     digest = hashlib.sha256()
-    pieces = [(g.hpa, 4096), (int(g.frames[1]) * 4096 + 0x100, 0x40), (g.hpa, 32)]   # call order matters
+    pieces = [(g.hpa, 4096), (int(g.frames[1]) * 4096 + 0x100, 0x40), (g.hpa, 32)]  # call order matters
     for hpa, n in pieces:
         digest.update(target.get(hpa, n))
-        assert target.issue(Cmd.LAUNCH_UPDATE_DATA, abi.LaunchUpdateBuf(handle=g.handle, address=hpa | CBIT,
-                                                                      len=n)) == SevStatus.SUCCESS
+        assert (
+            target.issue(Cmd.LAUNCH_UPDATE_DATA, abi.LaunchUpdateBuf(handle=g.handle, address=hpa | CBIT, len=n))
+            == SevStatus.SUCCESS
+        )
     m = measure(g)
     assert owner.verify_measurement(m, digest.digest(), API_MAJOR, API_MINOR, BUILD)
     assert not owner.verify_measurement(m, hashlib.sha256(b"other").digest(), API_MAJOR, API_MINOR, BUILD)
@@ -895,14 +1034,20 @@ def test_launch_with_owner(target, root):
     gpa_off = 0x230
     hdr, ct = owner.secret_packet(secret, m)
     tbuf = lambda h, c_, off=gpa_off: abi.TransportBuf(  # noqa: E731
-        handle=g.handle, hdr_address=target.put(h), hdr_len=52, guest_address=(g.hpa + off) | CBIT,
-        guest_len=len(c_), trans_address=target.put(c_), trans_len=len(c_))
-    hdr_bad, ct_bad = owner.secret_packet(secret, _flip(m, 0))                 # bound to MEASURE
+        handle=g.handle,
+        hdr_address=target.put(h),
+        hdr_len=52,
+        guest_address=(g.hpa + off) | CBIT,
+        guest_len=len(c_),
+        trans_address=target.put(c_),
+        trans_len=len(c_),
+    )
+    hdr_bad, ct_bad = owner.secret_packet(secret, _flip(m, 0))  # bound to MEASURE
     assert target.issue(Cmd.LAUNCH_SECRET, tbuf(hdr_bad, ct_bad)) == SevStatus.BAD_MEASUREMENT
     assert target.issue(Cmd.LAUNCH_SECRET, tbuf(hdr, ct, 0x238)) == SevStatus.INVALID_ADDRESS
     b = tbuf(hdr, ct)
     b.hdr_len = 53
-    assert target.issue(Cmd.LAUNCH_SECRET, b) == SevStatus.INVALID_LENGTH              # exactly 52
+    assert target.issue(Cmd.LAUNCH_SECRET, b) == SevStatus.INVALID_LENGTH  # exactly 52
     assert target.issue(Cmd.LAUNCH_SECRET, tbuf(hdr, ct)) == SevStatus.SUCCESS
     assert g.read(gpa_off, len(secret)) == secret
     assert target.issue(Cmd.LAUNCH_FINISH, abi.HandleBuf(handle=g.handle)) == SevStatus.SUCCESS
@@ -917,25 +1062,32 @@ def test_launch_with_owner(target, root):
 
 def test_owner_rejects_foreign_chain(target, other_root):
     from pysev.firmware.status import SevError
+
     c = target.certs
     with pytest.raises(SevError):
         GuestOwner(c["pdh"], 0, plat_certs=c["cert_chain"], amd_certs=other_root.amd_chain())
     with pytest.raises(SevError):
-        GuestOwner(c["pdh"], 0, plat_certs=c["cert_chain"], amd_certs=c["amd_cert_chain"],
-                   anchor=other_root.trust_anchor)
+        GuestOwner(
+            c["pdh"], 0, plat_certs=c["cert_chain"], amd_certs=c["amd_cert_chain"], anchor=other_root.trust_anchor
+        )
     with pytest.raises(SevError):
         GuestOwner(_flip(c["pdh"], 0x30), 0, plat_certs=c["cert_chain"], amd_certs=c["amd_cert_chain"])
 
 
 def test_launch_without_godh_skips_policy(target):
-    g = launch(target, 0xFFC0 | make_policy(0, 0xFF, 0xFF))    # reserved bits and an impossible API: accepted
+    g = launch(target, 0xFFC0 | make_policy(0, 0xFF, 0xFF))  # reserved bits and an impossible API: accepted
     m = measure(g)
     assert g.state() == GuestState.LSECRET and len(m) == 48
     g.destroy()
     owner = GuestOwner(target.certs["pdh"], 0x40)
     godh, session = owner.launch_blobs()
-    buf = abi.LaunchStartBuf(policy=0x40, dh_cert_address=target.put(godh), dh_cert_len=2084,
-                           session_address=target.put(session), session_len=128)
+    buf = abi.LaunchStartBuf(
+        policy=0x40,
+        dh_cert_address=target.put(godh),
+        dh_cert_len=2084,
+        session_address=target.put(session),
+        session_len=128,
+    )
     assert target.issue(Cmd.LAUNCH_START, buf) == SevStatus.POLICY_FAILURE
     buf.session_len = 0
     assert target.issue(Cmd.LAUNCH_START, buf) == SevStatus.INVALID_LENGTH
@@ -949,8 +1101,10 @@ def test_nodbg(target):
     g.destroy()
     g = running(target, 0)
     src = target.put(b"\x42" * 32)
-    assert target.issue(Cmd.DBG_ENCRYPT, abi.DbgBuf(handle=g.handle, src_addr=src, dst_addr=(g.hpa + 32) | CBIT,
-                                                  len=32)) == SevStatus.SUCCESS
+    assert (
+        target.issue(Cmd.DBG_ENCRYPT, abi.DbgBuf(handle=g.handle, src_addr=src, dst_addr=(g.hpa + 32) | CBIT, len=32))
+        == SevStatus.SUCCESS
+    )
     assert g.read(0, 96) == g.plain[0].tobytes()[:32] + b"\x42" * 32 + g.plain[0].tobytes()[64:96]
     g.destroy()
 
@@ -975,23 +1129,36 @@ class Vm:
 
     def launch(self, policy, owner: GuestOwner, plain: np.ndarray, secret: bytes):
         godh, session = owner.launch_blobs()
-        (gb, ga), (sb, sa) = cbuf(godh), cbuf(session)
-        self.kvm.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_START, kvm.kvm_sev_launch_start(
-            policy=policy, dh_uaddr=ga, dh_len=len(godh), session_uaddr=sa, session_len=128))
+        (_gb, ga), (_sb, sa) = cbuf(godh), cbuf(session)  # buffers kept alive
+        self.kvm.op(
+            kvm.sev_cmd_id.KVM_SEV_LAUNCH_START,
+            kvm.kvm_sev_launch_start(policy=policy, dh_uaddr=ga, dh_len=len(godh), session_uaddr=sa, session_len=128),
+        )
         self.host.dram.frames[self.frames] = plain
         for i in range(len(self.frames)):
-            self.kvm.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_DATA, kvm.kvm_sev_launch_update_data(uaddr=self.uaddr(i),
-                                                                                                len=PAGE_SIZE))
+            self.kvm.op(
+                kvm.sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_DATA,
+                kvm.kvm_sev_launch_update_data(uaddr=self.uaddr(i), len=PAGE_SIZE),
+            )
         mb = ctypes.create_string_buffer(48)
-        self.kvm.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_MEASURE,
-                    kvm.kvm_sev_launch_measure(uaddr=ctypes.addressof(mb), len=48))
+        self.kvm.op(
+            kvm.sev_cmd_id.KVM_SEV_LAUNCH_MEASURE, kvm.kvm_sev_launch_measure(uaddr=ctypes.addressof(mb), len=48)
+        )
         m = mb.raw
         assert owner.verify_measurement(m, hashlib.sha256(plain.tobytes()).digest(), API_MAJOR, API_MINOR, BUILD)
         hdr, ct = owner.secret_packet(secret, m)
-        (hb, ha), (tb, ta) = cbuf(hdr), cbuf(ct)
-        self.kvm.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_SECRET, kvm.kvm_sev_launch_secret(
-            hdr_uaddr=ha, hdr_len=52, guest_uaddr=self.uaddr(0, 0x100), guest_len=len(ct), trans_uaddr=ta,
-            trans_len=len(ct)))
+        (_hb, ha), (_tb, ta) = cbuf(hdr), cbuf(ct)  # buffers kept alive
+        self.kvm.op(
+            kvm.sev_cmd_id.KVM_SEV_LAUNCH_SECRET,
+            kvm.kvm_sev_launch_secret(
+                hdr_uaddr=ha,
+                hdr_len=52,
+                guest_uaddr=self.uaddr(0, 0x100),
+                guest_len=len(ct),
+                trans_uaddr=ta,
+                trans_len=len(ct),
+            ),
+        )
         self.kvm.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_FINISH)
 
     def send_start(self, certs: dict):
@@ -999,10 +1166,15 @@ class Vm:
         sess = ctypes.create_string_buffer(128)
         self.keep += [bufs, sess]
         arg = kvm.kvm_sev_send_start(
-            pdh_cert_uaddr=bufs["pdh"][1], pdh_cert_len=len(certs["pdh"]),
-            plat_certs_uaddr=bufs["cert_chain"][1], plat_certs_len=len(certs["cert_chain"]),
-            amd_certs_uaddr=bufs["amd_cert_chain"][1], amd_certs_len=len(certs["amd_cert_chain"]),
-            session_uaddr=ctypes.addressof(sess), session_len=128)
+            pdh_cert_uaddr=bufs["pdh"][1],
+            pdh_cert_len=len(certs["pdh"]),
+            plat_certs_uaddr=bufs["cert_chain"][1],
+            plat_certs_len=len(certs["cert_chain"]),
+            amd_certs_uaddr=bufs["amd_cert_chain"][1],
+            amd_certs_len=len(certs["amd_cert_chain"]),
+            session_uaddr=ctypes.addressof(sess),
+            session_len=128,
+        )
         self.kvm.op(kvm.sev_cmd_id.KVM_SEV_SEND_START, arg)
         return arg.policy, sess.raw
 
@@ -1010,8 +1182,14 @@ class Vm:
         n = len(self.frames)
         hdr, tr = np.zeros((n, 52), np.uint8), np.zeros((n, PAGE_SIZE), np.uint8)
         for i in range(n):
-            arg = kvm.kvm_sev_send_update_data(hdr_uaddr=hdr[i].ctypes.data, hdr_len=52, guest_uaddr=self.uaddr(i),
-                                             guest_len=PAGE_SIZE, trans_uaddr=tr[i].ctypes.data, trans_len=PAGE_SIZE)
+            arg = kvm.kvm_sev_send_update_data(
+                hdr_uaddr=hdr[i].ctypes.data,
+                hdr_len=52,
+                guest_uaddr=self.uaddr(i),
+                guest_len=PAGE_SIZE,
+                trans_uaddr=tr[i].ctypes.data,
+                trans_len=PAGE_SIZE,
+            )
             self.kvm.op(kvm.sev_cmd_id.KVM_SEV_SEND_UPDATE_DATA, arg)
         return hdr, tr
 
@@ -1022,14 +1200,24 @@ class Vm:
         return hdr, tr
 
     def receive(self, policy, src_pdh, session, hdr, tr, per_page=False):
-        (pb, pa), (sb, sa) = cbuf(src_pdh), cbuf(session)
-        self.kvm.op(kvm.sev_cmd_id.KVM_SEV_RECEIVE_START, kvm.kvm_sev_receive_start(
-            policy=policy, pdh_uaddr=pa, pdh_len=2084, session_uaddr=sa, session_len=128))
+        (_pb, pa), (_sb, sa) = cbuf(src_pdh), cbuf(session)  # buffers kept alive
+        self.kvm.op(
+            kvm.sev_cmd_id.KVM_SEV_RECEIVE_START,
+            kvm.kvm_sev_receive_start(policy=policy, pdh_uaddr=pa, pdh_len=2084, session_uaddr=sa, session_len=128),
+        )
         if per_page:
             for i in range(len(self.frames)):
-                self.kvm.op(kvm.sev_cmd_id.KVM_SEV_RECEIVE_UPDATE_DATA, kvm.kvm_sev_receive_update_data(
-                    hdr_uaddr=hdr[i].ctypes.data, hdr_len=52, guest_uaddr=self.uaddr(i), guest_len=PAGE_SIZE,
-                    trans_uaddr=tr[i].ctypes.data, trans_len=PAGE_SIZE))
+                self.kvm.op(
+                    kvm.sev_cmd_id.KVM_SEV_RECEIVE_UPDATE_DATA,
+                    kvm.kvm_sev_receive_update_data(
+                        hdr_uaddr=hdr[i].ctypes.data,
+                        hdr_len=52,
+                        guest_uaddr=self.uaddr(i),
+                        guest_len=PAGE_SIZE,
+                        trans_uaddr=tr[i].ctypes.data,
+                        trans_len=PAGE_SIZE,
+                    ),
+                )
         else:
             assert set(self.kvm.receive_update_data_batch(self.frames, hdr, tr).tolist()) == {0}
         self.kvm.op(kvm.sev_cmd_id.KVM_SEV_RECEIVE_FINISH)
@@ -1056,11 +1244,12 @@ def test_round_trip_a_b_c_and_no_leaks(root, caplog):
     secret = b"S" * 48
     pol = make_policy(Policy.SEV | Policy.NOKS, 0, 17)
     ca = hosts[0].certs
-    owner = GuestOwner(ca["pdh"], pol, plat_certs=ca["cert_chain"], amd_certs=ca["amd_cert_chain"],
-                       anchor=root.trust_anchor)
+    owner = GuestOwner(
+        ca["pdh"], pol, plat_certs=ca["cert_chain"], amd_certs=ca["amd_cert_chain"], anchor=root.trust_anchor
+    )
     a.launch(pol, owner, plain, secret)
     expected = plain.copy()
-    expected[0, 0x100:0x100 + len(secret)] = np.frombuffer(secret, np.uint8)
+    expected[0, 0x100 : 0x100 + len(secret)] = np.frombuffer(secret, np.uint8)
     assert np.array_equal(a.plaintext(), expected)
     secrets = [owner._tek, owner._tik, owner._godh_key.d.to_bytes(48, "big")]
     hops = [(a, b, True), (b, c, False)]
@@ -1070,7 +1259,7 @@ def test_round_trip_a_b_c_and_no_leaks(root, caplog):
         sg = src.host.p._guests[src.kvm.handle]
         secrets += [sg.vek, sg.tek, sg.tik]
         hdr, tr = src.send_pages() if per_page else src.send_batch()
-        assert not any(bytes(row).find(bytes(expected[0][:64])) >= 0 for row in tr)   # transport is encrypted
+        assert not any(bytes(row).find(bytes(expected[0][:64])) >= 0 for row in tr)  # transport is encrypted
         dst.receive(policy, src.host.certs["pdh"], session, hdr, tr, per_page=per_page)
         secrets.append(dst.host.p._guests[dst.kvm.handle].vek)
         src.kvm.op(kvm.sev_cmd_id.KVM_SEV_SEND_FINISH)
@@ -1078,15 +1267,25 @@ def test_round_trip_a_b_c_and_no_leaks(root, caplog):
         assert np.array_equal(dst.plaintext(), expected)
     for h in hosts:
         ident = h.p._identity
-        secrets += [k.d.to_bytes(48, "big") for k in (ident._pdh_key, ident._pek_key, ident._oca_key, ident._cek_key)
-                    if k is not None]
+        secrets += [
+            k.d.to_bytes(48, "big")
+            for k in (ident._pdh_key, ident._pek_key, ident._oca_key, ident._cek_key)
+            if k is not None
+        ]
     secrets = _secrets_of(*secrets)
     hexes = [s.hex() for s in secrets] + [s.hex().upper() for s in secrets]
     texts = [r.getMessage() for r in caplog.records] + [repr(r.args) for r in caplog.records]
     objs = [owner]
     for vm in (a, b, c):
-        objs += [vm.kvm, vm.kvm.host, vm.host.p, vm.host.p._identity, vm.host.p.memctl, vm.host.p.root,
-                 vm.host.p.root.kds]
+        objs += [
+            vm.kvm,
+            vm.kvm.host,
+            vm.host.p,
+            vm.host.p._identity,
+            vm.host.p.memctl,
+            vm.host.p.root,
+            vm.host.p.root.kds,
+        ]
     for o in objs:
         texts += [repr(o), str(o)]
         for name in dir(o):
@@ -1103,7 +1302,7 @@ def test_round_trip_a_b_c_and_no_leaks(root, caplog):
             texts.append(repr(val))
     blob = "\n".join(texts)
     assert len(caplog.records) > 10
-    for s, hx in zip(secrets, hexes):
+    for s, hx in zip(secrets, hexes, strict=False):
         assert hx not in blob and hx.upper() not in blob and repr(s) not in blob
     # nothing secret left behind in the host-visible kernel area either (session/packets are wrapped)
     for h in hosts:
@@ -1119,7 +1318,7 @@ def _send_through_ring(vm, ring: int):
     rh, rt = np.zeros((ring, 52), np.uint8), np.zeros((ring, PAGE_SIZE), np.uint8)
 
     def drain(start, stop):
-        hdr[start:stop], tr[start:stop] = rh[:stop - start], rt[:stop - start]
+        hdr[start:stop], tr[start:stop] = rh[: stop - start], rt[: stop - start]
 
     vm.kvm.send_update_data_batch(vm.frames, rh, rt, on_slice=drain)
     return hdr, tr
@@ -1135,11 +1334,15 @@ def test_per_page_batch_and_ring_byte_identical(target):
         owner = GuestOwner(h.certs["pdh"], 0, rng=Trng(b"owner"))
         vm.launch(0, owner, plain, b"k" * 16)
         vm.send_start(target.certs)
-        out.append({"pages": vm.send_pages, "batch": vm.send_batch, "ring": lambda: _send_through_ring(vm, 4)}[mode]())
+        out.append(
+            {"pages": vm.send_pages, "batch": vm.send_batch, "ring": functools.partial(_send_through_ring, vm, 4)}[
+                mode
+            ]()
+        )
     (h1, t1), (h2, t2), (h3, t3) = out
     assert np.array_equal(h1, h2) and np.array_equal(t1, t2)
     assert np.array_equal(h1, h3) and np.array_equal(t1, t3)
-    assert len({bytes(r[4:20]) for r in h1}) == n          # a fresh IV per packet
+    assert len({bytes(r[4:20]) for r in h1}) == n  # a fresh IV per packet
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1161,15 +1364,23 @@ def fuzz_env():
 
 
 FUZZ_CMDS = [c for c in Cmd if c not in (Cmd.SHUTDOWN, Cmd.PLATFORM_RESET)]
-LENS = st.one_of(st.sampled_from([0, 1, 15, 16, 17, 47, 48, 51, 52, 53, 127, 128, 129, 2083, 2084, 4095, 4096,
-                                  6252, 0x5000, 0x5001, 0xFFFFFFFF]), st.integers(0, 0x6000))
+LENS = st.one_of(
+    st.sampled_from(
+        [0, 1, 15, 16, 17, 47, 48, 51, 52, 53, 127, 128, 129, 2083, 2084, 4095, 4096, 6252, 0x5000, 0x5001, 0xFFFFFFFF]
+    ),
+    st.integers(0, 0x6000),
+)
 
 
 def _addr_st(host, other_hpa):
     size = host.dram.size
-    return st.one_of(st.sampled_from([0, 8, size - 16, size, size + 4096, 2**63, 2**64 - 1]),
-                     st.integers(0, 16 * MiB - 1), st.integers(size - 0x8000, size + 0x8000),
-                     st.integers(0, 2**64 - 1), st.integers(other_hpa - 64, other_hpa + 8192))
+    return st.one_of(
+        st.sampled_from([0, 8, size - 16, size, size + 4096, 2**63, 2**64 - 1]),
+        st.integers(0, 16 * MiB - 1),
+        st.integers(size - 0x8000, size + 0x8000),
+        st.integers(0, 2**64 - 1),
+        st.integers(other_hpa - 64, other_hpa + 8192),
+    )
 
 
 def _fields(layout):
@@ -1193,7 +1404,9 @@ def test_fuzz_command_buffers(fuzz_env, cmd, data):
             if name == "handle":
                 v = data.draw(st.sampled_from(handles))
             elif "addr" in name:
-                v = data.draw(st.one_of(addr, addr.map(lambda a: a | CBIT)) if bits == 64 else st.integers(0, 2**bits - 1))
+                v = data.draw(
+                    st.one_of(addr, addr.map(lambda a: a | CBIT)) if bits == 64 else st.integers(0, 2**bits - 1)
+                )
             elif name.endswith("len"):
                 v = data.draw(LENS)
             else:
@@ -1219,14 +1432,14 @@ def test_fuzz_mailbox_raw_bytes(fuzz_env, cmd, raw):
     host, victim, handles, _ = fuzz_env
     assume(cmd not in (Cmd.SHUTDOWN, Cmd.PLATFORM_RESET))
     raw = bytearray(raw)
-    if raw[0] & 1:                       # often aim at a live handle
+    if raw[0] & 1:  # often aim at a live handle
         raw[0:4] = struct.pack("<I", handles[raw[1] % len(handles)])
     pa = host.put(bytes(raw))
     before = host.get(victim.hpa, PAGE_SIZE)
     status = host.p.issue_mailbox(cmd, pa)
     assert isinstance(status, SevStatus)
     if status == SevStatus.SUCCESS and cmd in (Cmd.DBG_ENCRYPT, Cmd.LAUNCH_UPDATE_DATA):
-        return                            # could legitimately have targeted any address
+        return  # could legitimately have targeted any address
     assert host.get(victim.hpa, PAGE_SIZE) == before
 
 

@@ -3,6 +3,7 @@
 The SEV context is a real launch through ``pysev.kvm`` (KVM_SEV_INIT, LAUNCH_START, LAUNCH_MEASURE,
 LAUNCH_FINISH), so the guest's VEK is installed for ``sev_kvm.asid`` in the platform's memory controller.
 """
+
 import ctypes
 import errno
 import subprocess
@@ -44,8 +45,7 @@ def sev(tmp_path_factory):
         platform = Platform(HostMemory(66 * GiB, seed=1))
         sev_kvm = kvm.KvmHost(platform).create_vm()
         sev_kvm.op(kvm.sev_cmd_id.KVM_SEV_INIT)
-        sev_kvm.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_START,
-               kvm.kvm_sev_launch_start(policy=make_policy(Policy.SEV, 0, 17)))
+        sev_kvm.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_START, kvm.kvm_sev_launch_start(policy=make_policy(Policy.SEV, 0, 17)))
         m = ctypes.create_string_buffer(48)
         sev_kvm.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_MEASURE, kvm.kvm_sev_launch_measure(uaddr=ctypes.addressof(m), len=48))
         sev_kvm.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_FINISH)
@@ -114,18 +114,23 @@ def test_translate(mem):
             mem.translate(gpa)
     groups = mem.locate_pages(np.array([vram.gfn + 1, 3, vram.gfn]))
     assert [(b.idstr, pos.tolist(), idx.tolist()) for b, pos, idx in groups] == [
-        (RAM_IDSTR, [1], [3]), (VRAM_IDSTR, [0, 2], [1, 0])]
+        (RAM_IDSTR, [1], [3]),
+        (VRAM_IDSTR, [0, 2], [1, 0]),
+    ]
     with pytest.raises(GpaError, match="guest page"):
         mem.locate_pages(np.array([3, ram.npages]))
 
 
-@pytest.mark.parametrize("regions, match", [
-    ([], "at least one"),
-    ([Region("a", 0, 4096), Region("a", 8192, 4096)], "duplicate"),
-    ([Region("a", 0, 100)], "page aligned"),
-    ([Region("a", 4097, 4096)], "page aligned"),
-    ([Region("a", 0, 8192), Region("b", 4096, 4096)], "overlap"),
-])
+@pytest.mark.parametrize(
+    "regions, match",
+    [
+        ([], "at least one"),
+        ([Region("a", 0, 4096), Region("a", 8192, 4096)], "duplicate"),
+        ([Region("a", 0, 100)], "page aligned"),
+        ([Region("a", 4097, 4096)], "page aligned"),
+        ([Region("a", 0, 8192), Region("b", 4096, 4096)], "overlap"),
+    ],
+)
 def test_layout_validation(sev, regions, match):
     with pytest.raises(ValueError, match=match):
         GuestMemory(sev[0].dram, regions)
@@ -136,24 +141,27 @@ def _state(mem):
     return [(b.enc.copy(), b.dirty_log.copy()) for b in mem.blocks]
 
 
-@pytest.mark.parametrize("gpa, npages, attrs", [
-    pytest.param(0x800, 1, 0, id="unaligned-gpa"),
-    pytest.param(0x1000, 0, 0, id="npages-0"),
-    pytest.param(0xFFFF_FFFF_FFFF_F000, 2, 0, id="gfn-overflow"),
-    pytest.param(0x1000, (1 << 64) - 1, 0, id="npages-overflow"),
-    pytest.param(0x1000, 1, 1 << 5, id="mbz-bit5"),
-    pytest.param(0x1000, 1, 1 << 63 | KVM_MAP_GPA_RANGE_ENCRYPTED, id="mbz-bit63"),
-    pytest.param(0x1000, 1, 3, id="page-size-3"),
-    pytest.param(0x1000, 1, 0xF, id="page-size-15"),
-    pytest.param(64 * MiB - PAGE_SIZE, 2, 0, id="past-ram-end"),
-    pytest.param(64 * MiB, 1, 0, id="in-hole"),
-    pytest.param(1 << 51, 1, 0, id="far-away"),
-    pytest.param(-PAGE_SIZE, 1, 0, id="negative"),
-])
+@pytest.mark.parametrize(
+    "gpa, npages, attrs",
+    [
+        pytest.param(0x800, 1, 0, id="unaligned-gpa"),
+        pytest.param(0x1000, 0, 0, id="npages-0"),
+        pytest.param(0xFFFF_FFFF_FFFF_F000, 2, 0, id="gfn-overflow"),
+        pytest.param(0x1000, (1 << 64) - 1, 0, id="npages-overflow"),
+        pytest.param(0x1000, 1, 1 << 5, id="mbz-bit5"),
+        pytest.param(0x1000, 1, 1 << 63 | KVM_MAP_GPA_RANGE_ENCRYPTED, id="mbz-bit63"),
+        pytest.param(0x1000, 1, 3, id="page-size-3"),
+        pytest.param(0x1000, 1, 0xF, id="page-size-15"),
+        pytest.param(64 * MiB - PAGE_SIZE, 2, 0, id="past-ram-end"),
+        pytest.param(64 * MiB, 1, 0, id="in-hole"),
+        pytest.param(1 << 51, 1, 0, id="far-away"),
+        pytest.param(-PAGE_SIZE, 1, 0, id="negative"),
+    ],
+)
 def test_map_gpa_range_einval(mem, gpa, npages, attrs):
     before = _state(mem)
     assert mem.map_gpa_range(gpa, npages, attrs) == EINVAL
-    for (e0, d0), (e1, d1) in zip(before, _state(mem)):
+    for (e0, d0), (e1, d1) in zip(before, _state(mem), strict=True):
         assert np.array_equal(e0, e1) and np.array_equal(d0, d1)
 
 
@@ -187,6 +195,7 @@ def test_flip_updates_state_then_marks_dirty(mem, monkeypatch):
                 which = "enc" if words is ram.enc else "dirty" if words is ram.dirty_log else "?"
                 events.append((which, mem._lock.locked()))
                 return fn(words, *args)
+
             return wrapped
 
     monkeypatch.setattr(hvmem, "csev", Spy())
@@ -235,13 +244,13 @@ def test_state_first_order_would_lose_a_flip(mem):
     """Why the engine syncs dirty before it snapshots state (memory.py docstring, Dave's order reversed)."""
     ram = mem.ram
     dest = np.zeros(nwords(ram.npages), dtype=np.uint64)
-    stale = mem.enc_snapshot(ram)                   # state first ...
-    assert mem.map_gpa_range(0, 1, 0) == 0          # ... a flip lands in between ...
-    mem.sync_dirty(ram, dest)                       # ... and its dirty bit is consumed with the old state
+    stale = mem.enc_snapshot(ram)  # state first ...
+    assert mem.map_gpa_range(0, 1, 0) == 0  # ... a flip lands in between ...
+    mem.sync_dirty(ram, dest)  # ... and its dirty bit is consumed with the old state
     assert bits(dest, 1)[0] and bits(stale, 1)[0] and not bits(ram.enc, 1)[0]
-    assert not ram.dirty_log.any()                  # nothing would ever re-send page 0
+    assert not ram.dirty_log.any()  # nothing would ever re-send page 0
     assert mem.map_gpa_range(0, 1, KVM_MAP_GPA_RANGE_ENCRYPTED) == 0
-    mem.sync_dirty(ram, dest)                       # our order: the fetched bit comes with the new state
+    mem.sync_dirty(ram, dest)  # our order: the fetched bit comes with the new state
     assert bits(mem.enc_snapshot(ram), 1)[0]
 
 
@@ -310,7 +319,7 @@ def test_private_write_is_ciphertext_shared_is_plaintext(guest, mem):
     want = np.frombuffer((marker * 300)[:PAGE_SIZE], np.uint8)
     assert (guest.read_pages(pages) == want).all()
     raw = dram.frames[ram.frames[pages]]
-    for page, row in zip(pages, raw):
+    for page, row in zip(pages, raw, strict=True):
         if page in (20, 21):
             assert np.array_equal(row, want)
         else:
@@ -341,13 +350,13 @@ def test_conversion_flips_state_and_loses_contents(guest, mem):
     drain(mem)
     guest.set_shared(30 * PAGE_SIZE, 4)
     assert not bits(ram.enc, ram.npages)[30:34].any() and not guest.is_private(np.arange(30, 34)).any()
-    assert not guest.read_pages(np.arange(30, 34)).any()      # fresh (zero) contents, in the clear
+    assert not guest.read_pages(np.arange(30, 34)).any()  # fresh (zero) contents, in the clear
     assert not mem.dram.frames[ram.frames[30:34]].any()
     assert np.flatnonzero(drain(mem)[RAM_IDSTR]).tolist() == [30, 31, 32, 33]  # re-sent in the new mode
     guest.set_private(30 * PAGE_SIZE, 4)
     assert bits(ram.enc, ram.npages)[30:34].all() and guest.is_private(np.arange(30, 34)).all()
     assert not guest.read_pages(np.arange(30, 34)).any()
-    assert mem.dram.frames[ram.frames[30:34]].any()             # zeros, encrypted
+    assert mem.dram.frames[ram.frames[30:34]].any()  # zeros, encrypted
     for bad in [(mem.block(VRAM_IDSTR).gpa, 1), (ram.end_gpa - PAGE_SIZE, 2), (0x10, 1), (0, 0)]:
         with pytest.raises(ValueError, match="own RAM"):
             guest.set_shared(*bad)
@@ -410,8 +419,9 @@ def test_workload_rate_throttle_and_pause(big_guest):
 
 def test_workload_conversions_vga_and_reset(big_guest):
     mem, ram = big_guest.memory, big_guest.memory.ram
-    w = Workload(big_guest, dirty_rate=20e6, pattern="hotset", hot_fraction=0.05, convert_rate=2000,
-                 vga_fps=50, vcpus=2, seed=3)
+    w = Workload(
+        big_guest, dirty_rate=20e6, pattern="hotset", hot_fraction=0.05, convert_rate=2000, vga_fps=50, vcpus=2, seed=3
+    )
     with w:
         time.sleep(0.4)
         w.pause()
@@ -436,7 +446,7 @@ def test_workload_conversions_vga_and_reset(big_guest):
 
 def test_workload_stop_is_clean_and_surfaces_errors(big_guest):
     w = Workload(big_guest, dirty_rate=10e6, seed=2)
-    w.pause()          # before start: the vCPUs park at once
+    w.pause()  # before start: the vCPUs park at once
     w.start()
     time.sleep(0.05)
     assert w.pages_written == 0
@@ -453,7 +463,7 @@ def test_workload_stop_is_clean_and_surfaces_errors(big_guest):
 
     bad = Workload(Boom(big_guest.memory, big_guest.memctl, big_guest.asid), dirty_rate=10e6)
     bad.start()
-    bad.pause()        # a dead vCPU does not hang pause()
+    bad.pause()  # a dead vCPU does not hang pause()
     with pytest.raises(RuntimeError, match="vCPU thread failed"):
         bad.stop()
 
@@ -495,7 +505,7 @@ def test_populated_ram_is_huge_page_backed_and_freed_chunks_are_not():
     transparent huge page where the kernel offers them; freed chunks go back to 4 KiB pages so the next,
     sparse guest on them stays small."""
     dram = HostMemory(96 * MiB, seed=5)
-    assert dram.flat.ctypes.data % (2 * MiB) == 0        # HPA 0 on a huge-page boundary
+    assert dram.flat.ctypes.data % (2 * MiB) == 0  # HPA 0 on a huge-page boundary
     frames = dram.alloc_ram(32 * MiB // PAGE_SIZE)
     huge0 = _anon_huge_bytes()
     dram.populate(frames)
@@ -503,13 +513,13 @@ def test_populated_ram_is_huge_page_backed_and_freed_chunks_are_not():
     with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
         thp = "[never]" not in f.read()
     if thp:
-        assert _anon_huge_bytes() - huge0 >= 16 * MiB   # most chunks (the kernel may refuse a few)
+        assert _anon_huge_bytes() - huge0 >= 16 * MiB  # most chunks (the kernel may refuse a few)
     dram.frames[frames[:3].astype(np.int64)] = 7
     assert (dram.frames[frames[:3].astype(np.int64)] == 7).all()
     dram.free_ram(frames)
     assert dram.resident_bytes() < 2 * MiB
-    again = dram.alloc_ram(32 * MiB // PAGE_SIZE)        # the same chunks, now for a sparse guest
-    dram.frames[again[::512].astype(np.int64)] = 1       # one page per chunk
+    again = dram.alloc_ram(32 * MiB // PAGE_SIZE)  # the same chunks, now for a sparse guest
+    dram.frames[again[::512].astype(np.int64)] = 1  # one page per chunk
     assert dram.resident_bytes() < 4 * MiB
 
 

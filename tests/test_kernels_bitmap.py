@@ -4,6 +4,7 @@ Bit i is bit (i % 64) of word i // 64, as KVM's dirty log (Linux ``Documentation
 KVM_GET_DIRTY_LOG). Sync follows QEMU's cpu_physical_memory_sync_dirty_bitmap
 (``include/exec/ram_addr.h``).
 """
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,8 +17,7 @@ IMPLS = [
     pytest.param(csev._bitmap, id="native"),
     pytest.param(csev._fallback_bitmap, id="numpy"),
 ]
-SETTINGS = settings(max_examples=150, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 DENSITIES = [0.0, 0.002, 0.5, 1.0]
 
 
@@ -30,7 +30,7 @@ def pack(bits: np.ndarray, nwords: int | None = None) -> np.ndarray:
     """uint64 words of a bool array, little-endian bit order, zero-padded to nwords."""
     nwords = (bits.size + 63) // 64 if nwords is None else nwords
     padded = np.zeros(nwords * 64, dtype=bool)
-    padded[:bits.size] = bits
+    padded[: bits.size] = bits
     return np.packbits(padded, bitorder="little").view("<u8").astype(np.uint64)
 
 
@@ -59,11 +59,12 @@ def bitmaps(draw, max_bits=3000):
     nwords = (nbits + 63) // 64 + extra_words
     bits = rng.random(nwords * 64) < density
     if draw(st.booleans()):
-        bits[nbits:] = rng.random(nwords * 64 - nbits) < 0.5   # garbage past nbits
+        bits[nbits:] = rng.random(nwords * 64 - nbits) < 0.5  # garbage past nbits
     return pack(bits, nwords), nbits, bits[:nbits]
 
 
 # -- readers: count, extract, find_next, to_ranges ------------------------------------------------
+
 
 @SETTINGS
 @given(bitmaps())
@@ -113,14 +114,27 @@ def test_find_next_word_boundaries_and_end(bm):
     bits = np.zeros(nbits, dtype=bool)
     bits[[0, 63, 64, 127, 128, 199]] = True
     words = pack(bits, 4)
-    words[3] |= np.uint64(0xFFFF_FFFF_FFFF_FF00)   # garbage: bits 200..255
-    words[2] |= np.uint64(1 << 63)                  # bit 191, the top of word 2
+    words[3] |= np.uint64(0xFFFF_FFFF_FFFF_FF00)  # garbage: bits 200..255
+    words[2] |= np.uint64(1 << 63)  # bit 191, the top of word 2
     bits[191] = True
-    expect = {0: 0, 1: 63, 63: 63, 64: 64, 65: 127, 127: 127, 128: 128, 129: 191, 192: 199,
-              199: 199, 200: 200, 201: 200, 10**6: 200}
+    expect = {
+        0: 0,
+        1: 63,
+        63: 63,
+        64: 64,
+        65: 127,
+        127: 127,
+        128: 128,
+        129: 191,
+        192: 199,
+        199: 199,
+        200: 200,
+        201: 200,
+        10**6: 200,
+    }
     for start, want in expect.items():
         assert bm.bitmap_find_next(words, start, nbits) == want, start
-    assert bm.bitmap_find_next(words, 192, 199) == 199          # bit 199 is past nbits=199
+    assert bm.bitmap_find_next(words, 192, 199) == 199  # bit 199 is past nbits=199
     assert bm.bitmap_find_next(np.zeros(0, np.uint64), 0, 0) == 0
     assert bm.bitmap_find_next(np.zeros(3, np.uint64), 5, 192) == 192
 
@@ -137,6 +151,7 @@ def test_empty_bitmaps(bm):
 
 # -- writers: sync, split, set/clear range, from_ranges -------------------------------------------
 
+
 @SETTINGS
 @given(bitmaps(), st.sampled_from(DENSITIES), st.integers(0, 2**32 - 1))
 def test_sync_is_qemu_fetch_and_clear(bm, case, dest_density, seed):
@@ -144,16 +159,16 @@ def test_sync_is_qemu_fetch_and_clear(bm, case, dest_density, seed):
     dest = pack(np.random.default_rng(seed).random(log.size * 64) < dest_density, log.size)
     old_log, old_dest = log.copy(), dest.copy()
     newly = bm.bitmap_sync(log, dest)
-    assert newly == popcount(old_log & ~old_dest)                      # newly dirty only
-    assert not log.any()                                               # log cleared
-    np.testing.assert_array_equal(dest, old_dest | old_log)            # dest OR-ed
-    assert bm.bitmap_sync(log, dest) == 0                              # nothing new the second time
+    assert newly == popcount(old_log & ~old_dest)  # newly dirty only
+    assert not log.any()  # log cleared
+    np.testing.assert_array_equal(dest, old_dest | old_log)  # dest OR-ed
+    assert bm.bitmap_sync(log, dest) == 0  # nothing new the second time
 
 
 def test_sync_counts_only_new_pages(bm):
     log = pack(np.array([1, 1, 0, 1] + [0] * 60 + [1], dtype=bool))
     dest = pack(np.array([1, 0, 1, 0] + [0] * 60 + [0], dtype=bool))
-    assert bm.bitmap_sync(log, dest) == 3   # pages 1, 3, 64; page 0 was already in dest
+    assert bm.bitmap_sync(log, dest) == 3  # pages 1, 3, 64; page 0 was already in dest
     np.testing.assert_array_equal(unpack(dest)[:65], np.array([1, 1, 1, 1] + [0] * 60 + [1], bool))
     assert not log.any()
 
@@ -162,8 +177,7 @@ def test_sync_counts_only_new_pages(bm):
 @given(bitmaps(), st.integers(0, 2**32 - 1))
 def test_split_private_shared(bm, case, seed):
     dirty = case[0]
-    enc = np.random.default_rng(seed).integers(0, 2**64, dirty.size, dtype=np.uint64,
-                                               endpoint=False)
+    enc = np.random.default_rng(seed).integers(0, 2**64, dirty.size, dtype=np.uint64, endpoint=False)
     private = np.full_like(dirty, 0xA5A5)
     shared = np.full_like(dirty, 0x5A5A)
     n_private, n_shared = bm.bitmap_split(dirty, enc, private, shared)
@@ -181,10 +195,10 @@ def test_set_and_clear_range(bm, case, data):
     start = data.draw(st.integers(0, total))
     n = data.draw(st.integers(0, total - start))
     expect = unpack(words)
-    expect[start:start + n] = True
+    expect[start : start + n] = True
     bm.bitmap_set_range(words, start, n)
     np.testing.assert_array_equal(unpack(words), expect)
-    expect[start:start + n] = False
+    expect[start : start + n] = False
     bm.bitmap_clear_range(words, start, n)
     np.testing.assert_array_equal(unpack(words), expect)
 
@@ -204,11 +218,12 @@ def test_ranges_round_trip(bm, case):
 @SETTINGS
 @given(st.integers(0, 1000), st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), max_size=8))
 def test_from_ranges_overlapping(bm, nbits, spans):
-    ranges = np.array([(int(a * nbits), int(b * (nbits - int(a * nbits)))) for a, b in spans],
-                      dtype=np.int64).reshape(-1, 2)
+    ranges = np.array([(int(a * nbits), int(b * (nbits - int(a * nbits)))) for a, b in spans], dtype=np.int64).reshape(
+        -1, 2
+    )
     bits = np.zeros(nbits, dtype=bool)
     for start, n in ranges:
-        bits[start:start + n] = True
+        bits[start : start + n] = True
     words = bm.bitmap_from_ranges(ranges, nbits)
     np.testing.assert_array_equal(words, pack(bits))
     np.testing.assert_array_equal(bm.bitmap_to_ranges(words, nbits), oracle_runs(bits))
@@ -224,6 +239,7 @@ def test_twins_agree_on_a_64_gib_bitmap():
 
 
 # -- bad inputs: raise before touching memory -----------------------------------------------------
+
 
 def _w(n=4, dtype=np.uint64, fill=0x0123_4567_89AB_CDEF):
     return np.full(n, fill, dtype=np.uint64).astype(dtype)
@@ -286,8 +302,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("name, make, exc", BAD,
-                         ids=[f"{name}-{i}" for i, (name, _, _) in enumerate(BAD)])
+@pytest.mark.parametrize("name, make, exc", BAD, ids=[f"{name}-{i}" for i, (name, _, _) in enumerate(BAD)])
 def test_bad_inputs_raise_and_leave_arrays_unchanged(bm, name, make, exc):
     args = make()
     before = [a.copy() if isinstance(a, np.ndarray) else a for a in args]

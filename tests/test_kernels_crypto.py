@@ -5,6 +5,7 @@ NIST SP 800-38A F.5.1/F.5.2 CTR-AES128, RFC 4231 HMAC-SHA256 test cases 1-7. Ora
 (XTS, CTR) and the stdlib ``hmac`` on whole 4 KiB pages. Then the SEV transport pipeline
 (SEND_UPDATE_DATA / RECEIVE_UPDATE_DATA, #55766; AMD's firmware source ``sev_mcmd.c``) and bad input.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -77,18 +78,28 @@ _V4_CT = bytes.fromhex(
     "d72cac9574c8cbbc2f801e23e56fd344b07f22154beba0f08ce8891e643ed995c94d9a69c9f1b5f499027a78572aeebd"
     "74d20cc39881c213ee770b1010e4bea718846977ae119f7a023ab58cca0ad752afe656bb3c17256a9f6e9bf19fdd5a38"
     "fc82bbe872c5539edb609ef4f79c203ebb140f2e583cb2ad15b4aa5b655016a8449277dbd477ef2c8d6c017db738b18d"
-    "eb4a427d1923ce3ff262735779a418f20a282df920147beabe421ee5319d0568")
+    "eb4a427d1923ce3ff262735779a418f20a282df920147beabe421ee5319d0568"
+)
 _K15 = "fffefdfcfbfaf9f8f7f6f5f4f3f2f1f0bfbebdbcbbbab9b8b7b6b5b4b3b2b1b0"
 _P15 = bytes(range(20))
 
 # (name, key1‖key2, data unit sequence number, plaintext, ciphertext)
 XTS_VECTORS = [
-    ("ieee-2", "11" * 16 + "22" * 16, 0x3333333333, b"\x44" * 32,
-     "c454185e6a16936e39334038acef838bfb186fff7480adc4289382ecd6d394f0"),
-    ("ieee-3", "fffefdfcfbfaf9f8f7f6f5f4f3f2f1f0" + "22" * 16, 0x3333333333, b"\x44" * 32,
-     "af85336b597afc1a900b2eb21ec949d292df4c047e0b21532186a5971a227a89"),
-    ("ieee-4", "27182818284590452353602874713526" "31415926535897932384626433832795", 0, _V4_PT,
-     _V4_CT.hex()),
+    (
+        "ieee-2",
+        "11" * 16 + "22" * 16,
+        0x3333333333,
+        b"\x44" * 32,
+        "c454185e6a16936e39334038acef838bfb186fff7480adc4289382ecd6d394f0",
+    ),
+    (
+        "ieee-3",
+        "fffefdfcfbfaf9f8f7f6f5f4f3f2f1f0" + "22" * 16,
+        0x3333333333,
+        b"\x44" * 32,
+        "af85336b597afc1a900b2eb21ec949d292df4c047e0b21532186a5971a227a89",
+    ),
+    ("ieee-4", "2718281828459045235360287471352631415926535897932384626433832795", 0, _V4_PT, _V4_CT.hex()),
     ("ieee-15", _K15, 0x123456789A, _P15[:17], "6c1625db4671522d3d7599601de7ca09ed"),
     ("ieee-16", _K15, 0x123456789A, _P15[:18], "d069444b7a7e0cab09e24447d24deb1fedbf"),
     ("ieee-17", _K15, 0x123456789A, _P15[:19], "e5df1351c0544ba1350b3363cd8ef4beedbf9d"),
@@ -122,15 +133,19 @@ def test_xts_page_api_matches_vector_4(k):
 
 CTR_KEY = bytes.fromhex("2b7e151628aed2a6abf7158809cf4f3c")
 CTR_IV = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff")
-CTR_PT = bytes.fromhex("6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51"
-                       "30c81c46a35ce411e5fbc1191a0a52eff69f2445df4f9b17ad2b417be66c3710")
-CTR_CT = bytes.fromhex("874d6191b620e3261bef6864990db6ce9806f66b7970fdff8617187bb9fffdff"
-                       "5ae4df3edbd5d35e5b4f09020db03eab1e031dda2fbe03d1792170a0f3009cee")
+CTR_PT = bytes.fromhex(
+    "6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51"
+    "30c81c46a35ce411e5fbc1191a0a52eff69f2445df4f9b17ad2b417be66c3710"
+)
+CTR_CT = bytes.fromhex(
+    "874d6191b620e3261bef6864990db6ce9806f66b7970fdff8617187bb9fffdff"
+    "5ae4df3edbd5d35e5b4f09020db03eab1e031dda2fbe03d1792170a0f3009cee"
+)
 
 
 def test_ctr_sp800_38a(k):
-    assert k.aes128_ctr(CTR_KEY, CTR_IV, CTR_PT) == CTR_CT          # F.5.1 encrypt
-    assert k.aes128_ctr(CTR_KEY, CTR_IV, CTR_CT) == CTR_PT          # F.5.2 decrypt
+    assert k.aes128_ctr(CTR_KEY, CTR_IV, CTR_PT) == CTR_CT  # F.5.1 encrypt
+    assert k.aes128_ctr(CTR_KEY, CTR_IV, CTR_CT) == CTR_PT  # F.5.2 decrypt
     assert k.aes128_ctr(CTR_KEY, CTR_IV, CTR_PT[:23]) == CTR_CT[:23]
     assert k.aes128_ctr(CTR_KEY, CTR_IV, b"") == b""
 
@@ -143,26 +158,28 @@ def test_ctr_counter_wraps_mod_2_128(k):
 
 
 RFC4231 = [
-    (b"\x0b" * 20, b"Hi There",
-     "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"),
-    (b"Jefe", b"what do ya want for nothing?",
-     "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"),
-    (b"\xaa" * 20, b"\xdd" * 50,
-     "773ea91e36800e46854db8ebd09181a72959098b3ef8c122d9635514ced565fe"),
-    (bytes(range(1, 26)), b"\xcd" * 50,
-     "82558a389a443c0ea4cc819899f2083a85f0faa3e578f8077a2e3ff46729665b"),
-    (b"\x0c" * 20, b"Test With Truncation", "a3b6167473100ee06e0c796c2955552b"),   # 128-bit truncation
-    (b"\xaa" * 131, b"Test Using Larger Than Block-Size Key - Hash Key First",
-     "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"),
-    (b"\xaa" * 131, b"This is a test using a larger than block-size key and a larger than block-size data."
-     b" The key needs to be hashed before being used by the HMAC algorithm.",
-     "9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2"),
+    (b"\x0b" * 20, b"Hi There", "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"),
+    (b"Jefe", b"what do ya want for nothing?", "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"),
+    (b"\xaa" * 20, b"\xdd" * 50, "773ea91e36800e46854db8ebd09181a72959098b3ef8c122d9635514ced565fe"),
+    (bytes(range(1, 26)), b"\xcd" * 50, "82558a389a443c0ea4cc819899f2083a85f0faa3e578f8077a2e3ff46729665b"),
+    (b"\x0c" * 20, b"Test With Truncation", "a3b6167473100ee06e0c796c2955552b"),  # 128-bit truncation
+    (
+        b"\xaa" * 131,
+        b"Test Using Larger Than Block-Size Key - Hash Key First",
+        "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54",
+    ),
+    (
+        b"\xaa" * 131,
+        b"This is a test using a larger than block-size key and a larger than block-size data."
+        b" The key needs to be hashed before being used by the HMAC algorithm.",
+        "9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2",
+    ),
 ]
 
 
 @pytest.mark.parametrize("key,data,mac", RFC4231, ids=[f"tc{i}" for i in range(1, 8)])
 def test_hmac_rfc4231(k, key, data, mac):
-    assert k.hmac_sha256(key, data).hex()[:len(mac)] == mac
+    assert k.hmac_sha256(key, data).hex()[: len(mac)] == mac
 
 
 def test_hmac_key_lengths_and_buffers(k):
@@ -170,12 +187,13 @@ def test_hmac_key_lengths_and_buffers(k):
     for n in (0, 1, 16, 63, 64, 65, 200):
         key = os.urandom(n)
         assert k.hmac_sha256(key, data) == hmac.digest(key, data, "sha256")
-    arr = np.frombuffer(data[:800], np.uint64)          # any contiguous buffer, read as bytes
+    arr = np.frombuffer(data[:800], np.uint64)  # any contiguous buffer, read as bytes
     assert k.hmac_sha256(b"k", arr) == hmac.digest(b"k", data[:800], "sha256")
     assert k.hmac_sha256(b"k", b"") == hmac.digest(b"k", b"", "sha256")
 
 
 # --- oracles on whole pages ----------------------------------------------------------------------
+
 
 def test_xts_pages_against_cryptography(k):
     rng = np.random.default_rng(1)
@@ -196,7 +214,7 @@ def test_xts_gather_scatter_and_in_place(k):
     rng = np.random.default_rng(2)
     key = os.urandom(32)
     mem = rand_pages(rng, 20)
-    tweaks = (np.arange(20, dtype=np.uint64) << np.uint64(12))
+    tweaks = np.arange(20, dtype=np.uint64) << np.uint64(12)
     ref = np.empty_like(mem)
     k.xts_encrypt(key, mem, ref, tweaks)
     si = rng.permutation(20)[:7].astype(np.int64)
@@ -223,6 +241,7 @@ def test_tweak_is_the_host_address(k):
 
 # --- transport pipeline --------------------------------------------------------------------------
 
+
 def _keys():
     return os.urandom(32), os.urandom(16), os.urandom(16)
 
@@ -244,14 +263,15 @@ def test_send_packet_format(k):
     ivs = os.urandom(32)
     headers, trans = _send(k, vek, tek, tik, mem, index, tweaks, ivs)
     for i in range(2):
-        plain = Cipher(algorithms.AES(vek), modes.XTS(le128(int(tweaks[i])))).decryptor().update(
-            mem[index[i]].tobytes())
-        iv = ivs[16 * i:16 * i + 16]
+        plain = (
+            Cipher(algorithms.AES(vek), modes.XTS(le128(int(tweaks[i])))).decryptor().update(mem[index[i]].tobytes())
+        )
+        iv = ivs[16 * i : 16 * i + 16]
         ct = Cipher(algorithms.AES(tek), modes.CTR(iv)).encryptor().update(plain)
         assert trans[i].tobytes() == ct
         aad = b"\x02" + struct.pack("<I", 0) + iv + struct.pack("<II", PAGE, PAGE)
         assert headers[i].tobytes() == struct.pack("<I", 0) + iv + hmac.digest(tik, aad + ct, "sha256")
-    fields = headers.view(packet.PACKET_HEADER)[:, 0]      # csev.packet's declaration reads the same
+    fields = headers.view(packet.PACKET_HEADER)[:, 0]  # csev.packet's declaration reads the same
     assert not fields["flags"].any() and fields["iv"].tobytes() == ivs
 
 
@@ -260,6 +280,7 @@ def test_send_into_stream_records_at_every_alignment(k, base):
     """Rows strided like migration records (4168 bytes, TRANS at 8 mod 16 in every other record) and
     at odd bases: the output equals the contiguous one, and the bytes around each row are untouched."""
     from pysev.migration.stream import ENC_PAGE_RECORD
+
     rng = np.random.default_rng(30 + base)
     vek, tek, tik = _keys()
     n = 9
@@ -268,7 +289,7 @@ def test_send_into_stream_records_at_every_alignment(k, base):
     ivs = os.urandom(16 * n)
     headers, trans = _send(k, vek, tek, tik, mem, None, tweaks, ivs)
     raw = np.frombuffer(rng.bytes(n * ENC_PAGE_RECORD.itemsize + 64), np.uint8).copy()
-    rec = raw[base:base + n * ENC_PAGE_RECORD.itemsize].view(ENC_PAGE_RECORD)
+    rec = raw[base : base + n * ENC_PAGE_RECORD.itemsize].view(ENC_PAGE_RECORD)
     before = rec.copy()
     k.send_pages(vek, tek, tik, mem, None, tweaks, rec["hdr"], rec["trans"], ivs)
     assert np.array_equal(rec["trans"], trans) and np.array_equal(rec["hdr"], headers)
@@ -282,6 +303,7 @@ def test_send_through_a_ring_equals_the_batch(k, ring):
     wire layout, ordinary stores), each slice handed over in order before the rows are reused; the
     packets are those of the whole batch at once."""
     from pysev.migration.stream import ENC_PAGE_RECORD
+
     rng = np.random.default_rng(40 + ring)
     vek, tek, tik = _keys()
     n = 20
@@ -295,15 +317,27 @@ def test_send_through_a_ring_equals_the_batch(k, ring):
 
     def on_slice(start, stop):
         calls.append((start, stop))
-        got_h[start:stop] = rec["hdr"][:stop - start]
-        got_t[start:stop] = rec["trans"][:stop - start]
+        got_h[start:stop] = rec["hdr"][: stop - start]
+        got_t[start:stop] = rec["trans"][: stop - start]
 
-    k.send_pages(vek, tek, tik, mem, index, tweaks, rec["hdr"], rec["trans"], ivs, threads=1,
-                 nontemporal=False, on_slice=on_slice)
+    k.send_pages(
+        vek,
+        tek,
+        tik,
+        mem,
+        index,
+        tweaks,
+        rec["hdr"],
+        rec["trans"],
+        ivs,
+        threads=1,
+        nontemporal=False,
+        on_slice=on_slice,
+    )
     step = min(ring, n)
     assert calls == [(a, min(a + step, n)) for a in range(0, n, step)]
     assert np.array_equal(got_h, headers) and np.array_equal(got_t, trans)
-    assert not rec["header"].any() and not rec["trans_len"].any()     # only hdr/trans are written
+    assert not rec["header"].any() and not rec["trans_len"].any()  # only hdr/trans are written
 
 
 def test_send_ring_stops_at_a_failing_consumer_and_checks_its_arguments(k):
@@ -320,7 +354,7 @@ def test_send_ring_stops_at_a_failing_consumer_and_checks_its_arguments(k):
 
     with pytest.raises(OSError, match="connection reset"):
         k.send_pages(vek, tek, tik, mem, None, tweaks, h, t, on_slice=failing)
-    assert calls == [(0, 2)]                       # nothing produced after the consumer failed
+    assert calls == [(0, 2)]  # nothing produced after the consumer failed
     with pytest.raises(ValueError, match="calling thread"):
         k.send_pages(vek, tek, tik, mem, None, tweaks, h, t, threads=2, on_slice=lambda a, b: None)
     with pytest.raises(TypeError, match="callable"):
@@ -347,29 +381,28 @@ def test_receive_statuses_and_isolation(k):
     mem_a = np.empty_like(plain)
     k.xts_encrypt(vek_a, plain, mem_a, tw_a)
     headers, trans = _send(k, vek_a, tek, tik, mem_a, None, tw_a)
-    headers[1, 0] |= 1            # COMPRESSED (checked first, even with a bad MAC)
+    headers[1, 0] |= 1  # COMPRESSED (checked first, even with a bad MAC)
     headers[1, 30] ^= 1
-    headers[2, 40] ^= 0x80        # MAC
-    trans[3, 4095] ^= 1           # ciphertext
-    headers[4, 7] ^= 1            # IV
-    headers[5, 2] ^= 4            # FLAGS other than COMPRESSED: covered by the MAC
+    headers[2, 40] ^= 0x80  # MAC
+    trans[3, 4095] ^= 1  # ciphertext
+    headers[4, 7] ^= 1  # IV
+    headers[5, 2] ^= 4  # FLAGS other than COMPRESSED: covered by the MAC
     tw_b = (np.arange(n, dtype=np.uint64) + np.uint64(100)) << np.uint64(12)
     dest_rows = np.array([9, 8, 7, 6, 5, 4, 3, 2], np.int64)
     mem_b = rand_pages(rng, 10)
     before = mem_b.copy()
     status = k.receive_pages(vek_b, tek, tik, headers, trans, mem_b, dest_rows, tw_b)
     assert status.dtype == np.uint32 and status.shape == (n,)
-    assert status.tolist() == [0, UNSUPPORTED, BAD_MEASUREMENT, BAD_MEASUREMENT, BAD_MEASUREMENT,
-                               BAD_MEASUREMENT, 0, 0]
+    assert status.tolist() == [0, UNSUPPORTED, BAD_MEASUREMENT, BAD_MEASUREMENT, BAD_MEASUREMENT, BAD_MEASUREMENT, 0, 0]
     for i in range(n):
         row = dest_rows[i]
         if status[i]:
-            assert np.array_equal(mem_b[row], before[row])      # a bad packet writes nothing
+            assert np.array_equal(mem_b[row], before[row])  # a bad packet writes nothing
         else:
             out = np.empty((1, PAGE), np.uint8)
-            k.xts_decrypt(vek_b, mem_b, out, tw_b[i:i + 1], np.array([row], np.int64))
+            k.xts_decrypt(vek_b, mem_b, out, tw_b[i : i + 1], np.array([row], np.int64))
             assert np.array_equal(out[0], plain[i])
-    assert np.array_equal(mem_b[:2], before[:2])               # rows nobody targets
+    assert np.array_equal(mem_b[:2], before[:2])  # rows nobody targets
 
 
 def test_native_and_twin_threads_agree(native):
@@ -380,8 +413,10 @@ def test_native_and_twin_threads_agree(native):
     index = rng.permutation(n + 20)[:n].astype(np.int64)
     tweaks = rng.integers(0, 2**64, size=n, dtype=np.uint64)
     ivs = os.urandom(16 * n)
-    outs = [_send(kk, vek, tek, tik, mem, index, tweaks, ivs, threads=t)
-            for kk, t in ((native, 1), (native, 2), (_fallback_crypto, None))]
+    outs = [
+        _send(kk, vek, tek, tik, mem, index, tweaks, ivs, threads=t)
+        for kk, t in ((native, 1), (native, 2), (_fallback_crypto, None))
+    ]
     for h, t in outs[1:]:
         assert np.array_equal(h, outs[0][0]) and np.array_equal(t, outs[0][1])
     headers, trans = outs[0]
@@ -434,6 +469,7 @@ def test_property_migration_between_hosts(native, data, n, rows):
 
 # --- key wrapping (SEND_START / RECEIVE_START, #55766; sev_channel.c) ------------------------------
 
+
 def test_wrap_unwrap(k):
     kek, kik, iv, tek, tik = (os.urandom(16) for _ in range(5))
     wrapped, mac = k.wrap_tk(kek, kik, iv, tek, tik)
@@ -453,10 +489,17 @@ def test_wrap_unwrap(k):
 
 # --- bad input: clear errors, memory untouched ----------------------------------------------------
 
+
 def _xts_case(**over):
     rng = np.random.default_rng(6)
-    args = dict(key=os.urandom(32), src=rand_pages(rng, 4), dst=np.zeros((4, PAGE), np.uint8),
-                tweaks=np.arange(4, dtype=np.uint64), src_index=None, dst_index=None)
+    args = dict(
+        key=os.urandom(32),
+        src=rand_pages(rng, 4),
+        dst=np.zeros((4, PAGE), np.uint8),
+        tweaks=np.arange(4, dtype=np.uint64),
+        src_index=None,
+        dst_index=None,
+    )
     args.update(over)
     return args
 
@@ -490,8 +533,7 @@ def test_xts_bad_input(k, case):
     dst.setflags(write=not readonly)
     before = dst.copy()
     with pytest.raises(exc):
-        k.xts_encrypt(args["key"], args["src"], dst, args["tweaks"], args["src_index"],
-                      args["dst_index"])
+        k.xts_encrypt(args["key"], args["src"], dst, args["tweaks"], args["src_index"], args["dst_index"])
     assert np.array_equal(dst, before)
 
 
@@ -514,8 +556,17 @@ def test_transport_bad_input_leaves_memory(k):
         (ValueError, dict(threads=0)),
     ]
     for exc, over in bad_calls:
-        args = dict(vek=vek, tek=tek, tik=tik, headers=headers, trans=trans, mem=target,
-                    index=np.arange(4, dtype=np.int64), tweaks=tweaks, threads=None)
+        args = dict(
+            vek=vek,
+            tek=tek,
+            tik=tik,
+            headers=headers,
+            trans=trans,
+            mem=target,
+            index=np.arange(4, dtype=np.int64),
+            tweaks=tweaks,
+            threads=None,
+        )
         args.update(over)
         threads = args.pop("threads")
         with pytest.raises(exc):
@@ -526,8 +577,10 @@ def test_transport_bad_input_leaves_memory(k):
     with pytest.raises(ValueError, match="read-only"):
         k.receive_pages(vek, tek, tik, headers, trans, ro, None, tweaks)
     out_h, out_t = np.zeros_like(headers), np.zeros_like(trans)
-    for exc, over in [(ValueError, dict(ivs=os.urandom(63))),
-                      (IndexError, dict(index=np.array([4, 0, 0, 0], np.int64)))]:
+    for exc, over in [
+        (ValueError, dict(ivs=os.urandom(63))),
+        (IndexError, dict(index=np.array([4, 0, 0, 0], np.int64))),
+    ]:
         args = dict(ivs=None, index=None)
         args.update(over)
         with pytest.raises(exc):
@@ -548,13 +601,15 @@ def test_empty_batches(k):
 def test_native_transport_refuses_another_packet_layout():
     """csev._transport sizes C arrays at compile time, so it must not load beside another csev.packet."""
     _native()
-    code = ("import csev.packet as p\n"
-            "p.PACKET_MAC_SIZE = 16\n"
-            "try:\n"
-            "    import csev._transport\n"
-            "except ImportError as exc:\n"
-            "    print('refused:', exc)\n")
-    env = {**os.environ, "CSEV_PURE": "1"}     # so that importing csev loads no native kernel first
+    code = (
+        "import csev.packet as p\n"
+        "p.PACKET_MAC_SIZE = 16\n"
+        "try:\n"
+        "    import csev._transport\n"
+        "except ImportError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    env = {**os.environ, "CSEV_PURE": "1"}  # so that importing csev loads no native kernel first
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.startswith("refused: csev._transport was compiled for other packet field sizes")
 

@@ -4,6 +4,7 @@
 * Firmware command buffers (``pysev.firmware.sev.abi.BUFFERS``) vs Linux ``include/linux/psp-sev.h``.
 * Session blob and packet header offsets vs AMD ``sev_channel.h`` (``sev_session_t``, ``sev_packet_header_t``).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -26,14 +27,18 @@ KVM_H = "/usr/include/linux/kvm.h"
 
 
 def _c_program() -> str:
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>", "int main(void) {",
-             '  printf("KVM_MEMORY_ENCRYPT_OP %lu\\n", (unsigned long)KVM_MEMORY_ENCRYPT_OP);']
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        "#include <linux/kvm.h>",
+        "int main(void) {",
+        '  printf("KVM_MEMORY_ENCRYPT_OP %lu\\n", (unsigned long)KVM_MEMORY_ENCRYPT_OP);',
+    ]
     for s in kvm.STRUCTS:
         n = s.__name__
         lines.append(f'  printf("{n} sizeof %zu\\n", sizeof(struct {n}));')
         for f, _ in s._fields_:
-            lines.append(f'  printf("{n} {f} %zu %zu\\n", offsetof(struct {n}, {f}), '
-                         f'sizeof(((struct {n} *)0)->{f}));')
+            lines.append(f'  printf("{n} {f} %zu %zu\\n", offsetof(struct {n}, {f}), sizeof(((struct {n} *)0)->{f}));')
     lines += ["  return 0;", "}"]
     return "\n".join(lines)
 
@@ -51,8 +56,12 @@ def header_facts(tmp_path_factory):
     if r.returncode:
         pytest.fail(f"compiling against {KVM_H} failed:\n{r.stderr}")
     out = subprocess.run([str(d / "abi")], capture_output=True, text=True, check=True).stdout
-    return dict(line.rsplit(" ", 1) if "sizeof" in line or line.startswith("KVM_") else
-                (line.rsplit(" ", 2)[0], line.split(" ", 2)[2]) for line in out.splitlines())
+    return dict(
+        line.rsplit(" ", 1)
+        if "sizeof" in line or line.startswith("KVM_")
+        else (line.rsplit(" ", 2)[0], line.split(" ", 2)[2])
+        for line in out.splitlines()
+    )
 
 
 def test_memory_encrypt_op_number(header_facts):
@@ -80,28 +89,74 @@ def test_kvm_struct_spec_sizes():
 # Linux include/linux/psp-sev.h sev_data_* (packed): name -> (size, {field: offset})
 SPEC_BUFFERS = {
     Cmd.INIT: (0x14, {"flags": 0, "tmr_address": 8, "tmr_len": 0x10}),
-    Cmd.PLATFORM_STATUS: (12, {"api_major": 0, "api_minor": 1, "state": 2, "owner": 3, "config": 4, "build": 7,
-                               "guest_count": 8}),
+    Cmd.PLATFORM_STATUS: (
+        12,
+        {"api_major": 0, "api_minor": 1, "state": 2, "owner": 3, "config": 4, "build": 7, "guest_count": 8},
+    ),
     Cmd.PEK_CSR: (12, {"address": 0, "len": 8}),
-    Cmd.PEK_CERT_IMPORT: (0x1C, {"pek_cert_address": 0, "pek_cert_len": 8, "oca_cert_address": 0x10,
-                                 "oca_cert_len": 0x18}),
-    Cmd.PDH_CERT_EXPORT: (0x1C, {"pdh_cert_address": 0, "pdh_cert_len": 8, "cert_chain_address": 0x10,
-                                 "cert_chain_len": 0x18}),
+    Cmd.PEK_CERT_IMPORT: (
+        0x1C,
+        {"pek_cert_address": 0, "pek_cert_len": 8, "oca_cert_address": 0x10, "oca_cert_len": 0x18},
+    ),
+    Cmd.PDH_CERT_EXPORT: (
+        0x1C,
+        {"pdh_cert_address": 0, "pdh_cert_len": 8, "cert_chain_address": 0x10, "cert_chain_len": 0x18},
+    ),
     Cmd.GET_ID: (12, {"address": 0, "len": 8}),
     Cmd.DECOMMISSION: (4, {"handle": 0}),
     Cmd.ACTIVATE: (8, {"handle": 0, "asid": 4}),
     Cmd.GUEST_STATUS: (13, {"handle": 0, "policy": 4, "asid": 8, "state": 12}),
-    Cmd.LAUNCH_START: (0x24, {"handle": 0, "policy": 4, "dh_cert_address": 8, "dh_cert_len": 0x10,
-                              "session_address": 0x18, "session_len": 0x20}),
+    Cmd.LAUNCH_START: (
+        0x24,
+        {
+            "handle": 0,
+            "policy": 4,
+            "dh_cert_address": 8,
+            "dh_cert_len": 0x10,
+            "session_address": 0x18,
+            "session_len": 0x20,
+        },
+    ),
     Cmd.LAUNCH_UPDATE_DATA: (0x14, {"handle": 0, "address": 8, "len": 0x10}),
     Cmd.LAUNCH_MEASURE: (0x14, {"handle": 0, "address": 8, "len": 0x10}),
-    Cmd.LAUNCH_SECRET: (0x34, {"handle": 0, "hdr_address": 8, "hdr_len": 0x10, "guest_address": 0x18,
-                               "guest_len": 0x20, "trans_address": 0x28, "trans_len": 0x30}),
-    Cmd.SEND_START: (0x44, {"handle": 0, "policy": 4, "pdh_cert_address": 8, "pdh_cert_len": 0x10,
-                            "plat_certs_address": 0x18, "plat_certs_len": 0x20, "amd_certs_address": 0x28,
-                            "amd_certs_len": 0x30, "session_address": 0x38, "session_len": 0x40}),
-    Cmd.RECEIVE_START: (0x24, {"handle": 0, "policy": 4, "pdh_cert_address": 8, "pdh_cert_len": 0x10,
-                               "session_address": 0x18, "session_len": 0x20}),
+    Cmd.LAUNCH_SECRET: (
+        0x34,
+        {
+            "handle": 0,
+            "hdr_address": 8,
+            "hdr_len": 0x10,
+            "guest_address": 0x18,
+            "guest_len": 0x20,
+            "trans_address": 0x28,
+            "trans_len": 0x30,
+        },
+    ),
+    Cmd.SEND_START: (
+        0x44,
+        {
+            "handle": 0,
+            "policy": 4,
+            "pdh_cert_address": 8,
+            "pdh_cert_len": 0x10,
+            "plat_certs_address": 0x18,
+            "plat_certs_len": 0x20,
+            "amd_certs_address": 0x28,
+            "amd_certs_len": 0x30,
+            "session_address": 0x38,
+            "session_len": 0x40,
+        },
+    ),
+    Cmd.RECEIVE_START: (
+        0x24,
+        {
+            "handle": 0,
+            "policy": 4,
+            "pdh_cert_address": 8,
+            "pdh_cert_len": 0x10,
+            "session_address": 0x18,
+            "session_len": 0x20,
+        },
+    ),
     Cmd.DBG_DECRYPT: (0x1C, {"handle": 0, "src_addr": 8, "dst_addr": 0x10, "len": 0x18}),
 }
 for _c in (Cmd.SEND_UPDATE_DATA, Cmd.SEND_UPDATE_VMSA, Cmd.RECEIVE_UPDATE_DATA, Cmd.RECEIVE_UPDATE_VMSA):
@@ -125,12 +180,13 @@ def test_firmware_buffer_layout(cmd):
 
 def test_session_and_header_offsets():
     assert session.SESSION_SIZE == abi.SESSION_SIZE == 128
-    assert [(s.start, s.stop) for s in (session.NONCE, session.WRAP_TK, session.WRAP_IV, session.WRAP_MAC,
-                                         session.POLICY_MAC)] == [(0, 0x10), (0x10, 0x30), (0x30, 0x40),
-                                                                   (0x40, 0x60), (0x60, 0x80)]
+    assert [
+        (s.start, s.stop)
+        for s in (session.NONCE, session.WRAP_TK, session.WRAP_IV, session.WRAP_MAC, session.POLICY_MAC)
+    ] == [(0, 0x10), (0x10, 0x30), (0x30, 0x40), (0x40, 0x60), (0x60, 0x80)]
     assert abi.PACKET_HEADER_SIZE == 0x34 and abi.MEASURE_SIZE == 48 and abi.SEV_CERT_SIZE == 0x824
     assert abi.PLAT_CERTS_SIZE == 6252 and abi.SCRATCH_BUF_LEN == 0x5000
-    assert session._AAD.size == 29                    # CTX ‖ FLAGS ‖ IV ‖ len ‖ len (send_receive_update_aad_t)
+    assert session._AAD.size == 29  # CTX ‖ FLAGS ‖ IV ‖ len ‖ len (send_receive_update_aad_t)
     assert (session.CTX_SECRET, session.CTX_DATA, session.CTX_MEASURE) == (1, 2, 4)
 
 
@@ -145,8 +201,10 @@ def vm():
     sev_kvm.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_START, kvm.kvm_sev_launch_start(policy=0))
     frames = p.dram.alloc_ram(2)
     for f in frames:
-        sev_kvm.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_DATA,
-               kvm.kvm_sev_launch_update_data(uaddr=sev_kvm.uaddr_of_hpa(int(f) * PAGE_SIZE), len=PAGE_SIZE))
+        sev_kvm.op(
+            kvm.sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_DATA,
+            kvm.kvm_sev_launch_update_data(uaddr=sev_kvm.uaddr_of_hpa(int(f) * PAGE_SIZE), len=PAGE_SIZE),
+        )
     return sev_kvm, frames
 
 
@@ -181,10 +239,15 @@ def sending(vm):
     assert q.session_len == 128
     sess = ctypes.create_string_buffer(128)
     arg = kvm.kvm_sev_send_start(
-        pdh_cert_uaddr=ctypes.addressof(bufs["pdh"]), pdh_cert_len=2084,
-        plat_certs_uaddr=ctypes.addressof(bufs["cert_chain"]), plat_certs_len=len(c["cert_chain"]),
-        amd_certs_uaddr=ctypes.addressof(bufs["amd_cert_chain"]), amd_certs_len=len(c["amd_cert_chain"]),
-        session_uaddr=ctypes.addressof(sess), session_len=128)
+        pdh_cert_uaddr=ctypes.addressof(bufs["pdh"]),
+        pdh_cert_len=2084,
+        plat_certs_uaddr=ctypes.addressof(bufs["cert_chain"]),
+        plat_certs_len=len(c["cert_chain"]),
+        amd_certs_uaddr=ctypes.addressof(bufs["amd_cert_chain"]),
+        amd_certs_len=len(c["amd_cert_chain"]),
+        session_uaddr=ctypes.addressof(sess),
+        session_len=128,
+    )
     bad = kvm.kvm_sev_send_start.from_buffer_copy(bytes(arg))
     bad.pdh_cert_uaddr = 0x10
     assert _op(sev_kvm, kvm.sev_cmd_id.KVM_SEV_SEND_START, bad)[0] == -errno.EFAULT
@@ -205,16 +268,22 @@ def test_send_update_length_query_and_page_limit(sending):
     base = sev_kvm.uaddr_of_hpa(int(frames[0]) * PAGE_SIZE)
 
     def sud(**kw):
-        a = dict(hdr_uaddr=hdr.ctypes.data, hdr_len=52, guest_uaddr=base, guest_len=PAGE_SIZE,
-                 trans_uaddr=tr.ctypes.data, trans_len=PAGE_SIZE)
+        a = dict(
+            hdr_uaddr=hdr.ctypes.data,
+            hdr_len=52,
+            guest_uaddr=base,
+            guest_len=PAGE_SIZE,
+            trans_uaddr=tr.ctypes.data,
+            trans_len=PAGE_SIZE,
+        )
         a.update(kw)
         return _op(sev_kvm, kvm.sev_cmd_id.KVM_SEV_SEND_UPDATE_DATA, kvm.kvm_sev_send_update_data(**a))
 
-    assert sud(guest_uaddr=base + 16) == (-errno.EINVAL, 0)                  # crosses into the next page
+    assert sud(guest_uaddr=base + 16) == (-errno.EINVAL, 0)  # crosses into the next page
     assert sud(guest_len=2 * PAGE_SIZE, trans_len=2 * PAGE_SIZE)[0] == -errno.EINVAL
     assert sud(hdr_uaddr=0x20)[0] == -errno.EFAULT
     assert sud(trans_uaddr=8)[0] == -errno.EFAULT
-    assert sud(guest_uaddr=0x1000)[0] == -errno.EFAULT                        # not guest RAM
+    assert sud(guest_uaddr=0x1000)[0] == -errno.EFAULT  # not guest RAM
     assert sud(guest_uaddr=base + 256, guest_len=256, trans_len=256) == (0, SevStatus.SUCCESS)
     assert sud() == (0, SevStatus.SUCCESS)
     assert any(hdr[4:20]) and any(tr[:PAGE_SIZE])
@@ -224,8 +293,12 @@ def test_bad_pointers_never_crash(vm):
     sev_kvm, _ = vm
     for op_id in range(0, 24):
         ret = sev_kvm.memory_encrypt_op(kvm.kvm_sev_cmd(id=op_id, data=0x1000))
-        assert ret < 0 or op_id in (kvm.sev_cmd_id.KVM_SEV_LAUNCH_FINISH, kvm.sev_cmd_id.KVM_SEV_SEND_FINISH,
-                                    kvm.sev_cmd_id.KVM_SEV_RECEIVE_FINISH, kvm.sev_cmd_id.KVM_SEV_SEND_CANCEL)
+        assert ret < 0 or op_id in (
+            kvm.sev_cmd_id.KVM_SEV_LAUNCH_FINISH,
+            kvm.sev_cmd_id.KVM_SEV_SEND_FINISH,
+            kvm.sev_cmd_id.KVM_SEV_RECEIVE_FINISH,
+            kvm.sev_cmd_id.KVM_SEV_SEND_CANCEL,
+        )
     assert sev_kvm.memory_encrypt_op(kvm.kvm_sev_cmd(id=99, data=0)) == -errno.EINVAL
     dbg = kvm.kvm_sev_dbg(src_uaddr=0x40, dst_uaddr=0x80, len=16)
     assert _op(sev_kvm, kvm.sev_cmd_id.KVM_SEV_DBG_DECRYPT, dbg)[0] == -errno.EFAULT
@@ -237,15 +310,26 @@ def test_receive_one_page_max_and_nonzero_fields():
     sev_kvm.op(kvm.sev_cmd_id.KVM_SEV_INIT)
     assert _op(sev_kvm, kvm.sev_cmd_id.KVM_SEV_RECEIVE_START, kvm.kvm_sev_receive_start())[0] == -errno.EINVAL
     from pysev.owner import GuestOwner
+
     owner = GuestOwner(p.public_certs()["pdh"], 0)
     godh, sess = (ctypes.create_string_buffer(b, len(b)) for b in owner.launch_blobs())
-    sev_kvm.op(kvm.sev_cmd_id.KVM_SEV_RECEIVE_START, kvm.kvm_sev_receive_start(
-        pdh_uaddr=ctypes.addressof(godh), pdh_len=2084, session_uaddr=ctypes.addressof(sess), session_len=128))
+    sev_kvm.op(
+        kvm.sev_cmd_id.KVM_SEV_RECEIVE_START,
+        kvm.kvm_sev_receive_start(
+            pdh_uaddr=ctypes.addressof(godh), pdh_len=2084, session_uaddr=ctypes.addressof(sess), session_len=128
+        ),
+    )
     f = p.dram.alloc_ram(1)
     base = sev_kvm.uaddr_of_hpa(int(f[0]) * PAGE_SIZE)
     hdr, tr = np.zeros(52, np.uint8), np.zeros(2 * PAGE_SIZE, np.uint8)
-    full = dict(hdr_uaddr=hdr.ctypes.data, hdr_len=52, guest_uaddr=base, guest_len=PAGE_SIZE,
-                trans_uaddr=tr.ctypes.data, trans_len=PAGE_SIZE)
+    full = dict(
+        hdr_uaddr=hdr.ctypes.data,
+        hdr_len=52,
+        guest_uaddr=base,
+        guest_len=PAGE_SIZE,
+        trans_uaddr=tr.ctypes.data,
+        trans_len=PAGE_SIZE,
+    )
     for k in full:
         arg = kvm.kvm_sev_receive_update_data(**dict(full, **{k: 0}))
         assert _op(sev_kvm, kvm.sev_cmd_id.KVM_SEV_RECEIVE_UPDATE_DATA, arg)[0] == -errno.EINVAL, k

@@ -12,6 +12,7 @@ What each requirement is proved by (qemu-migration.md §1, §2.6, §3–5; sev-a
 * the seed's known issues: reboot after migration and A→B→A→C, VGA framebuffer equality;
 * query-migrate counters and QEMU's formulas, downtime, auto-converge.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,12 +27,24 @@ import numpy as np
 import pytest
 
 from pysev.firmware.sev.abi import Cmd, GuestState, GuestStatusBuf
-from pysev.hw.hostmem import PAGE_SIZE
 from pysev.hv.machine import Host, RunState, VirtualMachine
-from pysev.hv.memory import (BIOS_IDSTR, FLASH_VARS_IDSTR, KVM_MAP_GPA_RANGE_DECRYPTED,
-                             KVM_MAP_GPA_RANGE_ENCRYPTED, RAM_IDSTR, VRAM_IDSTR)
-from pysev.migration import (IncomingMigration, MigrationCapabilities, MigrationParameters,
-                             OutgoingMigration, migrate_local, with_destination_certs)
+from pysev.hv.memory import (
+    BIOS_IDSTR,
+    FLASH_VARS_IDSTR,
+    KVM_MAP_GPA_RANGE_DECRYPTED,
+    KVM_MAP_GPA_RANGE_ENCRYPTED,
+    RAM_IDSTR,
+    VRAM_IDSTR,
+)
+from pysev.hw.hostmem import PAGE_SIZE
+from pysev.migration import (
+    IncomingMigration,
+    MigrationCapabilities,
+    MigrationParameters,
+    OutgoingMigration,
+    migrate_local,
+    with_destination_certs,
+)
 from pysev.migration.transport import inproc_pairs
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -142,22 +155,42 @@ class Run:
 
     @property
     def verified(self) -> bool:
-        return (self.info["status"] == "completed" and self.incoming.status == "completed"
-                and self.outgoing.digest_at_switchover is not None
-                and self.outgoing.digest_at_switchover == self.incoming.guest_digest)
+        return (
+            self.info["status"] == "completed"
+            and self.incoming.status == "completed"
+            and self.outgoing.digest_at_switchover is not None
+            and self.outgoing.digest_at_switchover == self.incoming.guest_digest
+        )
 
 
-def run_local(src: VirtualMachine, dest_host: Host, monitor: RunMonitor | None = None, *, channels: int = 0,
-              params: MigrationParameters | None = None, caps: MigrationCapabilities | None = None,
-              wrap_src=None, wrap_dst=None, during=None, commit_timeout: float = 20.0, dest_kw=None,
-              **out_kw) -> Run:
+def run_local(
+    src: VirtualMachine,
+    dest_host: Host,
+    monitor: RunMonitor | None = None,
+    *,
+    channels: int = 0,
+    params: MigrationParameters | None = None,
+    caps: MigrationCapabilities | None = None,
+    wrap_src=None,
+    wrap_dst=None,
+    during=None,
+    commit_timeout: float = 20.0,
+    dest_kw=None,
+    **out_kw,
+) -> Run:
     """``migrate_local`` with hooks: the destination VM is created here (so the monitor sees it from
     its first state), and ``wrap_src``/``wrap_dst`` may replace connection file objects."""
     params = params or fast_params(dest_host, commit_timeout=commit_timeout)
     if not params.sev_pdh and src.sev_enabled:
         params = with_destination_certs(params, dest_host.sev_capabilities())
-    dest = VirtualMachine(dest_host, src.memory.ram.used_length, sev=src.sev_enabled, policy=src.policy,
-                          incoming=True, **{**src.workload_args(), **(dest_kw or {})})
+    dest = VirtualMachine(
+        dest_host,
+        src.memory.ram.used_length,
+        sev=src.sev_enabled,
+        policy=src.policy,
+        incoming=True,
+        **{**src.workload_args(), **(dest_kw or {})},
+    )
     if monitor:
         monitor.watch(dest)
     s, d = inproc_pairs(channels)
@@ -242,8 +275,9 @@ def test_memory_frames_noncontiguous_and_differ_between_hosts(hosts):
         a.guest.plant(gfns, SECRET)
         b.guest.plant(gfns, SECRET)
         assert np.array_equal(a.guest.read_pages(gfns), b.guest.read_pages(gfns))
-        assert not np.array_equal(hosts["A"].dram.frames[fa[gfns].astype(np.int64)],
-                                  hosts["B"].dram.frames[fb[gfns].astype(np.int64)])
+        assert not np.array_equal(
+            hosts["A"].dram.frames[fa[gfns].astype(np.int64)], hosts["B"].dram.frames[fb[gfns].astype(np.int64)]
+        )
         assert SECRET not in hosts["A"].dram.frames[fa[gfns].astype(np.int64)].tobytes()
     finally:
         a.destroy()
@@ -280,7 +314,7 @@ def test_memory_dirty_log_get_and_clear_and_map_gpa_range(hosts):
     try:
         ram, mem = vm.memory.ram, vm.memory
         words = np.zeros_like(ram.dirty_log)
-        mem.sync_dirty(ram, words)                            # start from a clean log
+        mem.sync_dirty(ram, words)  # start from a clean log
         words[:] = 0
         vm.guest.plant(np.array([5, 6, 700]), b"x")
         assert mem.sync_dirty(ram, words) == 3
@@ -295,8 +329,14 @@ def test_memory_dirty_log_get_and_clear_and_map_gpa_range(hosts):
         assert mem.sync_dirty(ram, words) == 4
         assert mem.map_gpa_range(10 * PAGE_SIZE, 4, KVM_MAP_GPA_RANGE_ENCRYPTED) == 0
         assert np.unpackbits(mem.enc_snapshot(ram).view(np.uint8), bitorder="little")[10:14].all()
-        for bad in ((PAGE_SIZE + 1, 1, 0), (0, 0, 0), (0, 1, 1 << 5), (0, 1, 3), (1 << 62, 1, 0),
-                    (ram.end_gpa - PAGE_SIZE, 1 << 64, 0)):
+        for bad in (
+            (PAGE_SIZE + 1, 1, 0),
+            (0, 0, 0),
+            (0, 1, 1 << 5),
+            (0, 1, 3),
+            (1 << 62, 1, 0),
+            (ram.end_gpa - PAGE_SIZE, 1 << 64, 0),
+        ):
             assert mem.map_gpa_range(*bad) < 0, bad
         # device regions are never encrypted
         vram = mem.block(VRAM_IDSTR)
@@ -356,8 +396,7 @@ def test_migrate_local_api_transferred_equals_bytes_on_the_wire(hosts, tmp_path,
 def test_dirtying_guest_converges_within_downtime_limit(hosts, monitor, channels):
     src = monitor.watch(new_vm(hosts["A"], 128 * MiB, dirty_rate=30e6, workload="uniform"))
     time.sleep(0.2)
-    run = run_local(src, hosts["B"], monitor, channels=channels,
-                    params=fast_params(hosts["B"], downtime_limit=300))
+    run = run_local(src, hosts["B"], monitor, channels=channels, params=fast_params(hosts["B"], downtime_limit=300))
     try:
         assert run.info["status"] == "completed", run.info.get("error-desc")
         assert run.verified
@@ -380,8 +419,8 @@ def test_flips_during_precopy_are_resent_in_new_mode(hosts, monitor, tmp_path):
     the destination ends with the source's plaintext and private/shared map at pause."""
     src = monitor.watch(new_vm(hosts["A"], 64 * MiB, dirty_rate=5e6))
     time.sleep(0.1)
-    to_shared = np.arange(2000, 2064)     # private at boot, made shared mid pass 1
-    to_private = np.arange(3000, 3016)    # made shared before, back to private mid pass 1
+    to_shared = np.arange(2000, 2064)  # private at boot, made shared mid pass 1
+    to_private = np.arange(3000, 3016)  # made shared before, back to private mid pass 1
     src.guest.set_shared(int(to_private[0]) * PAGE_SIZE, len(to_private))
     src.guest.plant(to_private, SHARED_MARKER + b"old")
     flipped = threading.Event()
@@ -395,8 +434,9 @@ def test_flips_during_precopy_are_resent_in_new_mode(hosts, monitor, tmp_path):
             src.guest.plant(to_private, SECRET + b"now-private")
 
     save = tmp_path / "flip.mig"
-    run = run_local(src, hosts["B"], monitor, channels=2, on_progress=on_progress,
-                    wrap_src=lambda conns: _tee_all(conns, save))
+    run = run_local(
+        src, hosts["B"], monitor, channels=2, on_progress=on_progress, wrap_src=lambda conns: _tee_all(conns, save)
+    )
     try:
         assert flipped.is_set()
         assert run.info["status"] == "completed", run.info.get("error-desc")
@@ -422,8 +462,14 @@ def test_flips_by_workload_during_precopy(hosts, monitor, channels):
     src = monitor.watch(new_vm(hosts["A"], 64 * MiB, dirty_rate=10e6, convert_rate=3000))
     time.sleep(0.2)
     conv0 = src.workload.conversions
-    run = run_local(src, hosts["B"], monitor, channels=channels, dest_kw=dict(convert_rate=0, dirty_rate=0),
-                    params=fast_params(hosts["B"], max_bandwidth=96 * MiB))
+    run = run_local(
+        src,
+        hosts["B"],
+        monitor,
+        channels=channels,
+        dest_kw=dict(convert_rate=0, dirty_rate=0),
+        params=fast_params(hosts["B"], max_bandwidth=96 * MiB),
+    )
     try:
         assert run.info["status"] == "completed", run.info.get("error-desc")
         assert run.verified, "destination plaintext + private/shared map equal the source's at pause"
@@ -440,6 +486,7 @@ def test_flips_by_workload_during_precopy(hosts, monitor, channels):
 def _tee_all(conns, path) -> None:
     """The same tee as ``save_stream=`` (used where run_local builds the connections)."""
     from pysev.migration import _tee
+
     _tee(conns, str(path))
 
 
@@ -464,7 +511,7 @@ def test_planted_private_plaintext_never_on_the_wire(hosts, monitor, tmp_path, c
         main = files[0].read_bytes()
         assert SHARED_MARKER in main, "a shared page travels as is"
         vram = src.memory.block(VRAM_IDSTR)
-        fb = hosts["A"].dram.frames[int(vram.frames[0])].tobytes()   # frozen since the switchover
+        fb = hosts["A"].dram.frames[int(vram.frames[0])].tobytes()  # frozen since the switchover
         # drawn (every BGRX pixel has X = 0xFF; frame 0's scanline 0 is half zero bytes, so no zero count)
         assert fb[3::4] == b"\xff" * (len(fb) // 4), "the framebuffer's first page was drawn"
         assert fb in main, "the VGA framebuffer travels in the clear"
@@ -508,8 +555,9 @@ def test_non_sev_guest_same_engine_plain_pages(hosts, monitor, tmp_path):
         assert result.info["sev"]["pages-encrypted"] == 0
         assert SECRET in save.read_bytes(), "a non-SEV guest's pages travel in the clear"
         assert result.destination.guest.read_pages(np.arange(10, 11)).tobytes().startswith(SECRET)
-        from pysev.migration import stream as S
-        assert S.RAM_SAVE_FLAG_ENCRYPTED_DATA.to_bytes(8, "big") not in save.read_bytes()[:64]
+        from pysev.migration import stream
+
+        assert stream.RAM_SAVE_FLAG_ENCRYPTED_DATA.to_bytes(8, "big") not in save.read_bytes()[:64]
     finally:
         result.destination.destroy()
         src.destroy()
@@ -527,14 +575,16 @@ def test_non_sev_saved_stream_is_read_by_analyze_migration(hosts, tmp_path):
         assert result.verified
         out = tmp_path / "x"
         out.mkdir()
-        res = subprocess.run([sys.executable, ANALYZER, "-f", str(save), "-x"], cwd=out, capture_output=True,
-                             text=True, timeout=300)
+        res = subprocess.run(
+            [sys.executable, ANALYZER, "-f", str(save), "-x"], cwd=out, capture_output=True, text=True, timeout=300
+        )
         assert res.returncode == 0, res.stderr[-2000:]
         ram = src.memory.ram
         expected = hosts["A"].dram.frames[ram.frames.astype(np.int64)].tobytes()
         assert (out / RAM_IDSTR).read_bytes() == expected
-        assert (out / VRAM_IDSTR).read_bytes() == \
-            hosts["A"].dram.frames[src.memory.block(VRAM_IDSTR).frames.astype(np.int64)].tobytes()
+        assert (out / VRAM_IDSTR).read_bytes() == hosts["A"].dram.frames[
+            src.memory.block(VRAM_IDSTR).frames.astype(np.int64)
+        ].tobytes()
     finally:
         result.destination.destroy()
         src.destroy()
@@ -553,13 +603,13 @@ def test_reboot_after_migration_then_a_b_a_c(hosts, monitor):
             assert run.info["status"] == "completed", run.info.get("error-desc")
             assert run.verified, f"hop {i}"
             old, vm = vm, run.dest
-            old.destroy()                         # the source's frames go back to its host
+            old.destroy()  # the source's frames go back to its host
             ram = vm.memory.ram
             if i == 0:
-                assert not np.unpackbits(ram.enc.view(np.uint8), bitorder="little")[:ram.npages].all()
-                vm.reset()                        # reboot on B
+                assert not np.unpackbits(ram.enc.view(np.uint8), bitorder="little")[: ram.npages].all()
+                vm.reset()  # reboot on B
                 bits = np.unpackbits(vm.memory.enc_snapshot(ram).view(np.uint8), bitorder="little")
-                assert bits[:ram.npages].all(), "reboot resets the state map: all RAM private"
+                assert bits[: ram.npages].all(), "reboot resets the state map: all RAM private"
                 for blk in vm.memory.blocks[1:]:
                     assert not blk.enc.any()
                 assert vm.state == RunState.RUNNING and not vm.workload.paused
@@ -588,8 +638,15 @@ def test_auto_converge_raises_throttle_when_guest_outruns_link(hosts, monitor):
         seen.update(info=out.info(), throttle=src.workload.throttle)
         out.cancel()
 
-    run = run_local(src, hosts["B"], monitor, params=params, caps=caps, during=during,
-                    on_event=lambda name, data: events.append((name, data)))
+    run = run_local(
+        src,
+        hosts["B"],
+        monitor,
+        params=params,
+        caps=caps,
+        during=during,
+        on_event=lambda name, data: events.append((name, data)),
+    )
     try:
         info = seen["info"]
         assert info["status"] == "active"
@@ -614,11 +671,23 @@ def test_precopy_switchover_follows_qemu_formula(hosts, monitor):
 
     def on_pass(rec):
         out = holder["out"]
-        records.append(dict(rec, remaining=out.remaining_pages * PAGE_SIZE, expected=out.expected_downtime,
-                            bw=rec["bytes"] / (rec["seconds"] * 1000)))
+        records.append(
+            dict(
+                rec,
+                remaining=out.remaining_pages * PAGE_SIZE,
+                expected=out.expected_downtime,
+                bw=rec["bytes"] / (rec["seconds"] * 1000),
+            )
+        )
 
-    run = run_local(src, hosts["B"], monitor, params=fast_params(hosts["B"], downtime_limit=30),
-                    on_pass=on_pass, during=lambda out: holder.setdefault("out", out))
+    run = run_local(
+        src,
+        hosts["B"],
+        monitor,
+        params=fast_params(hosts["B"], downtime_limit=30),
+        on_pass=on_pass,
+        during=lambda out: holder.setdefault("out", out),
+    )
     try:
         assert run.verified
         assert len(records) == len(run.outgoing.passes) - 1

@@ -1,4 +1,5 @@
 """``pysev migrate`` end to end through ``pysev.cli.main([...])`` with ``--json``."""
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,15 @@ def _run(capsys, *argv) -> tuple[int, dict]:
     return rc, json.loads(out.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("argv", [
-    ["--transport", "tcp", "--channels", "2", "--dirty-rate", "10M"],
-    ["--transport", "inproc", "--channels", "2", "--convert-rate", "500", "--vga-fps", "30"],
-    ["--transport", "inproc", "--no-sev"],
-], ids=["tcp-2ch-dirty", "inproc-flips-vga", "no-sev"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--transport", "tcp", "--channels", "2", "--dirty-rate", "10M"],
+        ["--transport", "inproc", "--channels", "2", "--convert-rate", "500", "--vga-fps", "30"],
+        ["--transport", "inproc", "--no-sev"],
+    ],
+    ids=["tcp-2ch-dirty", "inproc-flips-vga", "no-sev"],
+)
 def test_cli_migrate_json(capsys, argv):
     rc, s = _run(capsys, *argv)
     assert rc == 0, s
@@ -66,10 +71,13 @@ def test_cli_migrate_default_guest_is_running_a_workload_and_nothing_keeps_runni
     assert not left, left
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--memory", "12Q"], "not a size: '12Q'"),
-    (["--no-sev", "--convert-rate", "3"], "a guest without SEV has no private pages to convert"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--memory", "12Q"], "not a size: '12Q'"),
+        (["--no-sev", "--convert-rate", "3"], "a guest without SEV has no private pages to convert"),
+    ],
+)
 def test_cli_migrate_bad_input_is_one_clear_line(capsys, argv, message):
     rc = main(["migrate", *argv])
     err = capsys.readouterr().err

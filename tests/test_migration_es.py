@@ -1,5 +1,6 @@
 """SEV-ES: every vCPU's VMSA travels through SEND_UPDATE_VMSA / RECEIVE_UPDATE_VMSA (sev-api.md §2.3, §2.6)
 in a ``sev-es-vmsa`` device section after the RAM section, and arrives decryptable only by the destination."""
+
 from __future__ import annotations
 
 import io
@@ -8,10 +9,9 @@ import numpy as np
 import pytest
 
 from pysev.firmware.sev import Policy, make_policy
-from pysev.hw.hostmem import PAGE_SIZE
 from pysev.hv.machine import Host, RunState, VirtualMachine
-from pysev.migration import MigrationParameters, migrate_local
-from pysev.migration import stream as S
+from pysev.hw.hostmem import PAGE_SIZE
+from pysev.migration import MigrationParameters, migrate_local, stream
 
 ES_POLICY = make_policy(Policy.SEV | Policy.ES, 0, 17)
 MEM = 16 << 20
@@ -38,7 +38,7 @@ def test_es_guest_migrates_with_its_vmsa(hosts, tmp_path, channels):
     assert before.startswith(b"pysev SEV-ES VMSA of vCPU 0")
     saved = tmp_path / "es.mig"
     r = migrate_local(vm, b, params=FAST, channels=channels, save_stream=str(saved))
-    assert r.info["status"] == "completed" and r.verified        # the digest covers the VMSA too
+    assert r.info["status"] == "completed" and r.verified  # the digest covers the VMSA too
     assert vmsa_plaintext(r.destination) == before
     # on the wire the VMSA is transport ciphertext: its plaintext never appears
     wire = b"".join(p.read_bytes() for p in tmp_path.glob("es.mig*"))
@@ -53,6 +53,7 @@ def test_tampered_vmsa_fails_the_migration_and_the_source_keeps_running(hosts, m
     vm.boot_fill()
     digest = vm.digest()
     from pysev.migration import sev_ops as ops_mod
+
     original = ops_mod.SevOps.send_vmsas
 
     def flipped(self):
@@ -73,7 +74,7 @@ def test_tampered_vmsa_fails_the_migration_and_the_source_keeps_running(hosts, m
 def test_vmsa_section_bounds_are_checked():
     """A hostile stream: hdr_len other than 52 is refused before anything is read or allocated."""
     buf = io.BytesIO()
-    w = S.StreamWriter(buf)
+    w = stream.StreamWriter(buf)
     w.write_header()
     w.section_full(3, "sev-es-vmsa", 0, 1)
     w.put_be32(0xFFFFFFFF)
@@ -82,6 +83,7 @@ def test_vmsa_section_bounds_are_checked():
     dest = VirtualMachine(host, MEM, policy=ES_POLICY, incoming=True)
     from pysev.migration.incoming import IncomingMigration
     from pysev.migration.transport import Connection
+
     buf.seek(0)
     inc = IncomingMigration(dest, [Connection("test", None, buf)], file_mode=True, commit_timeout=5)
     result = inc.run()

@@ -3,6 +3,7 @@ running and its memory intact (and able to retry, to the same or another destina
 discards everything; at no moment do both run (``RunMonitor`` in every test). Plus the hostile-stream
 bound checks of the series and its gaps (qemu-migration.md §1.8), fed straight to ``IncomingMigration``.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,15 +22,22 @@ import numpy as np
 import pytest
 
 from pysev.firmware.sev.abi import GuestState
-from pysev.hw.hostmem import PAGE_SIZE
 from pysev.hv.machine import RunState, VirtualMachine
-from pysev.migration import (IncomingMigration, MigrationParameters, migrate_tcp, save_to_file,
-                             with_destination_certs)
-from pysev.migration import stream as S
+from pysev.hw.hostmem import PAGE_SIZE
+from pysev.migration import (
+    IncomingMigration,
+    MigrationParameters,
+    migrate_tcp,
+    save_to_file,
+    stream,
+    with_destination_certs,
+)
 from pysev.migration.transport import _socket_connection, file_reader
 
 # the shared helpers and fixtures of test_migration.py (pytest runs with --import-mode=importlib)
-_spec = importlib.util.spec_from_file_location("_migration_helpers", pathlib.Path(__file__).with_name("test_migration.py"))
+_spec = importlib.util.spec_from_file_location(
+    "_migration_helpers", pathlib.Path(__file__).with_name("test_migration.py")
+)
 H = sys.modules.get("_migration_helpers") or importlib.util.module_from_spec(_spec)
 if "_migration_helpers" not in sys.modules:
     sys.modules["_migration_helpers"] = H
@@ -67,11 +75,13 @@ class Flip(io.RawIOBase):
 def flip_at(conn_index: int, at: int):
     def wrap(conns):
         conns[conn_index].wfile = Flip(conns[conn_index].wfile, at)
+
     return wrap
 
 
-def assert_source_resumed(src: VirtualMachine, info: dict, digest_before: str | None = None,
-                          status: str = "failed") -> None:
+def assert_source_resumed(
+    src: VirtualMachine, info: dict, digest_before: str | None = None, status: str = "failed"
+) -> None:
     assert info["status"] == status
     if status == "failed":
         assert info.get("error-desc"), info
@@ -94,12 +104,15 @@ def assert_destination_discarded(run) -> None:
 # =====================================================================================================
 # corruption in transit, retries
 # =====================================================================================================
-@pytest.mark.parametrize("where, at, expect", [
-    ("main", 600_000, "BAD_MEASUREMENT"),        # inside an encrypted page's ciphertext
-    ("main", 60, "destination rejected"),          # the MEM_SIZE record: stream error
-    ("shared", None, "digest"),                    # inside a shared page: only the digest catches it
-    ("ch1", 900_000, "BAD_MEASUREMENT"),           # a page channel
-])
+@pytest.mark.parametrize(
+    "where, at, expect",
+    [
+        ("main", 600_000, "BAD_MEASUREMENT"),  # inside an encrypted page's ciphertext
+        ("main", 60, "destination rejected"),  # the MEM_SIZE record: stream error
+        ("shared", None, "digest"),  # inside a shared page: only the digest catches it
+        ("ch1", 900_000, "BAD_MEASUREMENT"),  # a page channel
+    ],
+)
 def test_corruption_in_transit_fails_cleanly_and_retry_completes(hosts, monitor, where, at, expect):
     src = monitor.watch(H.new_vm(hosts["A"], 32 * MiB))
     channels = 2 if where == "ch1" else 0
@@ -110,7 +123,7 @@ def test_corruption_in_transit_fails_cleanly_and_retry_completes(hosts, monitor,
     if where == "shared":
         # the shared page is the first record after MEM_SIZE: find it in a dry run of the same stream
         buf = io.BytesIO()
-        w = S.StreamWriter(buf)
+        w = stream.StreamWriter(buf)
         w.write_header()
         w.section_start(2, "ram", 0, 4)
         w.ram_mem_size([(b.idstr, b.used_length) for b in src.memory.blocks])
@@ -127,7 +140,7 @@ def test_corruption_in_transit_fails_cleanly_and_retry_completes(hosts, monitor,
         assert_destination_discarded(run)
     finally:
         H.finish(run)
-    retry = H.run_local(src, hosts["B"], monitor, channels=channels)     # retry to the same destination
+    retry = H.run_local(src, hosts["B"], monitor, channels=channels)  # retry to the same destination
     try:
         assert retry.verified and retry.outgoing.digest_at_switchover == before
     finally:
@@ -163,8 +176,7 @@ def test_cancel_midway_resumes_source_and_retry_completes(hosts, monitor):
         seen["before"] = out.info()["status"]
         out.cancel()
 
-    run = H.run_local(src, hosts["B"], monitor, during=during,
-                      params=H.fast_params(hosts["B"], max_bandwidth=32 * MiB))
+    run = H.run_local(src, hosts["B"], monitor, during=during, params=H.fast_params(hosts["B"], max_bandwidth=32 * MiB))
     try:
         assert seen["before"] == "active"
         assert_source_resumed(src, run.info, status="cancelled")
@@ -198,6 +210,7 @@ def test_commit_timeout_source_side(hosts, monitor):
     """A destination that takes the whole stream and never answers: the source gives up after
     commit_timeout, SEND_CANCELs and runs on."""
     from pysev.migration import OutgoingMigration
+
     src = monitor.watch(H.new_vm(hosts["A"], 32 * MiB))
     before = src.digest()
     a, b = socket.socketpair()
@@ -295,7 +308,7 @@ def test_failure_after_send_finish_never_resumes_source(hosts, monitor):
             return self.inner.write(data)
 
         def write_control(self, data):
-            if struct.unpack(">H", bytes(data[:2]))[0] == 0x5003:   # FWD_SEV_COMMIT
+            if struct.unpack(">H", bytes(data[:2]))[0] == 0x5003:  # FWD_SEV_COMMIT
                 raise BrokenPipeError("connection cut right after SEND_FINISH")
             return self.inner.write(data)
 
@@ -309,7 +322,7 @@ def test_failure_after_send_finish_never_resumes_source(hosts, monitor):
     try:
         assert run.info["status"] == "failed" and "SEND_FINISH" in run.info["error-desc"]
         assert src.state != RunState.RUNNING and H.fw_state(src) == GuestState.SENT
-        assert_destination_discarded(run)     # never got COMMIT: discards (the one window: guest lost)
+        assert_destination_discarded(run)  # never got COMMIT: discards (the one window: guest lost)
     finally:
         H.finish(run)
         src.destroy()
@@ -320,9 +333,13 @@ def test_failure_after_send_finish_never_resumes_source(hosts, monitor):
 # =====================================================================================================
 def _spawn_destination(memory: str = "64M"):
     env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
-    child = subprocess.Popen([sys.executable, "-m", "pysev.cli", "migrate", "--serve", "tcp:127.0.0.1:0",
-                              "--memory", memory], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pysev.cli", "migrate", "--serve", "tcp:127.0.0.1:0", "--memory", memory],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     hello = json.loads(child.stdout.readline())
     return child, hello
 
@@ -350,8 +367,9 @@ def test_destination_killed_midway_then_retry(hosts, monitor):
     # retry to a fresh destination process: completes, and its digest equals ours at switchover
     child, hello = _spawn_destination()
     try:
-        out = migrate_tcp(src, hello["uri"], hello["capabilities"], params=MigrationParameters(max_bandwidth=0),
-                          channels=2)
+        out = migrate_tcp(
+            src, hello["uri"], hello["capabilities"], params=MigrationParameters(max_bandwidth=0), channels=2
+        )
         dest = json.loads(child.stdout.readline())
         assert out.status == "completed" and dest["status"] == "completed"
         assert out.digest_at_switchover == dest["digest"] == before
@@ -364,15 +382,20 @@ def test_destination_killed_midway_then_retry(hosts, monitor):
 # =====================================================================================================
 # migration parameters
 # =====================================================================================================
-@pytest.mark.parametrize("field, value, fragment", [
-    ("sev_pdh", "A" * (4 * 0x4000 // 3 + 8), "exceed"),
-    ("sev_plat_cert", "!!not base64!!", "not valid base64"),
-    ("sev_amd_cert", "", "not set"),
-])
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        ("sev_pdh", "A" * (4 * 0x4000 // 3 + 8), "exceed"),
+        ("sev_plat_cert", "!!not base64!!", "not valid base64"),
+        ("sev_amd_cert", "", "not set"),
+    ],
+)
 def test_sev_params_bounded_like_qemu(hosts, monitor, field, value, fragment):
     import dataclasses
+
     from pysev.migration import OutgoingMigration
     from pysev.migration.transport import inproc_pairs
+
     src = monitor.watch(H.new_vm(hosts["A"], 32 * MiB, fill=False))
     params = dataclasses.replace(H.fast_params(hosts["B"]), **{field: value})
     s, d = inproc_pairs(0)
@@ -407,8 +430,8 @@ def _offsets(data: bytes) -> dict:
     """Where the fields of interest are in the sealed stream."""
     npages = 32 * MiB // PAGE_SIZE
     bitmap = data.index(struct.pack(">IIQQQ", 2, 1, 0, npages, npages // 8))
-    page = data.index(struct.pack(">QII", PAGE_SIZE | 0x220, 1, 52))      # page 1, steady state
-    first = data.index(struct.pack(">I", 2084)) - 8                         # subtype, policy, pdh_len
+    page = data.index(struct.pack(">QII", PAGE_SIZE | 0x220, 1, 52))  # page 1, steady state
+    first = data.index(struct.pack(">I", 2084)) - 8  # subtype, policy, pdh_len
     shared = data.index(b"shared-page-content")
     return {"bitmap": bitmap, "page": page, "first": first, "shared": shared}
 
@@ -421,7 +444,7 @@ def _patch(data: bytes, at: int, fmt: str, value: int) -> bytes:
 
 def _hostile_cases(data: bytes):
     o = _offsets(data)
-    p, bm = o["page"], o["bitmap"] + 4            # bm: start of the CONTINUE entry
+    p, bm = o["page"], o["bitmap"] + 4  # bm: start of the CONTINUE entry
     flipped = bytearray(data)
     flipped[p + 72 + 100] ^= 1
     shared_flip = bytearray(data)
@@ -429,8 +452,8 @@ def _hostile_cases(data: bytes):
     return {
         "bad magic": (_patch(data, 0, ">I", 0x51455600), "bad magic", "file header at offset 0"),
         "truncated early": (data[:40], "truncated", "offset"),
-        "truncated mid page": (data[:p + 1000], "truncated", "offset"),
-        "truncated before EOF": (data[:bm + 30], "truncated", "offset"),
+        "truncated mid page": (data[: p + 1000], "truncated", "offset"),
+        "truncated before EOF": (data[: bm + 30], "truncated", "offset"),
         "bad hdr_len": (_patch(data, p + 12, ">I", 53), "hdr_len 53", f"offset {p + 12}]"),
         "huge hdr_len": (_patch(data, p + 12, ">I", 0xFFFFFFF0), "exceeds SEV_FW_BLOB_MAX_SIZE", f"offset {p + 12}]"),
         "trans_len != page": (_patch(data, p + 68, ">I", 8192), "trans_len 8192", f"offset {p + 68}]"),
@@ -441,18 +464,37 @@ def _hostile_cases(data: bytes):
         "bad MAC": (bytes(flipped), "BAD_MEASUREMENT", "stream offset"),
         "misaligned bitmap gpa": (_patch(data, bm + 4, ">Q", 0x10), "not page-aligned", f"offset {bm + 4}]"),
         "oversize npages": (_patch(data, bm + 12, ">Q", 1 << 40), "npages", f"offset {bm + 12}]"),
-        "npages overflow": (_patch(_patch(data, bm + 4, ">Q", (1 << 64) - PAGE_SIZE), bm + 12, ">Q", 8192),
-                            "GPA limit", "offset"),
+        "npages overflow": (
+            _patch(_patch(data, bm + 4, ">Q", (1 << 64) - PAGE_SIZE), bm + 12, ">Q", 8192),
+            "GPA limit",
+            "offset",
+        ),
         "bitmap size mismatch": (_patch(data, bm + 20, ">Q", 1 << 30), "size", f"offset {bm + 20}]"),
         "bad bitmap status": (_patch(data, bm, ">I", 7), "must be CONTINUE (1) or END (2)", f"offset {bm}]"),
         "shared page altered": (bytes(shared_flip), "digest", ""),
     }
 
 
-HOSTILE = ["bad magic", "truncated early", "truncated mid page", "truncated before EOF", "bad hdr_len",
-           "huge hdr_len", "trans_len != page", "huge pdh_len", "unknown subtype", "unknown RAM flag",
-           "offset outside block", "bad MAC", "misaligned bitmap gpa", "oversize npages", "npages overflow",
-           "bitmap size mismatch", "bad bitmap status", "shared page altered"]
+HOSTILE = [
+    "bad magic",
+    "truncated early",
+    "truncated mid page",
+    "truncated before EOF",
+    "bad hdr_len",
+    "huge hdr_len",
+    "trans_len != page",
+    "huge pdh_len",
+    "unknown subtype",
+    "unknown RAM flag",
+    "offset outside block",
+    "bad MAC",
+    "misaligned bitmap gpa",
+    "oversize npages",
+    "npages overflow",
+    "bitmap size mismatch",
+    "bad bitmap status",
+    "shared page altered",
+]
 
 
 @pytest.mark.parametrize("case", HOSTILE)
@@ -471,8 +513,9 @@ def test_hostile_stream_file_mode(hosts, monitor, sealed_stream, tmp_path, case)
         dest.destroy()
 
 
-@pytest.mark.parametrize("case", ["truncated mid page", "bad MAC", "misaligned bitmap gpa", "oversize npages",
-                                  "bad hdr_len"])
+@pytest.mark.parametrize(
+    "case", ["truncated mid page", "bad MAC", "misaligned bitmap gpa", "oversize npages", "bad hdr_len"]
+)
 def test_hostile_stream_over_socket_reports_to_source(hosts, monitor, sealed_stream, case):
     data, fragment, where = _hostile_cases(sealed_stream)[case]
     dest = monitor.watch(VirtualMachine(hosts["B"], 32 * MiB, incoming=True))
@@ -482,7 +525,7 @@ def test_hostile_stream_over_socket_reports_to_source(hosts, monitor, sealed_str
     th.start()
     if case.startswith("truncated"):
         time.sleep(0.3)
-        a.shutdown(socket.SHUT_WR)         # the source went away mid-record
+        a.shutdown(socket.SHUT_WR)  # the source went away mid-record
     th.join(30)
     t.join(30)
     a.close()
@@ -490,7 +533,7 @@ def test_hostile_stream_over_socket_reports_to_source(hosts, monitor, sealed_str
         assert inc.status == "failed"
         assert fragment in inc.error_desc and where in inc.error_desc, inc.error_desc
         kind, n = struct.unpack(">HH", bytes(got[:4]))
-        assert kind == 0x5002 and fragment in bytes(got[4:4 + n]).decode(), "the reason goes to the source"
+        assert kind == 0x5002 and fragment in bytes(got[4 : 4 + n]).decode(), "the reason goes to the source"
         assert dest.state == RunState.INMIGRATE and H.fw_state(dest) != GuestState.RUNNING
     finally:
         dest.destroy()

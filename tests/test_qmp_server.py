@@ -1,6 +1,7 @@
 """QMP protocol server: the real ``qemu.qmp`` client (async and legacy sync) over UNIX and TCP, plus raw
 sockets for everything a client library never sends (split/merged objects, malformed and hostile input,
 limits, disconnects, concurrency, negotiation rules)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -63,18 +64,26 @@ def toy_table() -> CommandTable:
     def bad_return(args, session):
         return {"x": _Unserialisable()}
 
-    t.register("typed", lambda args, session: args, args={
-        "s": ("str", False), "u": ("uint", False), "n": ("number", False), "f": ("bool", False),
-        "sn": ("strornull", False), "mode": (ArgEnum("none", "zlib"), False),
-        "caps": ([{"capability": ("str", True), "state": ("bool", True)}], False),
-        "opts": ({"level": ("int", True)}, False),
-    })
+    t.register(
+        "typed",
+        lambda args, session: args,
+        args={
+            "s": ("str", False),
+            "u": ("uint", False),
+            "n": ("number", False),
+            "f": ("bool", False),
+            "sn": ("strornull", False),
+            "mode": (ArgEnum("none", "zlib"), False),
+            "caps": ([{"capability": ("str", True), "state": ("bool", True)}], False),
+            "opts": ({"level": ("int", True)}, False),
+        },
+    )
     return t
 
 
 @pytest.fixture
 def sockdir():
-    d = tempfile.mkdtemp(prefix="qmp", dir="/tmp")      # short: sun_path holds 108 bytes
+    d = tempfile.mkdtemp(prefix="qmp", dir="/tmp")  # short: sun_path holds 108 bytes
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -165,13 +174,13 @@ def generic(desc: str, **extra) -> dict:
 
 # --- the real client ---------------------------------------------------------------------------------
 
+
 def test_async_client(server):
     async def main():
         qmp = QMPClient("test")
         await qmp.connect(server.sockaddr)
         try:
-            assert qmp.greeting.QMP.version == {"qemu": {"micro": 0, "minor": 2, "major": 8},
-                                                "package": "pysev-0.1.0"}
+            assert qmp.greeting.QMP.version == {"qemu": {"micro": 0, "minor": 2, "major": 8}, "package": "pysev-0.1.0"}
             assert qmp.greeting.QMP.capabilities == []
             assert await qmp.execute("add", {"a": 40, "b": 2}) == 42
             assert (await qmp.execute("echo", {"data": [1, "é", None]}))["data"] == [1, "é", None]
@@ -179,14 +188,19 @@ def test_async_client(server):
             names = {c["name"] for c in await qmp.execute("query-commands")}
             assert {"qmp_capabilities", "query-commands", "query-version", "add", "sleep"} <= names
             assert await qmp.execute("sleep", {"seconds": 0.01}) == {}
-            cases = [("boom", None, "GenericError", "kaboom"),
-                     ("fail", None, "DeviceNotFound", "no such device"),
-                     ("nope", None, "CommandNotFound", "The command nope has not been found"),
-                     ("add", {"a": 1}, "GenericError", "Parameter 'b' is missing"),
-                     ("add", {"a": "1", "b": 2}, "GenericError",
-                      "Invalid parameter type for 'a', expected: integer"),
-                     ("qmp_capabilities", None, "CommandNotFound",
-                      "Capabilities negotiation is already complete, command ignored")]
+            cases = [
+                ("boom", None, "GenericError", "kaboom"),
+                ("fail", None, "DeviceNotFound", "no such device"),
+                ("nope", None, "CommandNotFound", "The command nope has not been found"),
+                ("add", {"a": 1}, "GenericError", "Parameter 'b' is missing"),
+                ("add", {"a": "1", "b": 2}, "GenericError", "Invalid parameter type for 'a', expected: integer"),
+                (
+                    "qmp_capabilities",
+                    None,
+                    "CommandNotFound",
+                    "Capabilities negotiation is already complete, command ignored",
+                ),
+            ]
             for cmd, args, class_, desc in cases:
                 with pytest.raises(ExecuteError) as ei:
                     await qmp.execute(cmd, args)
@@ -208,7 +222,7 @@ def test_async_client(server):
 
 
 def test_legacy_client(server):
-    loop = asyncio.new_event_loop()         # the shim runs on the thread's loop; own and close it here
+    loop = asyncio.new_event_loop()  # the shim runs on the thread's loop; own and close it here
     asyncio.set_event_loop(loop)
     try:
         qmp = QEMUMonitorProtocol(server.sockaddr)
@@ -216,17 +230,19 @@ def test_legacy_client(server):
             greeting = qmp.connect()
             assert greeting["QMP"]["version"]["qemu"] == {"micro": 0, "minor": 2, "major": 8}
             assert qmp.cmd("add", a=2, b=3) == 5
-            assert qmp.cmd_obj({"execute": "add", "arguments": {"a": 1, "b": 1}, "id": "x1"}) == \
-                {"return": 2, "id": "x1"}
-            assert qmp.cmd_obj({"execute": "nope", "id": "x7"}) == \
-                err("CommandNotFound", "The command nope has not been found", id="x7")
+            assert qmp.cmd_obj({"execute": "add", "arguments": {"a": 1, "b": 1}, "id": "x1"}) == {
+                "return": 2,
+                "id": "x1",
+            }
+            assert qmp.cmd_obj({"execute": "nope", "id": "x7"}) == err(
+                "CommandNotFound", "The command nope has not been found", id="x7"
+            )
             with pytest.raises(ExecuteError) as ei:
                 qmp.cmd("boom")
             assert ei.value.error_class == "GenericError"
             server.emit_event("STOP")
             ev = qmp.pull_event(wait=TIMEOUT)
-            assert ev["event"] == "STOP" and "data" not in ev and set(ev["timestamp"]) == {"seconds",
-                                                                                         "microseconds"}
+            assert ev["event"] == "STOP" and "data" not in ev and set(ev["timestamp"]) == {"seconds", "microseconds"}
             server.emit_event("MIGRATION", {"status": "completed"})
             assert [e["data"] for e in qmp.get_events(wait=TIMEOUT)] == [{"status": "completed"}]
         finally:
@@ -238,6 +254,7 @@ def test_legacy_client(server):
 
 def test_concurrent_clients_do_not_block_each_other(unix_server):
     """Five clients each run a 0.5 s command at once: handlers run off the event loop."""
+
     async def one(k):
         qmp = QMPClient(f"c{k}")
         await qmp.connect(unix_server.sockaddr)
@@ -260,6 +277,7 @@ def test_concurrent_clients_do_not_block_each_other(unix_server):
 
 # --- raw framing -------------------------------------------------------------------------------------
 
+
 def test_greeting_and_line_endings(unix_server):
     with Raw(unix_server, negotiate=False) as c:
         assert c.greeting == {"QMP": {"version": unix_server.version_info(), "capabilities": []}}
@@ -274,17 +292,18 @@ def test_split_byte_by_byte(unix_server):
 
 def test_several_objects_in_one_send_without_newlines(unix_server):
     with Raw(unix_server) as c:
-        c.send(b'{"execute":"add","arguments":{"a":1,"b":1},"id":1}{"execute":"add","arguments":{"a":2,"b":2},"id":2}'
-               b' \r\n\t {"execute":"echo","id":3}\n{"execute":"a'
-               b'dd","arguments":{"a":3,"b":3},"id":4}')
+        c.send(
+            b'{"execute":"add","arguments":{"a":1,"b":1},"id":1}{"execute":"add","arguments":{"a":2,"b":2},"id":2}'
+            b' \r\n\t {"execute":"echo","id":3}\n{"execute":"a'
+            b'dd","arguments":{"a":3,"b":3},"id":4}'
+        )
         assert [c.recv()["id"] for _ in range(4)] == [1, 2, 3, 4]
 
 
 def test_id_echoed_verbatim(unix_server):
     with Raw(unix_server) as c:
         for ident in ["s", 0, -1.5, None, True, [1, {"a": []}], {"x": {"y": "z"}}, "é\u2028"]:
-            assert c.cmd({"execute": "add", "arguments": {"a": 1, "b": 2}, "id": ident}) == \
-                {"return": 3, "id": ident}
+            assert c.cmd({"execute": "add", "arguments": {"a": 1, "b": 2}, "id": ident}) == {"return": 3, "id": ident}
             assert c.cmd({"execute": "boom", "id": ident}) == generic("kaboom", id=ident)
             assert c.cmd({"execute": "add", "id": ident}) == generic("Parameter 'a' is missing", id=ident)
             assert c.cmd({"execute": "nope", "id": ident})["id"] == ident
@@ -294,8 +313,18 @@ def test_id_echoed_verbatim(unix_server):
 
 def test_malformed_json_recovers(unix_server):
     with Raw(unix_server) as c:
-        for bad in [b'{"execute": }', b'{"execute" "x"}', b"{'execute': 'echo'}", b"}", b"]", b"foo ",
-                    b'{"a": NaN}', b'{"a": 1, "a": 2}', b'{"a": "\x01"}', b"nul{}"]:
+        for bad in [
+            b'{"execute": }',
+            b'{"execute" "x"}',
+            b"{'execute': 'echo'}",
+            b"}",
+            b"]",
+            b"foo ",
+            b'{"a": NaN}',
+            b'{"a": 1, "a": 2}',
+            b'{"a": "\x01"}',
+            b"nul{}",
+        ]:
             reply = c.cmd(bad)
             assert reply["error"]["class"] == "GenericError", bad
             assert reply["error"]["desc"].startswith("JSON parse error, "), (bad, reply)
@@ -331,12 +360,21 @@ def test_request_shape_errors(unix_server):
 
 def test_argument_checking(unix_server):
     with Raw(unix_server) as c:
+
         def call(cmd, args):
             return c.cmd({"execute": cmd, "arguments": args})
 
         typed = lambda desc: generic(desc)  # noqa: E731
-        ok = {"s": "x", "u": 2**64 - 1, "n": 1.5, "f": False, "sn": None, "mode": "zlib",
-              "caps": [{"capability": "events", "state": True}], "opts": {"level": -3}}
+        ok = {
+            "s": "x",
+            "u": 2**64 - 1,
+            "n": 1.5,
+            "f": False,
+            "sn": None,
+            "mode": "zlib",
+            "caps": [{"capability": "events", "state": True}],
+            "opts": {"level": -3},
+        }
         assert call("typed", ok) == {"return": ok}
         assert call("add", {"a": True, "b": 1}) == typed("Invalid parameter type for 'a', expected: integer")
         assert call("add", {"a": 1.0, "b": 1}) == typed("Invalid parameter type for 'a', expected: integer")
@@ -355,8 +393,10 @@ def test_argument_checking(unix_server):
             ({"mode": 1}, "Invalid parameter type for 'mode', expected: string"),
             ({"caps": {}}, "Invalid parameter type for 'caps', expected: array"),
             ({"caps": [1]}, "Invalid parameter type for 'caps[0]', expected: object"),
-            ({"caps": [{"capability": "x", "state": True}, {"state": True}]},
-             "Parameter 'caps[1].capability' is missing"),
+            (
+                {"caps": [{"capability": "x", "state": True}, {"state": True}]},
+                "Parameter 'caps[1].capability' is missing",
+            ),
             ({"caps": [{"capability": "x", "state": True, "z": 1}]}, "Parameter 'caps[0].z' is unexpected"),
             ({"opts": {"level": "9"}}, "Invalid parameter type for 'opts.level', expected: integer"),
         ]
@@ -382,6 +422,7 @@ def test_handler_exception_logged_not_leaked(unix_server, caplog, capsys):
 
 # --- negotiation -------------------------------------------------------------------------------------
 
+
 def test_negotiation_mode(unix_server):
     with Raw(unix_server, negotiate=False) as c:
         expecting = err("CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'")
@@ -389,15 +430,20 @@ def test_negotiation_mode(unix_server):
         assert c.cmd({"execute": "query-version", "id": 1}) == {**expecting, "id": 1}
         assert c.cmd({"execute": "nope"}) == expecting
         assert c.cmd({"execute": 3}) == generic("QMP input member 'execute' must be a string")
-        assert c.cmd({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}) == \
-            generic("Capability oob not available")
-        assert c.cmd({"execute": "qmp_capabilities", "arguments": {"enable": ["x"]}}) == \
-            generic("Parameter 'enable[0]' does not accept value 'x'")
-        unix_server.emit_event("EARLY")                 # not negotiated: no events yet
-        assert c.cmd({"execute": "qmp_capabilities", "arguments": {"enable": []}, "id": "n"}) == \
-            {"return": {}, "id": "n"}
-        assert c.cmd({"execute": "qmp_capabilities"}) == \
-            err("CommandNotFound", "Capabilities negotiation is already complete, command ignored")
+        assert c.cmd({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}) == generic(
+            "Capability oob not available"
+        )
+        assert c.cmd({"execute": "qmp_capabilities", "arguments": {"enable": ["x"]}}) == generic(
+            "Parameter 'enable[0]' does not accept value 'x'"
+        )
+        unix_server.emit_event("EARLY")  # not negotiated: no events yet
+        assert c.cmd({"execute": "qmp_capabilities", "arguments": {"enable": []}, "id": "n"}) == {
+            "return": {},
+            "id": "n",
+        }
+        assert c.cmd({"execute": "qmp_capabilities"}) == err(
+            "CommandNotFound", "Capabilities negotiation is already complete, command ignored"
+        )
         unix_server.emit_event("LATE", {"k": 1})
         ev = c.recv()
         assert ev["event"] == "LATE" and ev["data"] == {"k": 1}
@@ -418,6 +464,7 @@ def test_events_reach_every_negotiated_client(unix_server):
 
 # --- limits and hostile clients ----------------------------------------------------------------------
 
+
 def test_oversized_message_closes_only_that_client(sockdir):
     with serving(os.path.join(sockdir, "q"), max_message=4096) as srv:
         with Raw(srv) as other, Raw(srv) as c:
@@ -434,7 +481,7 @@ def test_slowloris_is_bounded(sockdir):
     with serving(os.path.join(sockdir, "q"), max_message=4096) as srv, Raw(srv) as c:
         c.send(b'{"execute": "echo", "arguments": {"data": "')
         for _ in range(5):
-            c.send(b"a" * 1000)                     # never closes the string
+            c.send(b"a" * 1000)  # never closes the string
         assert c.recv() == generic("JSON message size limit exceeded")
         assert c.at_eof()
 
@@ -471,8 +518,8 @@ def test_disconnect_during_command(unix_server, caplog):
         leaver.close()
         t0 = time.monotonic()
         assert other.cmd({"execute": "add", "arguments": {"a": 1, "b": 1}}) == {"return": 2}
-        assert time.monotonic() - t0 < SLEEP                # not queued behind the other client's sleep
-        time.sleep(SLEEP + 0.2)                             # the orphan reply is written (or not) by now
+        assert time.monotonic() - t0 < SLEEP  # not queued behind the other client's sleep
+        time.sleep(SLEEP + 0.2)  # the orphan reply is written (or not) by now
         assert other.cmd({"execute": "echo", "id": 1})["id"] == 1
     with Raw(unix_server) as fresh:
         assert fresh.cmd({"execute": "add", "arguments": {"a": 2, "b": 2}}) == {"return": 4}
@@ -483,7 +530,7 @@ def test_client_that_never_reads_is_dropped(sockdir):
         with Raw(srv) as deaf, Raw(srv) as live:
             deaf.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             blob = "e" * 16384
-            for k in range(200):                            # ~3 MiB to a client that reads nothing
+            for k in range(200):  # ~3 MiB to a client that reads nothing
                 srv.emit_event("FLOOD", {"k": k, "blob": blob})
                 assert live.recv()["data"]["k"] == k
             deadline = time.monotonic() + TIMEOUT
@@ -503,6 +550,7 @@ def test_garbage_clients_do_not_stop_server(unix_server):
 
 # --- lifecycle and API -------------------------------------------------------------------------------
 
+
 def test_addresses_and_close(sockdir):
     path = os.path.join(sockdir, "life.sock")
 
@@ -513,8 +561,8 @@ def test_addresses_and_close(sockdir):
         qmp = QMPClient("t")
         await qmp.connect(path)
         assert await qmp.execute("query-version") == {"qemu": {"micro": 2, "minor": 1, "major": 9}, "package": "x"}
-        await srv.close()                                   # with a client still connected
-        with contextlib.suppress(EOFError, OSError):        # the client reports the lost connection
+        await srv.close()  # with a client still connected
+        with contextlib.suppress(EOFError, OSError):  # the client reports the lost connection
             await qmp.disconnect()
         assert not os.path.exists(path)
 
@@ -533,7 +581,7 @@ def test_run_in_thread_stop_is_idempotent(sockdir):
     assert srv.address == addr
     srv.stop()
     srv.stop()
-    srv.emit_event("AFTER_STOP")                            # dropped, no error
+    srv.emit_event("AFTER_STOP")  # dropped, no error
 
 
 def test_start_failures_leave_nothing_behind(sockdir):
@@ -543,14 +591,14 @@ def test_start_failures_leave_nothing_behind(sockdir):
     async def main():
         srv = QmpServer(CommandTable())
         with pytest.raises(OSError):
-            await srv.start(path)                           # not a socket: never unlinked
+            await srv.start(path)  # not a socket: never unlinked
         assert os.path.isfile(path)
         with socket.socket() as busy:
             busy.bind(("127.0.0.1", 0))
             busy.listen()
             with pytest.raises(OSError):
                 await srv.start(f"tcp:127.0.0.1:{busy.getsockname()[1]}")
-        await srv.close()                                   # never started: no-op
+        await srv.close()  # never started: no-op
 
     asyncio.run(main())
     with pytest.raises(OSError):
@@ -574,8 +622,7 @@ def test_table_rejects_bad_registrations():
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_streamer_independent_of_split_points(data):
-    stream = (b'{"execute":"a","id":[1,"}\\"{"]} 7 {"b":"\\\\"}[]"s"  }{"c":{"d":[{}]}} {bad}'
-              b'{"e":"\xc3\xa9"}\n')
+    stream = b'{"execute":"a","id":[1,"}\\"{"]} 7 {"b":"\\\\"}[]"s"  }{"c":{"d":[{}]}} {bad}{"e":"\xc3\xa9"}\n'
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
     whole = JsonStreamer(1024).feed(stream)
     parts, pieces, prev = JsonStreamer(1024), [], 0
@@ -583,6 +630,13 @@ def test_streamer_independent_of_split_points(data):
         pieces += parts.feed(stream[prev:cut])
         prev = cut
     assert pieces == whole
-    assert [v for v, e in whole if e is None] == [{"execute": "a", "id": [1, '}"{']}, 7, {"b": "\\"}, [], "s",
-                                                  {"c": {"d": [{}]}}, {"e": "é"}]
+    assert [v for v, e in whole if e is None] == [
+        {"execute": "a", "id": [1, '}"{']},
+        7,
+        {"b": "\\"},
+        [],
+        "s",
+        {"c": {"d": [{}]}},
+        {"e": "é"},
+    ]
     assert len([e for _, e in whole if e is not None]) == 2

@@ -1,4 +1,5 @@
 """Transports: the socket reader's bulk mode (SO_RCVLOWAT) and its timeouts, on real TCP sockets."""
+
 from __future__ import annotations
 
 import socket
@@ -7,17 +8,17 @@ import time
 
 import pytest
 
-from pysev.migration import transport as T
+from pysev.migration import transport
 
 
 @pytest.fixture
 def tcp_pair():
     """(source, destination) Connections over loopback TCP, as tcp_connect/TcpListener make them."""
-    listener = T.TcpListener("tcp:127.0.0.1:0")
+    listener = transport.TcpListener("tcp:127.0.0.1:0")
     accepted: list = []
     t = threading.Thread(target=lambda: accepted.extend(listener.accept(timeout=10)))
     t.start()
-    src = T.tcp_connect(listener.uri, 0)
+    src = transport.tcp_connect(listener.uri, 0)
     t.join(10)
     listener.close()
     yield src[0], accepted[0]
@@ -33,10 +34,11 @@ def _read_some(conn, size=8 << 20) -> bytes:
 
 def _burst_then_trickle(src, dst, payload: bytes) -> list[int]:
     """The sender writes ``payload`` at once, then again in paced 64 KiB pieces; the sizes of the reads."""
+
     def writer():
-        src.wfile.write(payload)                     # a burst: the reader turns to bulk reads
-        for i in range(0, len(payload), 64 << 10):   # then the sender trickles 64 KiB pieces
-            src.wfile.write(payload[i:i + (64 << 10)])
+        src.wfile.write(payload)  # a burst: the reader turns to bulk reads
+        for i in range(0, len(payload), 64 << 10):  # then the sender trickles 64 KiB pieces
+            src.wfile.write(payload[i : i + (64 << 10)])
             time.sleep(0.0002)
 
     t = threading.Thread(target=writer)
@@ -56,7 +58,7 @@ def _burst_then_trickle(src, dst, payload: bytes) -> list[int]:
 def test_bulk_reads_wait_for_lowat_and_small_messages_stay_prompt(tcp_pair):
     src, dst = tcp_pair
     reader = dst._reader
-    assert reader.lowat >= T.BULK_READ
+    assert reader.lowat >= transport.BULK_READ
     payload = bytes(range(256)) * (reader.lowat // 256)
     pieces = len(payload) // (64 << 10)
     # In bulk mode the trickle is gathered (lowat or the bulk wait), not read piece by piece. A writer
@@ -78,7 +80,7 @@ def test_bulk_reads_wait_for_lowat_and_small_messages_stay_prompt(tcp_pair):
     t0 = time.monotonic()
     src.wfile.write(b"again")
     assert dst.rfile.read(5) == b"again"
-    assert time.monotonic() - t0 < T.BULK_WAIT_MS / 1000 + 0.5
+    assert time.monotonic() - t0 < transport.BULK_WAIT_MS / 1000 + 0.5
 
 
 def test_reader_timeout_is_a_timeout_error_and_the_stream_survives(tcp_pair):
@@ -104,7 +106,7 @@ def test_blocked_reader_is_released_by_shutdown(tcp_pair):
     src, dst = tcp_pair
     threading.Timer(0.2, dst.shutdown).start()
     t0 = time.monotonic()
-    assert dst.rfile.read(1) == b""                  # no data, no EOF from the peer: only shutdown()
+    assert dst.rfile.read(1) == b""  # no data, no EOF from the peer: only shutdown()
     assert time.monotonic() - t0 >= 0.15
 
 
@@ -113,8 +115,8 @@ def test_reader_honours_the_granted_receive_buffer():
     try:
         b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
         granted = b.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        reader = T._SocketReader(b)
-        assert reader.lowat == min(T.BULK_LOWAT, granted // 2)
+        reader = transport._SocketReader(b)
+        assert reader.lowat == min(transport.BULK_LOWAT, granted // 2)
         reader.close()
     finally:
         a.close()

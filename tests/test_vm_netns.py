@@ -5,6 +5,7 @@ the netem case also needs the kernel's ``sch_netem``. Each part skips with the r
 QMP stays on UNIX sockets in /tmp (the filesystem is shared; a TCP monitor inside a namespace is not
 reachable from outside); only the migration crosses the link.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.netns
 
 GUEST = "32M"
 START_TIMEOUT = 30.0
-SUBNET = "10.77.0"          # only inside the test's own namespaces
+SUBNET = "10.77.0"  # only inside the test's own namespaces
 
 
 def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -39,7 +40,7 @@ class Link:
     def __init__(self) -> None:
         tag = f"{os.getpid() % 100000}"
         self.ns = {"a": f"pysev{tag}a", "b": f"pysev{tag}b"}
-        self.dev = {"a": f"psv{tag}a", "b": f"psv{tag}b"}       # ≤ 15 characters (IFNAMSIZ)
+        self.dev = {"a": f"psv{tag}a", "b": f"psv{tag}b"}  # ≤ 15 characters (IFNAMSIZ)
         self.ip = {"a": f"{SUBNET}.1", "b": f"{SUBNET}.2"}
         self.created: list[str] = []
 
@@ -57,11 +58,23 @@ class Link:
 
     def netem(self, *spec: str) -> None:
         for side in "ab":
-            _run("ip", "netns", "exec", self.ns[side], "tc", "qdisc", "replace", "dev", self.dev[side], "root",
-                 "netem", *spec)
+            _run(
+                "ip",
+                "netns",
+                "exec",
+                self.ns[side],
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                self.dev[side],
+                "root",
+                "netem",
+                *spec,
+            )
 
     def down(self) -> None:
-        for ns in self.created:      # deleting a namespace deletes its end of the veth pair, and so both
+        for ns in self.created:  # deleting a namespace deletes its end of the veth pair, and so both
             _run("ip", "netns", "del", ns, check=False)
         self.created.clear()
 
@@ -100,8 +113,22 @@ class NsVm:
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.qmp_path = os.path.join(workdir, f"{name}.qmp")
         self.log_path = os.path.join(workdir, f"{name}.log")
-        cmd = ["ip", "netns", "exec", link.ns[side], sys.executable, "-m", "pysev.cli", "-v", "vm",
-               "--memory", GUEST, "--qmp", self.qmp_path, *args]
+        cmd = [
+            "ip",
+            "netns",
+            "exec",
+            link.ns[side],
+            sys.executable,
+            "-m",
+            "pysev.cli",
+            "-v",
+            "vm",
+            "--memory",
+            GUEST,
+            "--qmp",
+            self.qmp_path,
+            *args,
+        ]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env)
         sel = selectors.DefaultSelector()
@@ -136,9 +163,15 @@ class NsVm:
 
 def _migrate(src: NsVm, dst: NsVm, uri: str, timeout: float) -> dict:
     caps = dst.mon.cmd("query-sev-capabilities")
-    src.mon.cmd("migrate-set-parameters", **{
-        "sev-pdh": caps["pdh"], "sev-plat-cert": caps["cert-chain"], "sev-amd-cert": caps["amd-cert-chain"],
-        "max-bandwidth": 0})
+    src.mon.cmd(
+        "migrate-set-parameters",
+        **{
+            "sev-pdh": caps["pdh"],
+            "sev-plat-cert": caps["cert-chain"],
+            "sev-amd-cert": caps["amd-cert-chain"],
+            "max-bandwidth": 0,
+        },
+    )
     src.mon.cmd("migrate", uri=uri)
     deadline = time.monotonic() + timeout
     while (info := src.mon.cmd("query-migrate"))["status"] not in ("completed", "failed", "cancelled"):

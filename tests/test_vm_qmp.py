@@ -1,6 +1,7 @@
 """``pysev vm`` driven as libvirt drives QEMU: two VMM processes, the real ``qemu.qmp`` client (async
 ``QMPClient`` and the legacy sync ``QEMUMonitorProtocol``), live migration with events and query-migrate,
 cancel, a destination killed midway, a byte corrupted in transit, and hostile control-plane input."""
+
 from __future__ import annotations
 
 import asyncio
@@ -28,8 +29,8 @@ from pysev.firmware.sev.abi import SEV_CERT_SIZE
 START_TIMEOUT = 30.0
 MIGRATE_TIMEOUT = 40.0
 GUEST = "64M"
-FAST = 1 << 30          # max-bandwidth for tests that want speed (bytes/s)
-SLOW = 4 << 20          # ... and for tests that need a migration still running after a second
+FAST = 1 << 30  # max-bandwidth for tests that want speed (bytes/s)
+SLOW = 4 << 20  # ... and for tests that need a migration still running after a second
 NODBG_POLICY = 0x11000021
 
 
@@ -92,7 +93,7 @@ class Vm:
 
 @pytest.fixture
 def vms():
-    workdir = tempfile.mkdtemp(prefix="pvm", dir="/tmp")     # short: sun_path holds 108 bytes
+    workdir = tempfile.mkdtemp(prefix="pvm", dir="/tmp")  # short: sun_path holds 108 bytes
     keep = os.environ.get("PYSEV_TEST_KEEP")
     started: list[Vm] = []
 
@@ -110,10 +111,15 @@ def vms():
 
 # -- helpers ---------------------------------------------------------------------------------------------
 
+
 def sev_params(caps: dict, **extra) -> dict:
     """What libvirt sets on the source from the destination's query-sev-capabilities."""
-    return {"sev-pdh": caps["pdh"], "sev-plat-cert": caps["cert-chain"], "sev-amd-cert": caps["amd-cert-chain"],
-            **extra}
+    return {
+        "sev-pdh": caps["pdh"],
+        "sev-plat-cert": caps["cert-chain"],
+        "sev-amd-cert": caps["amd-cert-chain"],
+        **extra,
+    }
 
 
 def prepare(src: QEMUMonitorProtocol, dst: QEMUMonitorProtocol, **params) -> None:
@@ -123,8 +129,9 @@ def prepare(src: QEMUMonitorProtocol, dst: QEMUMonitorProtocol, **params) -> Non
         mon.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
 
 
-def wait_status(mon: QEMUMonitorProtocol, done=("completed", "failed", "cancelled"),
-                timeout: float = MIGRATE_TIMEOUT) -> dict:
+def wait_status(
+    mon: QEMUMonitorProtocol, done=("completed", "failed", "cancelled"), timeout: float = MIGRATE_TIMEOUT
+) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         info = mon.cmd("query-migrate")
@@ -175,6 +182,7 @@ def expect_error(mon: QEMUMonitorProtocol, cmd: str, class_: str = "GenericError
 
 # -- §3: the libvirt flow with the async client ------------------------------------------------------------
 
+
 def test_migrate_with_async_client_and_events(vms):
     src = vms("src")
     dst = vms("dst", "--incoming", "tcp:127.0.0.1:0")
@@ -186,11 +194,11 @@ def test_migrate_with_async_client_and_events(vms):
         await d.connect(dst.qmp)
         assert (await s.execute("query-status")) == {"status": "running", "running": True, "singlestep": False}
         assert (await d.execute("query-status"))["status"] == "inmigrate"
-        assert (await d.execute("query-migrate"))["status"] == "setup"      # listening
+        assert (await d.execute("query-migrate"))["status"] == "setup"  # listening
         assert (await s.execute("query-migrate")) == {}
         caps = await d.execute("query-sev-capabilities")
         assert len(base64.b64decode(caps["pdh"])) == SEV_CERT_SIZE
-        assert len(base64.b64decode(caps["cert-chain"])) == 3 * SEV_CERT_SIZE     # PEK ‖ OCA ‖ CEK
+        assert len(base64.b64decode(caps["cert-chain"])) == 3 * SEV_CERT_SIZE  # PEK ‖ OCA ‖ CEK
         assert base64.b64decode(caps["amd-cert-chain"]) and base64.b64decode(caps["cpu0-id"])
         assert (caps["cbitpos"], caps["reduced-phys-bits"]) == (51, 1)
         await s.execute("migrate-set-parameters", sev_params(caps, **{"max-bandwidth": FAST}))
@@ -213,10 +221,18 @@ def test_migrate_with_async_client_and_events(vms):
                     if until(ev):
                         return
 
-        src_done = asyncio.create_task(follow(s, seen, lambda ev: ev["event"] == "MIGRATION" and
-                                              ev["data"]["status"] in ("completed", "failed", "cancelled")))
-        dst_done = asyncio.create_task(follow(d, dst_seen, lambda ev: ev["event"] == "MIGRATION" and
-                                              ev["data"]["status"] in ("completed", "failed")))
+        src_done = asyncio.create_task(
+            follow(
+                s,
+                seen,
+                lambda ev: ev["event"] == "MIGRATION" and ev["data"]["status"] in ("completed", "failed", "cancelled"),
+            )
+        )
+        dst_done = asyncio.create_task(
+            follow(
+                d, dst_seen, lambda ev: ev["event"] == "MIGRATION" and ev["data"]["status"] in ("completed", "failed")
+            )
+        )
         await asyncio.sleep(0)
         assert (await s.execute("migrate", {"uri": dst.incoming})) == {}
         with pytest.raises(ExecuteError, match="There's a migration process in progress"):
@@ -226,7 +242,7 @@ def test_migrate_with_async_client_and_events(vms):
         statuses = [data["status"] for name, data in seen if name == "MIGRATION"]
         assert statuses[0] == "setup" and "active" in statuses and statuses[-1] == "completed", seen
         assert ("MIGRATION_PASS", {"pass": 1}) in seen
-        assert ("STOP", None) in seen                               # switchover stops the source
+        assert ("STOP", None) in seen  # switchover stops the source
         # As QEMU's process_incoming_migration_bh: the guest runs before "completed" is announced.
         assert dst_seen[-2:] == [("RESUME", None), ("MIGRATION", {"status": "completed"})], dst_seen
 
@@ -238,7 +254,7 @@ def test_migrate_with_async_client_and_events(vms):
         dinfo = await d.execute("query-migrate")
         assert dinfo["status"] == "completed"
         assert info["x-guest-digest"] == dinfo["x-guest-digest"] == (await d.execute("x-guest-digest"))["digest"]
-        assert (await s.execute("x-guest-digest"))["digest"] == info["x-guest-digest"]   # SENT, still readable
+        assert (await s.execute("x-guest-digest"))["digest"] == info["x-guest-digest"]  # SENT, still readable
         assert (await s.execute("query-sev"))["state"] == "sent"
         with pytest.raises(ExecuteError, match="migrated away"):
             await s.execute("cont")
@@ -250,8 +266,8 @@ def test_migrate_with_async_client_and_events(vms):
         await s.disconnect()
         await d.disconnect()
 
-    loop = asyncio.new_event_loop()     # not asyncio.run: it would drop the thread's current loop, which
-    try:                                # the legacy sync clients of other tests share
+    loop = asyncio.new_event_loop()  # not asyncio.run: it would drop the thread's current loop, which
+    try:  # the legacy sync clients of other tests share
         loop.run_until_complete(main())
     finally:
         loop.close()
@@ -266,6 +282,7 @@ def test_migrate_with_async_client_and_events(vms):
 
 # -- §3 with the sync client: deferred incoming, page channels, a dirtying guest -------------------------
 
+
 def test_migrate_defer_multifd_dirtying_guest(vms):
     src = vms("src", "--dirty-rate", "16M")
     dst = vms("dst", "--incoming", "defer", "--dirty-rate", "16M")
@@ -273,12 +290,13 @@ def test_migrate_defer_multifd_dirtying_guest(vms):
     s, d = src.client(), dst.client()
     expect_error(d, "cont", contains="Guest is waiting for an incoming migration")
     expect_error(d, "migrate", contains="Guest is waiting for an incoming migration", uri="tcp:127.0.0.1:1")
-    expect_error(s, "migrate-incoming", contains="'-incoming' was not specified on the command line",
-                 uri="tcp:127.0.0.1:0")
+    expect_error(
+        s, "migrate-incoming", contains="'-incoming' was not specified on the command line", uri="tcp:127.0.0.1:0"
+    )
     assert d.cmd("query-migrate") == {}
     d.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
     expect_error(d, "migrate-incoming", contains="already been started", uri="tcp:127.0.0.1:0")
-    listening = d.cmd("query-migrate")                # port 0 asked for: QEMU reports the real one here
+    listening = d.cmd("query-migrate")  # port 0 asked for: QEMU reports the real one here
     assert listening["status"] == "setup"
     (addr,) = listening["socket-address"]
     assert addr["type"] == "inet" and addr["port"] != "0"
@@ -299,6 +317,7 @@ def test_migrate_defer_multifd_dirtying_guest(vms):
 
 # -- §3: cancel midway, destination killed midway, a corrupted byte in transit -------------------------
 
+
 def test_cancel_midway_then_retry(vms):
     src = vms("src", "--dirty-rate", "4M")
     dst = vms("dst", "--incoming", "tcp:127.0.0.1:0")
@@ -313,9 +332,9 @@ def test_cancel_midway_then_retry(vms):
     assert "error-desc" not in info
     statuses = [e[1]["status"] for e in events(s, "MIGRATION")]
     assert statuses[-2:] == ["cancelling", "cancelled"], statuses
-    assert s.cmd("query-status") == before                  # still running
+    assert s.cmd("query-status") == before  # still running
     assert s.cmd("query-sev")["state"] == "running"
-    s.cmd("migrate_cancel")                                 # QEMU: succeeds with nothing running
+    s.cmd("migrate_cancel")  # QEMU: succeeds with nothing running
     # The destination discards the attempt and waits for another one on the same port.
     wait_status(d, done=("failed",), timeout=20)
     assert d.cmd("query-status")["status"] == "inmigrate"
@@ -419,7 +438,7 @@ def test_corrupted_byte_in_transit(vms):
     s, d = src.client(), dst.client()
     prepare(s, d, **{"max-bandwidth": FAST})
     host, port = dst.incoming[4:].rsplit(":", 1)
-    proxy = CorruptingProxy((host, int(port)), offset=24 << 20)     # inside the first pass's page records
+    proxy = CorruptingProxy((host, int(port)), offset=24 << 20)  # inside the first pass's page records
     try:
         s.cmd("migrate", uri=proxy.uri)
         info = wait_status(s)
@@ -430,7 +449,7 @@ def test_corrupted_byte_in_transit(vms):
     assert info["error-desc"], info
     assert "x-guest-digest" not in info
     assert s.cmd("query-status")["status"] == "running"
-    assert s.cmd("query-sev")["state"] == "running"                # SEND_CANCEL: the guest is intact
+    assert s.cmd("query-sev")["state"] == "running"  # SEND_CANCEL: the guest is intact
     wait_status(d, done=("failed",), timeout=20)
     assert d.cmd("query-status")["status"] == "inmigrate"
     # A clean retry straight to the same destination.
@@ -447,9 +466,11 @@ class ImpairedLink(Relay):
     seconds, writes are re-fragmented at random sizes, and 1 % of chunks stall for ``loss_stall`` seconds,
     as a TCP retransmission after a lost segment looks to the application."""
 
-    def __init__(self, target: tuple[str, int], delay: float = 0.020, loss: float = 0.01,
-                 loss_stall: float = 0.2, seed: int = 7) -> None:
+    def __init__(
+        self, target: tuple[str, int], delay: float = 0.020, loss: float = 0.01, loss_stall: float = 0.2, seed: int = 7
+    ) -> None:
         import random
+
         self.delay, self.loss, self.loss_stall = delay, loss, loss_stall
         self._rng = random.Random(seed)
         self.stalls = 0
@@ -491,38 +512,73 @@ def test_migration_over_an_impaired_link_completes_and_verifies(vms):
 
 # -- the rest of the command set -----------------------------------------------------------------------
 
+
 def test_lifecycle_commands_and_events(vms):
     vm = vms("vm")
     mon = vm.client()
     names = {c["name"] for c in mon.cmd("query-commands")}
-    assert {"qmp_capabilities", "query-commands", "query-status", "stop", "cont", "system_reset", "quit",
-            "query-sev", "query-sev-capabilities", "migrate-set-parameters", "query-migrate-parameters",
-            "migrate-set-capabilities", "query-migrate-capabilities", "migrate", "migrate-incoming",
-            "migrate_cancel", "query-migrate", "x-guest-digest"} <= names
+    assert {
+        "qmp_capabilities",
+        "query-commands",
+        "query-status",
+        "stop",
+        "cont",
+        "system_reset",
+        "quit",
+        "query-sev",
+        "query-sev-capabilities",
+        "migrate-set-parameters",
+        "query-migrate-parameters",
+        "migrate-set-capabilities",
+        "query-migrate-capabilities",
+        "migrate",
+        "migrate-incoming",
+        "migrate_cancel",
+        "query-migrate",
+        "x-guest-digest",
+    } <= names
     digest = mon.cmd("x-guest-digest")["digest"]
     assert len(digest) == 64
     mon.cmd("stop")
     assert mon.cmd("query-status") == {"status": "paused", "running": False, "singlestep": False}
-    mon.cmd("stop")                                  # already stopped: no-op
+    mon.cmd("stop")  # already stopped: no-op
     mon.cmd("cont")
     assert mon.cmd("query-status")["running"] is True
     mon.cmd("system_reset")
-    assert events(mon) == [("STOP", None), ("RESUME", None),
-                           ("RESET", {"guest": False, "reason": "host-qmp-system-reset"})]
+    assert events(mon) == [
+        ("STOP", None),
+        ("RESUME", None),
+        ("RESET", {"guest": False, "reason": "host-qmp-system-reset"}),
+    ]
     caps = {c["capability"]: c["state"] for c in mon.cmd("query-migrate-capabilities")}
     assert caps["events"] is False and caps["multifd"] is False and "postcopy-ram" in caps
-    expect_error(mon, "migrate-set-capabilities", contains="not supported",
-                 capabilities=[{"capability": "postcopy-ram", "state": True}])
-    mon.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": False},
-                                                      {"capability": "auto-converge", "state": True}])
+    expect_error(
+        mon,
+        "migrate-set-capabilities",
+        contains="not supported",
+        capabilities=[{"capability": "postcopy-ram", "state": True}],
+    )
+    mon.cmd(
+        "migrate-set-capabilities",
+        capabilities=[{"capability": "postcopy-ram", "state": False}, {"capability": "auto-converge", "state": True}],
+    )
     assert {"capability": "auto-converge", "state": True} in mon.cmd("query-migrate-capabilities")
-    mon.cmd("migrate-set-parameters", **{"downtime-limit": 500, "cpu-throttle-initial": 30,
-                                         "cpu-throttle-tailslow": True, "tls-creds": ""})
+    mon.cmd(
+        "migrate-set-parameters",
+        **{"downtime-limit": 500, "cpu-throttle-initial": 30, "cpu-throttle-tailslow": True, "tls-creds": ""},
+    )
     p = mon.cmd("query-migrate-parameters")
     assert (p["downtime-limit"], p["cpu-throttle-initial"], p["cpu-throttle-tailslow"]) == (500, 30, True)
-    assert {"max-bandwidth", "multifd-channels", "cpu-throttle-increment", "max-cpu-throttle",
-            "throttle-trigger-threshold", "sev-plat-cert", "sev-amd-cert"} <= set(p)
-    mon.cmd("migrate_cancel")                        # nothing running: succeeds
+    assert {
+        "max-bandwidth",
+        "multifd-channels",
+        "cpu-throttle-increment",
+        "max-cpu-throttle",
+        "throttle-trigger-threshold",
+        "sev-plat-cert",
+        "sev-amd-cert",
+    } <= set(p)
+    mon.cmd("migrate_cancel")  # nothing running: succeeds
     # A migration without SEV parameters fails as QEMU's would, and the guest keeps running.
     mon.cmd("migrate", uri="tcp:127.0.0.1:9")
     info = wait_status(mon)
@@ -549,6 +605,7 @@ def test_nodbg_policy_refuses_digest_and_still_migrates(vms):
 
 
 # -- §5: bad input on the control plane --------------------------------------------------------------------
+
 
 class Raw:
     def __init__(self, path: str, negotiate: bool = True) -> None:
@@ -585,32 +642,43 @@ def test_bad_control_plane_input(vms):
     digest = mon.cmd("x-guest-digest")["digest"]
 
     raw = Raw(vm.qmp)
-    raw.sock.sendall(b'{"execute": "query-status" "x"}')          # malformed JSON
+    raw.sock.sendall(b'{"execute": "query-status" "x"}')  # malformed JSON
     assert raw.recv()["error"]["class"] == "GenericError"
     assert raw.cmd(b'{"execute": "query-status"}')["return"]["status"] == "running"
-    assert raw.cmd(b'[1, 2]')["error"]["desc"] == "QMP input must be a JSON object"
+    assert raw.cmd(b"[1, 2]")["error"]["desc"] == "QMP input must be a JSON object"
     assert raw.cmd(b'{"execute": "no-such-command", "id": 7}') == {
-        "error": {"class": "CommandNotFound", "desc": "The command no-such-command has not been found"}, "id": 7}
+        "error": {"class": "CommandNotFound", "desc": "The command no-such-command has not been found"},
+        "id": 7,
+    }
     cases = [
         (b'{"execute": "migrate", "arguments": {"uri": 5}}', "Invalid parameter type for 'uri', expected: string"),
         (b'{"execute": "migrate-set-parameters", "arguments": {"downtime-limit": "x"}}', "downtime-limit"),
-        (b'{"execute": "migrate-set-parameters", "arguments": {"downtime-limit": 9999999999}}',
-         "Parameter 'downtime_limit' expects an integer in the range of 0 to 2000000 ms"),
+        (
+            b'{"execute": "migrate-set-parameters", "arguments": {"downtime-limit": 9999999999}}',
+            "Parameter 'downtime_limit' expects an integer in the range of 0 to 2000000 ms",
+        ),
         (b'{"execute": "migrate-set-parameters", "arguments": {"multifd-channels": 0}}', "multifd_channels"),
         (b'{"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": -1}}', "max-bandwidth"),
         (b'{"execute": "migrate-set-parameters", "arguments": {"sev-pdh": 1}}', "sev-pdh"),
         (b'{"execute": "migrate-set-parameters", "arguments": {"bogus": 1}}', "Parameter 'bogus' is unexpected"),
         (b'{"execute": "migrate-set-capabilities", "arguments": {}}', "Parameter 'capabilities' is missing"),
-        (b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "nope", '
-         b'"state": true}]}}', "does not accept value 'nope'"),
-        (b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "events"}]}}',
-         "Parameter 'capabilities[0].state' is missing"),
+        (
+            b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "nope", '
+            b'"state": true}]}}',
+            "does not accept value 'nope'",
+        ),
+        (
+            b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "events"}]}}',
+            "Parameter 'capabilities[0].state' is missing",
+        ),
         (b'{"execute": "migrate", "arguments": {}}', "need either 'uri' or 'channels' argument"),
         (b'{"execute": "migrate", "arguments": {"uri": "exec:cat"}}', "tcp: only"),
         (b'{"execute": "migrate", "arguments": {"uri": "gopher://x"}}', "unknown migration protocol"),
         (b'{"execute": "migrate", "arguments": {"uri": "tcp:nohost"}}', "HOST:PORT"),
-        (b'{"execute": "migrate-incoming", "arguments": {"uri": "tcp:127.0.0.1:0"}}',
-         "'-incoming' was not specified on the command line"),
+        (
+            b'{"execute": "migrate-incoming", "arguments": {"uri": "tcp:127.0.0.1:0"}}',
+            "'-incoming' was not specified on the command line",
+        ),
         (b'{"execute": "stop", "arguments": {"now": true}}', "Parameter 'now' is unexpected"),
         (b'{"execute": "query-status", "arguments": []}', "'arguments' must be an object"),
     ]
@@ -638,7 +706,7 @@ def test_bad_control_plane_input(vms):
     results, errors = [], []
 
     def client(i: int) -> None:
-        loop = asyncio.new_event_loop()     # the sync shim runs on this thread's loop: own and close it
+        loop = asyncio.new_event_loop()  # the sync shim runs on this thread's loop: own and close it
         asyncio.set_event_loop(loop)
         try:
             c = QEMUMonitorProtocol(vm.qmp)
@@ -648,7 +716,7 @@ def test_bad_control_plane_input(vms):
             if i % 4 == 0:
                 results.append(c.cmd("x-guest-digest")["digest"])
             c.close()
-        except Exception as e:      # noqa: BLE001
+        except Exception as e:  # noqa: BLE001
             errors.append(e)
         finally:
             loop.close()

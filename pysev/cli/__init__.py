@@ -1,4 +1,5 @@
 """The ``pysev`` command line. Each subcommand lives in its own module with ``register(subparsers)``."""
+
 from __future__ import annotations
 
 import argparse

@@ -3,6 +3,7 @@
 Prints one table (figure, target, PASS/FAIL) or, with ``--json``, one JSON object. It is a
 measurement, so the exit code is 0 whatever the verdicts; FAIL rows are marked.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,15 +34,16 @@ ROWS = [
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="measure the native kernels",
-                                   description=__doc__.splitlines()[0])
+    parser = subparsers.add_parser("bench", help="measure the native kernels", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
     kernels = sub.add_parser("kernels", help="send/receive pipelines, scaling, extraction")
     kernels.add_argument("--json", action="store_true", help="print one JSON object")
-    kernels.add_argument("--mib", type=int, default=64, metavar="N",
-                         help="MiB of guest pages per pipeline run (default 64)")
-    kernels.add_argument("--seconds", type=int, default=2, metavar="S",
-                         help="seconds per `openssl speed` primitive (default 2)")
+    kernels.add_argument(
+        "--mib", type=int, default=64, metavar="N", help="MiB of guest pages per pipeline run (default 64)"
+    )
+    kernels.add_argument(
+        "--seconds", type=int, default=2, metavar="S", help="seconds per `openssl speed` primitive (default 2)"
+    )
     kernels.set_defaults(func=run_kernels)
 
 
@@ -54,8 +56,10 @@ def run_kernels(args: argparse.Namespace) -> int:
     with console.status("measuring kernels (openssl speed, pipelines, Python baseline) …"):
         result = benchmarking.measure_kernels(mib=args.mib, seconds=args.seconds)
     verdicts = result["pass"]
-    table = Table(title=f"csev kernels — {result['backend']}, {result['openssl_version']}, "
-                        f"{result['threads']} threads, {result['mib']} MiB")
+    table = Table(
+        title=f"csev kernels — {result['backend']}, {result['openssl_version']}, "
+        f"{result['threads']} threads, {result['mib']} MiB"
+    )
     for column in ("figure", "value", "target", "verdict"):
         table.add_column(column, justify="left" if column == "figure" else "right")
     for key, label, unit, target in ROWS:

@@ -3,6 +3,7 @@
 ``verify DIR`` exits 0 when the whole chain verifies, 1 when a link fails, 2 when input is missing
 or malformed. ``show FILE`` decodes either format, chosen by size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,12 @@ CHAIN_FILES = ("ark.cert", "ask.cert", "cek.cert", "oca.cert", "pek.cert", "pdh.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("certs", help="verify or decode SEV/AMD certificates",
-                                   description=__doc__.splitlines()[0])
+    parser = subparsers.add_parser(
+        "certs", help="verify or decode SEV/AMD certificates", description=__doc__.splitlines()[0]
+    )
     sub = parser.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
     verify = sub.add_parser("verify", help="verify ARK→ASK→CEK, OCA→PEK←CEK, PEK→PDH in a directory")
-    verify.add_argument("directory", type=Path, metavar="DIR",
-                        help="holds " + " ".join(CHAIN_FILES))
+    verify.add_argument("directory", type=Path, metavar="DIR", help="holds " + " ".join(CHAIN_FILES))
     verify.add_argument("--json", action="store_true", help="print one JSON object")
     verify.set_defaults(func=run_verify)
     show = sub.add_parser("show", help="decode one certificate (SEV 2084 B, AMD ARK/ASK, or ASK‖ARK)")

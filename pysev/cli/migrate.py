@@ -1,5 +1,6 @@
 """``pysev migrate``: the main job — a live migration of a running SEV guest between two simulated hosts,
 with a progress bar per pass and a summary (or one JSON object with QEMU's query-migrate fields)."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,12 +24,14 @@ DEFAULT_WORKLOAD = {"dirty_rate": "100M", "vga_fps": 30.0, "convert_rate": 20.0}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("migrate", help="live-migrate a running SEV guest between two simulated hosts",
-                       description=__doc__)
+    p = sub.add_parser(
+        "migrate", help="live-migrate a running SEV guest between two simulated hosts", description=__doc__
+    )
     p.add_argument("--memory", default=DEFAULT_MEMORY, help="guest RAM size (K/M/G suffix; default 1G)")
     add_guest_arguments(p, **DEFAULT_WORKLOAD)
-    p.add_argument("--transport", default="inproc",
-                   help="inproc (default), tcp (a second process over loopback) or file:PATH")
+    p.add_argument(
+        "--transport", default="inproc", help="inproc (default), tcp (a second process over loopback) or file:PATH"
+    )
     p.add_argument("--channels", type=int, default=0, help="parallel page channels for encrypted pages")
     p.add_argument("--downtime-limit", type=int, default=300, help="ms (QEMU default 300)")
     p.add_argument("--max-bandwidth", default="0", help="bytes/s (K/M/G); 0 = unlimited (default)")
@@ -49,34 +52,53 @@ def run(args: argparse.Namespace) -> int:
     memory = parse_size(args.memory)
     if args.serve:
         return _serve(args, memory)
+    from pysev.cli.report import MigrationView
     from pysev.hv.machine import DEFAULT_POLICY, Host, VirtualMachine
     from pysev.migration import MigrationCapabilities, MigrationParameters
-    from pysev.cli.report import MigrationView
 
     policy = DEFAULT_POLICY if args.policy is None else args.policy
-    params = MigrationParameters(downtime_limit=args.downtime_limit, max_bandwidth=parse_size(args.max_bandwidth),
-                                 multifd_channels=args.channels)
+    params = MigrationParameters(
+        downtime_limit=args.downtime_limit, max_bandwidth=parse_size(args.max_bandwidth), multifd_channels=args.channels
+    )
     caps = MigrationCapabilities(auto_converge=args.auto_converge, multifd=args.channels > 0)
     view = MigrationView(quiet=args.json)
-    with view.status("booting two hosts and a %s guest" % args.memory):
+    with view.status(f"booting two hosts and a {args.memory} guest"):
         source_host = Host("source", _hosts_size(memory), seed=1)
-        vm = VirtualMachine(source_host, memory, sev=not args.no_sev, policy=policy,
-                            dirty_rate=parse_size(args.dirty_rate), workload=args.workload,
-                            convert_rate=convert_rate_of(args), vga_fps=args.vga_fps, seed=args.seed)
+        vm = VirtualMachine(
+            source_host,
+            memory,
+            sev=not args.no_sev,
+            policy=policy,
+            dirty_rate=parse_size(args.dirty_rate),
+            workload=args.workload,
+            convert_rate=convert_rate_of(args),
+            vga_fps=args.vga_fps,
+            seed=args.seed,
+        )
         vm.boot_fill()
     verify = not args.no_verify
-    vms = [vm]           # torn down at the end: main() may be called from a longer-lived process
+    vms = [vm]  # torn down at the end: main() may be called from a longer-lived process
     try:
         start = time.monotonic()
         if args.transport == "inproc":
             from pysev.migration import migrate_local
+
             dest_host = Host("destination", _hosts_size(memory), seed=2)
             with view.progress() as progress:
-                result = migrate_local(vm, dest_host, params=params, caps=caps, channels=args.channels,
-                                       verify=verify, save_stream=args.save_stream, on_progress=progress)
+                result = migrate_local(
+                    vm,
+                    dest_host,
+                    params=params,
+                    caps=caps,
+                    channels=args.channels,
+                    verify=verify,
+                    save_stream=args.save_stream,
+                    on_progress=progress,
+                )
             vms.append(result.destination)
-            summary = _summary(result.info, result.passes, result.verified if verify else None,
-                               result.destination_status)
+            summary = _summary(
+                result.info, result.passes, result.verified if verify else None, result.destination_status
+            )
         elif args.transport == "tcp":
             summary = _run_tcp(args, vm, memory, policy, params, caps, view, verify)
         elif args.transport.startswith("file:"):
@@ -87,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         summary["wall-seconds"] = round(time.monotonic() - start, 3)
         if args.plot:
             from pysev.cli.report import plot_passes
+
             plot_passes(summary["passes"], args.plot)
         view.summary(summary, as_json=args.json)
         ok = summary["status"] == "completed" and summary.get("verified") is not False
@@ -117,8 +140,19 @@ def _summary(info: dict, passes: list[dict], verified: bool | None, dest: dict) 
 def _run_tcp(args, vm, memory, policy, params, caps, view, verify) -> dict:
     """Destination in a second process over loopback: it prints its capabilities, we migrate to it."""
     from pysev.migration import migrate_tcp
-    cmd = [sys.executable, "-m", "pysev.cli", "migrate", "--serve", "tcp:127.0.0.1:0", "--memory", args.memory,
-           "--policy", hex(policy)]
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "pysev.cli",
+        "migrate",
+        "--serve",
+        "tcp:127.0.0.1:0",
+        "--memory",
+        args.memory,
+        "--policy",
+        hex(policy),
+    ]
     if args.no_sev:
         cmd.append("--no-sev")
     if args.no_verify:
@@ -129,9 +163,17 @@ def _run_tcp(args, vm, memory, policy, params, caps, view, verify) -> dict:
         if "uri" not in hello:
             raise RuntimeError("the destination process did not start")
         with view.progress() as progress:
-            outgoing = migrate_tcp(vm, hello["uri"], hello["capabilities"], params=params, caps=caps,
-                                   channels=args.channels, verify=verify, save_stream=args.save_stream,
-                                   on_progress=progress)
+            outgoing = migrate_tcp(
+                vm,
+                hello["uri"],
+                hello["capabilities"],
+                params=params,
+                caps=caps,
+                channels=args.channels,
+                verify=verify,
+                save_stream=args.save_stream,
+                on_progress=progress,
+            )
         dest = json.loads(child.stdout.readline() or '{"status": "failed", "error-desc": "destination exited"}')
     finally:
         child.wait(timeout=120)
@@ -154,8 +196,16 @@ def _serve(args, memory) -> int:
     print(json.dumps({"uri": listener.uri, "capabilities": host.sev_capabilities()}), flush=True)
     incoming = receive_tcp(listener, dest, verify=not args.no_verify)
     listener.close()
-    print(json.dumps({"status": incoming.status, "digest": incoming.guest_digest,
-                      **({"error-desc": incoming.error_desc} if incoming.error_desc else {})}), flush=True)
+    print(
+        json.dumps(
+            {
+                "status": incoming.status,
+                "digest": incoming.guest_digest,
+                **({"error-desc": incoming.error_desc} if incoming.error_desc else {}),
+            }
+        ),
+        flush=True,
+    )
     if incoming.status == "completed":
         dest.destroy()
     return 0 if incoming.status == "completed" else 1
@@ -165,6 +215,7 @@ def _run_file(args, vm, memory, policy, params, view, verify, vms: list) -> dict
     """Save the guest into a file, then restore it on the second host (the file is sealed for it)."""
     from pysev.hv.machine import Host
     from pysev.migration import restore_from_file, save_to_file, with_destination_certs
+
     path = args.transport[5:] or os.path.join(tempfile.gettempdir(), "pysev-guest.mig")
     dest_host = Host("destination", _hosts_size(memory), seed=2)
     params = with_destination_certs(params, dest_host.sev_capabilities())

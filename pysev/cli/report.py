@@ -1,4 +1,5 @@
 """What the CLI shows: progress bars per migration pass, the summary table, the per-pass plot."""
+
 from __future__ import annotations
 
 import contextlib
@@ -29,9 +30,16 @@ class MigrationView:
         if self.quiet:
             yield lambda *_: None
             return
-        bars = Progress(TextColumn("pass {task.fields[pass_no]:>3}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("pages"), TimeElapsedColumn(), console=self.console,
-                        transient=False, disable=not self.console.is_terminal)
+        bars = Progress(
+            TextColumn("pass {task.fields[pass_no]:>3}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("pages"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+            disable=not self.console.is_terminal,
+        )
         tasks: dict[int, int] = {}
 
         def update(pass_no: int, sent: int, total: int) -> None:
@@ -60,12 +68,21 @@ class MigrationView:
             ("pages shared (in the clear)", f"{sev.get('pages-shared', 0):,}"),
             ("  of which zero pages", f"{ram.get('duplicate', 0):,}"),
             ("bytes transferred", f"{ram.get('transferred', 0):,}"),
-            ("throughput, last pre-copy pass", f"{ram.get('mbps', 0) / 8:,.1f} MB/s ({ram.get('pages-per-second', 0):,} pages/s)"),
+            (
+                "throughput, last pre-copy pass",
+                f"{ram.get('mbps', 0) / 8:,.1f} MB/s ({ram.get('pages-per-second', 0):,} pages/s)",
+            ),
             ("downtime", f"{s.get('downtime', '-')} ms"),
             ("setup time", f"{s.get('setup-time', 0)} ms"),
             ("total time", f"{s.get('total-time', 0)} ms"),
-            ("verified", {True: "yes: destination plaintext == source at switchover",
-                          False: "NO: plaintext differs", None: "not checked"}[verified]),
+            (
+                "verified",
+                {
+                    True: "yes: destination plaintext == source at switchover",
+                    False: "NO: plaintext differs",
+                    None: "not checked",
+                }[verified],
+            ),
         ]
         if "error-desc" in s:
             rows.insert(1, ("error", s["error-desc"]))
@@ -76,14 +93,28 @@ class MigrationView:
             table.add_row(k, v)
         Console().print(table)
         if s.get("passes"):
-            per_pass = Table("pass", "pages", "MB", "seconds", "MB/s", "dirtied after", "throttle %",
-                             title="passes", title_justify="left")
+            per_pass = Table(
+                "pass",
+                "pages",
+                "MB",
+                "seconds",
+                "MB/s",
+                "dirtied after",
+                "throttle %",
+                title="passes",
+                title_justify="left",
+            )
             for p in s["passes"]:
                 stop = p.get("stop_and_copy")
-                per_pass.add_row(f"{p['pass']}{' stop' if stop else ''}", f"{p['pages']:,}",
-                                 f"{p['bytes'] / 1e6:,.1f}", f"{p['seconds']:.3f}",
-                                 "-" if stop and p["pages"] < 256 else f"{p['bytes'] / 1e6 / p['seconds']:,.0f}",
-                                 "-" if stop else f"{p['dirty_pages']:,}", str(p["throttle"]))
+                per_pass.add_row(
+                    f"{p['pass']}{' stop' if stop else ''}",
+                    f"{p['pages']:,}",
+                    f"{p['bytes'] / 1e6:,.1f}",
+                    f"{p['seconds']:.3f}",
+                    "-" if stop and p["pages"] < 256 else f"{p['bytes'] / 1e6 / p['seconds']:,.0f}",
+                    "-" if stop else f"{p['dirty_pages']:,}",
+                    str(p["throttle"]),
+                )
             Console().print(per_pass)
 
 

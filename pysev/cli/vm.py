@@ -4,6 +4,7 @@ Prints one JSON line to stdout once listening: ``{"qmp": ADDRESS, "incoming": UR
 (the real ports when port 0 was asked for); logs go to stderr. SIGTERM, SIGINT and ``quit`` shut it down
 cleanly (SHUTDOWN event, guest destroyed, exit status 0).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,13 +17,24 @@ from pysev.cli.units import add_guest_arguments, convert_rate_of, parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("vm", help="run one SEV guest with a QMP monitor (source or migration destination)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "vm",
+        help="run one SEV guest with a QMP monitor (source or migration destination)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--memory", required=True, help="guest RAM size (K/M/G suffix), e.g. 128M")
-    p.add_argument("--qmp", required=True, metavar="PATH|tcp:HOST:PORT",
-                   help="QMP monitor address: a UNIX socket path or tcp:HOST:PORT (port 0 = any)")
-    p.add_argument("--incoming", metavar="tcp:HOST:PORT|defer",
-                   help="wait for an incoming migration (listen now, or after migrate-incoming with 'defer')")
+    p.add_argument(
+        "--qmp",
+        required=True,
+        metavar="PATH|tcp:HOST:PORT",
+        help="QMP monitor address: a UNIX socket path or tcp:HOST:PORT (port 0 = any)",
+    )
+    p.add_argument(
+        "--incoming",
+        metavar="tcp:HOST:PORT|defer",
+        help="wait for an incoming migration (listen now, or after migrate-incoming with 'defer')",
+    )
     add_guest_arguments(p)
     p.set_defaults(func=run)
 
@@ -36,10 +48,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"pysev vm: --incoming takes tcp:HOST:PORT or defer, not {incoming!r}", file=sys.stderr)
         return 2
     try:
-        vmm = Vmm(parse_size(args.memory), sev=not args.no_sev,
-                  policy=DEFAULT_POLICY if args.policy is None else args.policy, incoming=incoming,
-                  dirty_rate=parse_size(args.dirty_rate), workload=args.workload, convert_rate=convert_rate_of(args),
-                  vga_fps=args.vga_fps, seed=args.seed)
+        vmm = Vmm(
+            parse_size(args.memory),
+            sev=not args.no_sev,
+            policy=DEFAULT_POLICY if args.policy is None else args.policy,
+            incoming=incoming,
+            dirty_rate=parse_size(args.dirty_rate),
+            workload=args.workload,
+            convert_rate=convert_rate_of(args),
+            vga_fps=args.vga_fps,
+            seed=args.seed,
+        )
         addresses = vmm.start(args.qmp)
     except (OSError, ValueError, RuntimeError) as err:
         print(f"pysev vm: {err}", file=sys.stderr)

@@ -12,6 +12,7 @@ the firmware's derivation (:func:`derive_cek`), so they agree without sharing an
 ``~/.cache/pysev``), created once under a file lock, so that independently started processes trust the
 same root and can migrate between each other.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -39,8 +40,8 @@ log = logging.getLogger(__name__)
 # generation → RSA size of ARK/ASK. Naples: 2048-bit, SHA-256; Rome and later: 4096-bit, SHA-384
 # (AMD's published ark/ask certificates, tests/data/sev-certs).
 GENERATIONS = {"naples": 2048, "rome": 4096}
-CEK_API = (0, 14)          # KDS-served CEKs carry API 0.14 (the real Naples and Rome CEKs in tests/data)
-CHIP_ID_MAX = 128          # GET_ID output is 64 bytes per socket; bound what we accept
+CEK_API = (0, 14)  # KDS-served CEKs carry API 0.14 (the real Naples and Rome CEKs in tests/data)
+CHIP_ID_MAX = 128  # GET_ID output is 64 bytes per socket; bound what we accept
 CEK_LABEL = b"sev-chip-endorsement-key"
 _FUSE_LABEL = b"pysev-chip-unique-key\x00"
 _SECRET_MARKER = "PYSEV ROOT FUSE SECRET"
@@ -82,7 +83,7 @@ class KeyServer:
         RSA_SHA256 for a Naples root, RSA_SHA384 otherwise), API 0.14, slot 2 empty."""
         chip_id = _check_chip_id(chip_id)
         cert = self._served.get(chip_id)
-        if cert is None:   # the KDS serves one fixed cert per chip, as the real one does
+        if cert is None:  # the KDS serves one fixed cert per chip, as the real one does
             cek = derive_cek(self._root.fuse_chip(chip_id))
             body = SevCert.build(cek.public_key(), Usage.CEK, Algo.ECDSA_SHA256, *CEK_API)
             cert = self._root._sign_cek(body).to_bytes()
@@ -99,8 +100,9 @@ class SimulatedRoot:
     Private keys live only in underscore attributes; ``repr`` shows key ids only.
     """
 
-    def __init__(self, ark: AmdCert, ask: AmdCert, ark_key: RSA.RsaKey, ask_key: RSA.RsaKey,
-                 fuse_secret: bytes) -> None:
+    def __init__(
+        self, ark: AmdCert, ask: AmdCert, ark_key: RSA.RsaKey, ask_key: RSA.RsaKey, fuse_secret: bytes
+    ) -> None:
         if amd_cert_validate(ark, ark, Usage.ARK) != SevStatus.SUCCESS:
             raise ValueError("ARK is not a valid self-signed root certificate")
         if amd_cert_validate(ask, ark, Usage.ASK) != SevStatus.SUCCESS:
@@ -144,8 +146,10 @@ class SimulatedRoot:
         return cek.sign_as(self.ask, self._ask_key)
 
     def __repr__(self) -> str:
-        return (f"SimulatedRoot(generation={self.generation!r}, ark_key_id={self.ark.key_id.hex()}, "
-                f"ask_key_id={self.ask.key_id.hex()})")
+        return (
+            f"SimulatedRoot(generation={self.generation!r}, ark_key_id={self.ark.key_id.hex()}, "
+            f"ask_key_id={self.ask.key_id.hex()})"
+        )
 
     __str__ = __repr__
 
@@ -222,7 +226,7 @@ def _default_root_at(home: str) -> SimulatedRoot:
         return SimulatedRoot.load(target)
     roots.mkdir(mode=0o700, parents=True, exist_ok=True)
     with open(roots / ".default.lock", "a+b") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)   # two processes started together: one creates
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # two processes started together: one creates
         try:
             if target.is_dir():
                 return SimulatedRoot.load(target)

@@ -5,6 +5,7 @@ NIST SP 800-108 counter mode with HMAC-SHA256 as the PRF, laid out as AMD's firm
 block. The counter and the bit length are little-endian (the PSP's byte order), not the big-endian of
 SP 800-108's examples.
 """
+
 from __future__ import annotations
 
 import hmac

@@ -14,6 +14,7 @@ Command buffers are little-endian packed layouts in host memory (Linux ``include
 ``sev_data_*``; AMD ``sev_mcmd.h``); :meth:`Mailbox.issue_mailbox` reads one from its host physical
 address and writes it back, as the real mailbox does.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,9 +76,9 @@ def command_buffer(name: str, fmt: BufferFormat) -> type[CommandBuffer]:
 class CommandSpec:
     """One row of a command set's state table: where a command may run and where it leads."""
 
-    platform: frozenset[enum.IntEnum]            # platform states (INVALID_PLATFORM_STATE otherwise)
+    platform: frozenset[enum.IntEnum]  # platform states (INVALID_PLATFORM_STATE otherwise)
     guest: frozenset[enum.IntEnum] | None = None  # required guest states (INVALID_GUEST_STATE otherwise)
-    to: enum.IntEnum | None = None               # guest state after success
+    to: enum.IntEnum | None = None  # guest state after success
 
 
 class CommandRefusedError(Exception):

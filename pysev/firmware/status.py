@@ -5,6 +5,7 @@ Firmware statuses and OS/transport errors are kept apart: a command that the fir
 a ``SevStatus``; ``SevError`` carries one across Python call boundaries where a status
 return would be lost (e.g. ``pysev.firmware.sev.session.open_session``).
 """
+
 from __future__ import annotations
 
 import enum

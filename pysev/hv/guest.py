@@ -12,6 +12,7 @@ answer to race #3, the KVM list, Sean Christopherson, Message-Id <YEaAXXGZH0uSMA
 DMA bounce pages between private and shared, and redraw the VGA framebuffer: the load a live
 migration has to converge against. Throttling follows QEMU's cpu_throttle (auto-converge).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -65,15 +66,16 @@ def framebuffer_lines(rows: np.ndarray, frame_no: int) -> np.ndarray:
     y = np.asarray(rows, dtype=np.uint32)[:, None]
     x = np.arange(FB_WIDTH, dtype=np.uint32)[None, :]
     f = np.uint32(frame_no & 0xFF)
-    px = (np.uint32(0xFF000000) | (((x + f) & 0xFF) << 16) | (((y + f) & 0xFF) << 8) | f)
+    px = np.uint32(0xFF000000) | (((x + f) & 0xFF) << 16) | (((y + f) & 0xFF) << 8) | f
     return np.ascontiguousarray(px.astype("<u4")).view(np.uint8)
 
 
 class Guest:
     """One SEV guest's view of its memory: C-bit map, reads, writes, conversions."""
 
-    def __init__(self, memory: GuestMemory, memctl: MemoryController | None, asid: int, *,
-                 seed: int | None = None) -> None:
+    def __init__(
+        self, memory: GuestMemory, memctl: MemoryController | None, asid: int, *, seed: int | None = None
+    ) -> None:
         """``memctl`` None: a guest without SEV (no C-bit; every page written in the clear)."""
         if memctl is not None and not memctl.has_key(asid):
             raise ValueError(f"no VEK installed for ASID {asid}: launch the guest first")
@@ -127,8 +129,7 @@ class Guest:
         gfns = np.asarray(gpa_pages, dtype=np.int64).ravel()
         data = np.asarray(data)
         if data.dtype != np.uint8 or data.shape != (gfns.size, PAGE_SIZE) or not data.flags.c_contiguous:
-            raise ValueError(f"data must be C-contiguous uint8[{gfns.size}, {PAGE_SIZE}], "
-                             f"got {data.dtype}{data.shape}")
+            raise ValueError(f"data must be C-contiguous uint8[{gfns.size}, {PAGE_SIZE}], got {data.dtype}{data.shape}")
         for b, pos, idx in self.memory.locate_pages(gfns):
             whole = pos.size == gfns.size  # one block: rows of data in order, no gather needed
             rows = data if whole else data[pos]
@@ -145,7 +146,7 @@ class Guest:
 
     def _write_private(self, frames: np.ndarray, rows: np.ndarray) -> None:
         for i in range(0, frames.size, VCPU_CHUNK):
-            self.memctl.write_pages(self.asid, frames[i:i + VCPU_CHUNK], rows[i:i + VCPU_CHUNK])
+            self.memctl.write_pages(self.asid, frames[i : i + VCPU_CHUNK], rows[i : i + VCPU_CHUNK])
 
     def read_pages(self, gpa_pages: np.ndarray) -> np.ndarray:
         """Read whole pages as the guest sees them (decrypted where its C-bit is set)."""
@@ -184,8 +185,7 @@ class Guest:
     def _convert(self, gpa: int, npages: int, *, private: bool) -> None:
         block, first = self.memory.translate(gpa)
         if block.shared_by_nature or gpa & (PAGE_SIZE - 1) or not 0 < npages <= block.npages - first:
-            raise ValueError(f"guest converts only its own RAM: [{gpa:#x}, +{npages} pages) "
-                             f"in {block!r}")
+            raise ValueError(f"guest converts only its own RAM: [{gpa:#x}, +{npages} pages) in {block!r}")
         attrs = KVM_MAP_GPA_RANGE_ENCRYPTED if private else KVM_MAP_GPA_RANGE_DECRYPTED
         rc = self.memory.map_gpa_range(gpa, npages, attrs)
         if rc:
@@ -207,9 +207,9 @@ class Guest:
 
 
 PATTERNS = ("uniform", "hotset", "sequential")
-SLICE = 0.010          # seconds of vCPU run time per batch (QEMU's CPU_THROTTLE_TIMESLICE is 10 ms)
-_MAX_CREDIT = 5        # slices of write debt a vCPU may catch up after a stall
-_BOUNCE_POOL = 64      # pages a workload keeps shared at most
+SLICE = 0.010  # seconds of vCPU run time per batch (QEMU's CPU_THROTTLE_TIMESLICE is 10 ms)
+_MAX_CREDIT = 5  # slices of write debt a vCPU may catch up after a stall
+_BOUNCE_POOL = 64  # pages a workload keeps shared at most
 
 
 class Workload:
@@ -222,9 +222,18 @@ class Workload:
     (framebuffer bands redrawn per second, by vCPU 0).
     """
 
-    def __init__(self, guest: Guest, *, dirty_rate: float = 0.0, pattern: str = "uniform",
-                 hot_fraction: float = 0.1, convert_rate: float = 0.0, vga_fps: float = 0.0,
-                 vcpus: int = 1, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        guest: Guest,
+        *,
+        dirty_rate: float = 0.0,
+        pattern: str = "uniform",
+        hot_fraction: float = 0.1,
+        convert_rate: float = 0.0,
+        vga_fps: float = 0.0,
+        vcpus: int = 1,
+        seed: int | None = None,
+    ) -> None:
         if pattern not in PATTERNS:
             raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
         if not 0 < hot_fraction <= 1:
@@ -249,7 +258,7 @@ class Workload:
         self._active = 0
         self._throttle = 0
         self._threads: list[threading.Thread] = []
-        self._bounce: list[int] = []       # shared bounce pages (block page indices), oldest first
+        self._bounce: list[int] = []  # shared bounce pages (block page indices), oldest first
         self._bounce_set: set[int] = set()
         self.pages_written = 0
         self.conversions = 0
@@ -258,8 +267,10 @@ class Workload:
 
     def __repr__(self) -> str:
         state = "stopped" if not self._threads else "paused" if self._paused else "running"
-        return (f"Workload({state}, {self.dirty_rate / 1e6:g} MB/s {self.pattern}, "
-                f"vcpus={self.vcpus}, throttle={self._throttle}%)")
+        return (
+            f"Workload({state}, {self.dirty_rate / 1e6:g} MB/s {self.pattern}, "
+            f"vcpus={self.vcpus}, throttle={self._throttle}%)"
+        )
 
     def __enter__(self) -> Workload:
         self.start()
@@ -286,8 +297,9 @@ class Workload:
             raise RuntimeError("workload already started")
         with self._cv:
             self._active = self.vcpus
-        self._threads = [threading.Thread(target=self._vcpu, args=(i,), name=f"vcpu{i}", daemon=True)
-                         for i in range(self.vcpus)]
+        self._threads = [
+            threading.Thread(target=self._vcpu, args=(i,), name=f"vcpu{i}", daemon=True) for i in range(self.vcpus)
+        ]
         _running.add(self)
         for t in self._threads:
             t.start()
@@ -382,7 +394,7 @@ class Workload:
                     if buf.shape[0] < gfns.size:
                         buf = np.empty((gfns.size, PAGE_SIZE), dtype=np.uint8)
                     seq += 1
-                    self.guest.write_pages(gfns, page_pattern(gfns, seq, buf[:gfns.size]))
+                    self.guest.write_pages(gfns, page_pattern(gfns, seq, buf[: gfns.size]))
                     written += gfns.size
                 conv = int(owed_conv)
                 owed_conv -= conv
@@ -400,10 +412,13 @@ class Workload:
                 self._sleep(start + SLICE - time.monotonic())
                 run = time.monotonic() - start
                 cap = _MAX_CREDIT * SLICE
-                owed = min(owed + self.dirty_rate / self.vcpus * run / PAGE_SIZE,
-                           self.dirty_rate / self.vcpus * cap / PAGE_SIZE + 1)
-                owed_conv = min(owed_conv + self.convert_rate / self.vcpus * run,
-                                self.convert_rate / self.vcpus * cap + 1)
+                owed = min(
+                    owed + self.dirty_rate / self.vcpus * run / PAGE_SIZE,
+                    self.dirty_rate / self.vcpus * cap / PAGE_SIZE + 1,
+                )
+                owed_conv = min(
+                    owed_conv + self.convert_rate / self.vcpus * run, self.convert_rate / self.vcpus * cap + 1
+                )
                 if throttle:
                     self._sleep(SLICE * throttle / (100 - throttle))
         except BaseException as exc:  # surfaced by stop()
@@ -461,6 +476,6 @@ _running: weakref.WeakSet[Workload] = weakref.WeakSet()
 def _stop_running_workloads() -> None:
     for workload in list(_running):
         try:
-            workload.stop(timeout=5.0)           # never hang the exit on a stuck vCPU
+            workload.stop(timeout=5.0)  # never hang the exit on a stuck vCPU
         except Exception:  # noqa: BLE001 — exiting anyway; a vCPU failure was already logged by its thread
             pass

@@ -5,6 +5,7 @@
 workload and QEMU's run states. The migration engine moves a ``VirtualMachine`` between hosts; it sees
 only this object and the ``MemoryEncryptionOps`` that ``pysev.migration.sev_ops`` builds from it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -81,12 +82,25 @@ class VirtualMachine:
     """A guest on a host, with QEMU-like lifecycle. ``incoming=True`` creates an empty VM waiting
     for an incoming migration (RECEIVE_START replaces the launch)."""
 
-    def __init__(self, host: Host, memory_size: int, *, sev: bool = True, policy: int = DEFAULT_POLICY,
-                 incoming: bool = False, dirty_rate: float = 0.0, workload: str = "uniform",
-                 convert_rate: float = 0.0, vga_fps: float = 0.0, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        host: Host,
+        memory_size: int,
+        *,
+        sev: bool = True,
+        policy: int = DEFAULT_POLICY,
+        incoming: bool = False,
+        dirty_rate: float = 0.0,
+        workload: str = "uniform",
+        convert_rate: float = 0.0,
+        vga_fps: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
         if convert_rate and not sev:
-            raise ValueError("convert_rate: a guest without SEV has no private pages to convert "
-                             "(KVM_HC_MAP_GPA_RANGE changes the encryption state of SEV guest pages)")
+            raise ValueError(
+                "convert_rate: a guest without SEV has no private pages to convert "
+                "(KVM_HC_MAP_GPA_RANGE changes the encryption state of SEV guest pages)"
+            )
         self.host = host
         self.sev_enabled = sev
         self.policy = policy if sev else 0
@@ -100,8 +114,9 @@ class VirtualMachine:
         self.sev: kvm.SevKvm | None = None
         self.guest: Guest | None = None
         self.workload: Workload | None = None
-        self._workload_args = dict(dirty_rate=dirty_rate, workload=workload, convert_rate=convert_rate,
-                                   vga_fps=vga_fps, seed=seed)
+        self._workload_args = dict(
+            dirty_rate=dirty_rate, workload=workload, convert_rate=convert_rate, vga_fps=vga_fps, seed=seed
+        )
         self._seed = seed
         # SEV-ES: one VMSA page per vCPU, outside guest RAM (KVM allocates them), encrypted under the VEK.
         self.es = bool(sev and policy & Policy.ES)
@@ -144,21 +159,27 @@ class VirtualMachine:
         """
         ram = self.memory.blocks[0]
         boot = _boot_image(4)
-        self.host.dram.frames[ram.frames[:len(boot)].astype(np.int64)] = boot
+        self.host.dram.frames[ram.frames[: len(boot)].astype(np.int64)] = boot
         if not self.sev:
             return
         start = self.sev.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_START, kvm.kvm_sev_launch_start(policy=self.policy))
         log.info("%s: LAUNCH_START handle %d asid %d", self.host.name, start.handle, self.sev.asid)
-        for frame in ram.frames[:len(boot)]:
-            self.sev.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_DATA, kvm.kvm_sev_launch_update_data(
-                uaddr=self.sev.uaddr_of_hpa(int(frame) * PAGE_SIZE), len=PAGE_SIZE))
-        for vcpu, hpa in enumerate(self.vmsa_hpas):      # LAUNCH_UPDATE_VMSA: the initial register state
+        for frame in ram.frames[: len(boot)]:
+            self.sev.op(
+                kvm.sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_DATA,
+                kvm.kvm_sev_launch_update_data(uaddr=self.sev.uaddr_of_hpa(int(frame) * PAGE_SIZE), len=PAGE_SIZE),
+            )
+        for vcpu, hpa in enumerate(self.vmsa_hpas):  # LAUNCH_UPDATE_VMSA: the initial register state
             self.host.dram.write(hpa, _initial_vmsa(vcpu))
-            self.sev.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_VMSA, kvm.kvm_sev_launch_update_data(
-                uaddr=self.sev.uaddr_of_hpa(hpa), len=PAGE_SIZE))
+            self.sev.op(
+                kvm.sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_VMSA,
+                kvm.kvm_sev_launch_update_data(uaddr=self.sev.uaddr_of_hpa(hpa), len=PAGE_SIZE),
+            )
         measure = ctypes.create_string_buffer(MEASURE_SIZE)
-        self.sev.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_MEASURE,
-                    kvm.kvm_sev_launch_measure(uaddr=ctypes.addressof(measure), len=MEASURE_SIZE))
+        self.sev.op(
+            kvm.sev_cmd_id.KVM_SEV_LAUNCH_MEASURE,
+            kvm.kvm_sev_launch_measure(uaddr=ctypes.addressof(measure), len=MEASURE_SIZE),
+        )
         self.launch_measurement = measure.raw
         self.sev.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_FINISH)
 
@@ -187,7 +208,7 @@ class VirtualMachine:
         """The guest initialises all of its RAM (as an OS populates memory), so every page holds known
         plaintext that verification can compare."""
         ram = self.memory.ram
-        self.host.dram.populate(ram.frames)      # all of it will be touched: back it with huge pages
+        self.host.dram.populate(ram.frames)  # all of it will be touched: back it with huge pages
         chunk = 4096
         for first in range(0, ram.npages, chunk):
             gfns = np.arange(first, min(first + chunk, ram.npages), dtype=np.int64) + ram.gpa // PAGE_SIZE
@@ -240,15 +261,15 @@ class VirtualMachine:
     def plaintext_pages(self, block, first: int, count: int, out: np.ndarray) -> np.ndarray:
         """Plaintext of pages [first, first+count) of ``block``: private pages through the firmware's
         debug path (DBG_DECRYPT; refused under NODBG), shared pages straight from DRAM."""
-        frames = block.frames[first:first + count]
+        frames = block.frames[first : first + count]
         out[:count] = self.host.dram.frames[frames.astype(np.int64)]
         if self.sev and not block.shared_by_nature:
-            words = block.enc[first // 64:(first + count + 63) // 64]   # ``first`` is a multiple of 64
+            words = block.enc[first // 64 : (first + count + 63) // 64]  # ``first`` is a multiple of 64
             private = np.unpackbits(words.view(np.uint8), bitorder="little")[:count].astype(bool)
             if private.any():
                 plain = np.empty((int(private.sum()), PAGE_SIZE), dtype=np.uint8)
                 self.sev.dbg_decrypt_batch(frames[private], plain)
-                out[:count][private] = plain   # (boolean indexing copies: decrypt first, then scatter)
+                out[:count][private] = plain  # (boolean indexing copies: decrypt first, then scatter)
         return out[:count]
 
     def digest(self) -> str:
@@ -280,6 +301,6 @@ def _boot_image(npages: int) -> np.ndarray:
     image = np.zeros((npages, PAGE_SIZE), dtype=np.uint8)
     text = b"pysev boot image: measured by LAUNCH_UPDATE_DATA, encrypted under the guest's VEK\n"
     for i in range(npages):
-        image[i, :len(text)] = np.frombuffer(text, dtype=np.uint8)
-        image[i, len(text):] = (np.arange(PAGE_SIZE - len(text)) * (i + 7)) & 0xFF
+        image[i, : len(text)] = np.frombuffer(text, dtype=np.uint8)
+        image[i, len(text) :] = (np.arange(PAGE_SIZE - len(text)) * (i + 7)) & 0xFF
     return image

@@ -1,7 +1,8 @@
 """Guest RAM as the hypervisor sees it: RAM blocks, KVM's dirty log, and page-encryption state.
 
 A ``RamBlock`` is QEMU's RAMBlock: an ``idstr``, a guest-physical base, and the host frames that back
-it (``HostMemory.alloc_ram``; HPA = frame << 12, the memory controller's address tweak, docs/formats.md "Guest memory ciphertext"). Each block carries two
+it (``HostMemory.alloc_ram``; HPA = frame << 12, the memory controller's address tweak, docs/formats.md
+"Guest memory ciphertext"). Each block carries two
 bitmaps of uint64 words, one bit per page, little-endian bit order (csev's bitmap kernels):
 
 - ``dirty_log``: KVM's per-memslot dirty log, set by guest writes and by encryption-state flips,
@@ -25,13 +26,15 @@ Ordering invariant (what makes encryption-state flips race-free with the migrati
 4. Guest writes mark dirty AFTER the data is in DRAM, so a page the engine reads mid-write is
    always re-sent.
 
-This answers Sean Christopherson's three races (KVM list, Message-Id <YEaAXXGZH0uSMA3v@google.com>): #1 (convert after write,
+This answers Sean Christopherson's three races (KVM list, Message-Id <YEaAXXGZH0uSMA3v@google.com>):
+#1 (convert after write,
 migration in between) and #3 (set_private, write, set_shared) are covered because the flip itself
 dirties the page, and the guest treats old contents as lost at conversion; #2 (dirty log read after
 the state list, private data sent as shared) cannot happen because we read the state after the log.
 
 Dave Gilbert asked for the opposite order, "sync the encrypted bitmap before the dirty bitmap"
-(review of the series v2, Message-Id <20190711190541.GU3971@work-vm>). In v3 a flip did not dirty the page: the kernel bitmap changed silently and
+(review of the series v2, Message-Id <20190711190541.GU3971@work-vm>). In v3 a flip did not dirty the
+page: the kernel bitmap changed silently and
 only the guest's later write re-dirtied it, so reading state first guaranteed that write came after.
 Here the flip is itself a dirty event; reading state first would let a flip land between the
 snapshot and the fetch, hand the engine that flip's dirty bit with the old state, and consume the
@@ -40,6 +43,7 @@ bit, so the page would never be re-sent in its new mode.
 Layout: one "pc.ram" block at GPA 0 (QEMU also has one RAMBlock; we do not model the PCI hole), and
 the device blocks in a window above RAM, aligned to 1 GiB.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -60,7 +64,8 @@ log = logging.getLogger(__name__)
 MiB, GiB = 1 << 20, 1 << 30
 U64_MAX = (1 << 64) - 1
 
-# KVM_HC_MAP_GPA_RANGE attributes (Linux Documentation/virt/kvm/x86/hypercalls.rst, arch/x86/include/uapi/asm/kvm_para.h)
+# KVM_HC_MAP_GPA_RANGE attributes (Linux Documentation/virt/kvm/x86/hypercalls.rst,
+# arch/x86/include/uapi/asm/kvm_para.h)
 KVM_HC_MAP_GPA_RANGE = 12
 KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0
 KVM_MAP_GPA_RANGE_PAGE_SZ_2M = 1 << 0
@@ -95,8 +100,9 @@ class Region:
     shared_by_nature: bool = False
 
 
-def q35_layout(ram_size: int, *, vram_size: int = 16 * MiB, bios_size: int = 256 * 1024,
-               flash_vars_size: int = 128 * 1024) -> tuple[Region, ...]:
+def q35_layout(
+    ram_size: int, *, vram_size: int = 16 * MiB, bios_size: int = 256 * 1024, flash_vars_size: int = 128 * 1024
+) -> tuple[Region, ...]:
     """A q35-like machine: RAM at 0, then VGA framebuffer, BIOS ROM and pflash vars above it."""
     window = -(-ram_size // GiB) * GiB
     return (
@@ -214,8 +220,10 @@ class GuestMemory:
         bad = (which < 0) | (gfns >= self._end_gfns[np.maximum(which, 0)])
         if bad.any():
             gfn = int(gfns[np.argmax(bad)])
-            raise GpaError(f"guest page {gfn:#x} (GPA {gfn << PAGE_SHIFT:#x}) is not backed by any RAM "
-                           f"block; map: {self._map_text()}")
+            raise GpaError(
+                f"guest page {gfn:#x} (GPA {gfn << PAGE_SHIFT:#x}) is not backed by any RAM "
+                f"block; map: {self._map_text()}"
+            )
         out = []
         for i in np.unique(which):
             pos = np.flatnonzero(which == i)
@@ -286,8 +294,7 @@ class GuestMemory:
                     continue
                 (csev.bitmap_set_range if encrypted else csev.bitmap_clear_range)(b.enc, first, n)
                 csev.bitmap_set_range(b.dirty_log, first, n)  # after the state: see module docstring
-        log.debug("MAP_GPA_RANGE gpa=%#x npages=%#x -> %s", gpa, npages,
-                  "private" if encrypted else "shared")
+        log.debug("MAP_GPA_RANGE gpa=%#x npages=%#x -> %s", gpa, npages, "private" if encrypted else "shared")
         return 0
 
     @staticmethod
@@ -298,9 +305,11 @@ class GuestMemory:
             return -errno.EINVAL  # KVM: !PAGE_ALIGNED(gpa) || !npages || gfn + npages wraps
         if attrs & _MAP_GPA_RANGE_MBZ:
             return -errno.EINVAL
-        if (attrs & KVM_MAP_GPA_RANGE_PAGE_SZ_MASK) not in (KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
-                                                          KVM_MAP_GPA_RANGE_PAGE_SZ_2M,
-                                                          KVM_MAP_GPA_RANGE_PAGE_SZ_1G):
+        if (attrs & KVM_MAP_GPA_RANGE_PAGE_SZ_MASK) not in (
+            KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
+            KVM_MAP_GPA_RANGE_PAGE_SZ_2M,
+            KVM_MAP_GPA_RANGE_PAGE_SZ_1G,
+        ):
             return -errno.EINVAL
         return 0
 
@@ -348,18 +357,21 @@ class GuestMemory:
             raise ValueError(f"{b.idstr}: state map start {start_gpa:#x} is not page aligned")
         first = (start_gpa - b.gpa) >> PAGE_SHIFT
         if not (b.gpa <= start_gpa and 0 < npages <= b.npages - first):
-            raise ValueError(f"{b.idstr}: state map [{start_gpa:#x}, +{npages} pages) is outside "
-                             f"the block [{b.gpa:#x}, {b.end_gpa:#x})")
+            raise ValueError(
+                f"{b.idstr}: state map [{start_gpa:#x}, +{npages} pages) is outside "
+                f"the block [{b.gpa:#x}, {b.end_gpa:#x})"
+            )
         if words.size != nwords(npages):
             raise ValueError(f"{b.idstr}: {npages} pages need {nwords(npages)} words, got {words.size}")
         bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little", count=npages)
         if b.shared_by_nature and bits.any():
-            raise ValueError(f"{b.idstr} is shared by nature, but the state map marks "
-                             f"{int(bits.sum())} of its pages private")
+            raise ValueError(
+                f"{b.idstr} is shared by nature, but the state map marks {int(bits.sum())} of its pages private"
+            )
         w0, w1 = first // 64, nwords(first + npages)
         with self._lock:
             region = np.unpackbits(b.enc[w0:w1].astype("<u8").view(np.uint8), bitorder="little")
-            region[first - w0 * 64:first - w0 * 64 + npages] = bits
+            region[first - w0 * 64 : first - w0 * 64 + npages] = bits
             b.enc[w0:w1] = np.packbits(region, bitorder="little").view("<u8")
 
     # -- lifetime ------------------------------------------------------------------------------------
@@ -379,10 +391,9 @@ def _check_layout(regions: Sequence[Region]) -> None:
             raise ValueError(f"duplicate region {r.idstr!r}")
         seen.add(r.idstr)
         if r.gpa < 0 or r.gpa % PAGE_SIZE or r.size <= 0 or r.size % PAGE_SIZE:
-            raise ValueError(f"region {r.idstr!r} at {r.gpa:#x} size {r.size:#x} is not page aligned "
-                             "and non-empty")
+            raise ValueError(f"region {r.idstr!r} at {r.gpa:#x} size {r.size:#x} is not page aligned and non-empty")
     ordered = sorted(regions, key=lambda r: r.gpa)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in zip(ordered, ordered[1:], strict=False):
         if a.gpa + a.size > b.gpa:
             raise ValueError(f"regions {a.idstr!r} and {b.idstr!r} overlap")
     if ordered[-1].gpa + ordered[-1].size > 1 << 52:

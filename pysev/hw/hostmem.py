@@ -10,6 +10,7 @@ firmware's PADDR arguments real addresses rather than labels. Page geometry is `
 Frames are handed out in shuffled 2 MiB chunks, so a guest's RAM is backed by non-contiguous frames
 that differ between hosts (the reason ciphertext cannot be copied between them).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -21,7 +22,7 @@ import numpy as np
 from csev.packet import PAGE_SIZE
 
 CHUNK_FRAMES = 512  # 2 MiB, the granule of guest-RAM allocation
-KERNEL_CHUNKS = 8   # the first 16 MiB serve small kernel/firmware buffers, frame by frame
+KERNEL_CHUNKS = 8  # the first 16 MiB serve small kernel/firmware buffers, frame by frame
 
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
@@ -45,8 +46,7 @@ class HostMemory:
         self.size = n_chunks * CHUNK_BYTES
         # One chunk more than needed, so that HPA 0 can sit on a 2 MiB boundary of the address space:
         # then every chunk is exactly one transparent huge page when it is populated (see populate).
-        self._map = mmap.mmap(-1, self.size + CHUNK_BYTES,
-                              flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+        self._map = mmap.mmap(-1, self.size + CHUNK_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
         self._base = -np.frombuffer(self._map, dtype=np.uint8).ctypes.data % CHUNK_BYTES
         self.flat = np.frombuffer(self._map, dtype=np.uint8, count=self.size, offset=self._base)
         self.frames = self.flat.reshape(-1, PAGE_SIZE)
@@ -85,7 +85,7 @@ class HostMemory:
             try:
                 self._map.madvise(_MADV_POPULATE_WRITE, start, CHUNK_BYTES)
             except OSError:  # kernels before 5.14: touch one byte per page instead
-                self.flat[c * CHUNK_BYTES:(c + 1) * CHUNK_BYTES:PAGE_SIZE] = 0
+                self.flat[c * CHUNK_BYTES : (c + 1) * CHUNK_BYTES : PAGE_SIZE] = 0
 
     def free_ram(self, frames: np.ndarray) -> None:
         """Return guest-RAM frames; their contents are discarded (zero, and no longer resident)."""
@@ -109,15 +109,15 @@ class HostMemory:
             if run.size == 0:
                 raise OutOfHostMemoryError(f"no contiguous kernel buffer of {length} bytes")
             first = int(run[0])
-            free[first:first + n] = False
-        self.flat[first * PAGE_SIZE:(first + n) * PAGE_SIZE] = 0
+            free[first : first + n] = False
+        self.flat[first * PAGE_SIZE : (first + n) * PAGE_SIZE] = 0
         return first * PAGE_SIZE
 
     def free_kernel(self, hpa: int, length: int) -> None:
         first, n = hpa // PAGE_SIZE, max(1, -(-length // PAGE_SIZE))
-        self.flat[hpa:hpa + n * PAGE_SIZE] = 0
+        self.flat[hpa : hpa + n * PAGE_SIZE] = 0
         with self._lock:
-            self._kernel_free[first:first + n] = True
+            self._kernel_free[first : first + n] = True
 
     def contains(self, hpa: int, length: int) -> bool:
         return 0 <= hpa and length >= 0 and hpa + length <= self.size
@@ -125,12 +125,12 @@ class HostMemory:
     def read(self, hpa: int, length: int) -> bytes:
         if not self.contains(hpa, length):
             raise IndexError(f"HPA range [{hpa:#x}, +{length:#x}) outside host memory")
-        return self.flat[hpa:hpa + length].tobytes()
+        return self.flat[hpa : hpa + length].tobytes()
 
     def write(self, hpa: int, data: bytes) -> None:
         if not self.contains(hpa, len(data)):
             raise IndexError(f"HPA range [{hpa:#x}, +{len(data):#x}) outside host memory")
-        self.flat[hpa:hpa + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        self.flat[hpa : hpa + len(data)] = np.frombuffer(data, dtype=np.uint8)
 
     def _discard(self, first_frame: int, n: int) -> None:
         start, length = first_frame * PAGE_SIZE, n * PAGE_SIZE
@@ -147,5 +147,5 @@ class HostMemory:
             n = min(step, self.size - off)
             if _libc.mincore(ctypes.c_void_p(addr + off), ctypes.c_size_t(n), vec.ctypes.data_as(ctypes.c_void_p)):
                 raise OSError(ctypes.get_errno(), "mincore failed")
-            resident += int(np.count_nonzero(vec[:n // PAGE_SIZE] & 1))
+            resident += int(np.count_nonzero(vec[: n // PAGE_SIZE] & 1))
         return resident * PAGE_SIZE

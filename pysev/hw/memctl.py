@@ -9,6 +9,7 @@ engine's address tweak: AMD64 Architecture Programmer's Manual, Vol. 2, "Secure 
 Sub-page accesses (firmware commands take 16-byte granular lengths) are done as a
 read-modify-write of the containing pages, so bytes outside the range keep their plaintext.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,27 +47,33 @@ class MemoryController:
     def write_pages(self, asid: int, frames: np.ndarray, plaintext: np.ndarray) -> None:
         """Encrypted write of ``plaintext[i]`` into frame ``frames[i]`` (C-bit set)."""
         frames = np.ascontiguousarray(frames, dtype=np.uint64)
-        csev.xts_encrypt(self._vek(asid), plaintext, self.dram.frames, frames << np.uint64(PAGE_SHIFT),
-                         dst_index=frames.astype(np.int64))
+        csev.xts_encrypt(
+            self._vek(asid),
+            plaintext,
+            self.dram.frames,
+            frames << np.uint64(PAGE_SHIFT),
+            dst_index=frames.astype(np.int64),
+        )
 
     def read_pages(self, asid: int, frames: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Decrypted read of whole frames (C-bit set)."""
         frames = np.ascontiguousarray(frames, dtype=np.uint64)
         if out is None:
             out = np.empty((frames.size, PAGE_SIZE), dtype=np.uint8)
-        csev.xts_decrypt(self._vek(asid), self.dram.frames, out, frames << np.uint64(PAGE_SHIFT),
-                         src_index=frames.astype(np.int64))
+        csev.xts_decrypt(
+            self._vek(asid), self.dram.frames, out, frames << np.uint64(PAGE_SHIFT), src_index=frames.astype(np.int64)
+        )
         return out
 
     # -- arbitrary 16-byte-granular ranges (firmware commands) ----------------------------------------
     def read(self, asid: int, hpa: int, length: int) -> bytes:
         frames, lo = self._span(hpa, length)
-        return self.read_pages(asid, frames).reshape(-1)[lo:lo + length].tobytes()
+        return self.read_pages(asid, frames).reshape(-1)[lo : lo + length].tobytes()
 
     def write(self, asid: int, hpa: int, data: bytes) -> None:
         frames, lo = self._span(hpa, len(data))
         pages = self.read_pages(asid, frames)
-        pages.reshape(-1)[lo:lo + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        pages.reshape(-1)[lo : lo + len(data)] = np.frombuffer(data, dtype=np.uint8)
         self.write_pages(asid, frames, pages)
 
     def _span(self, hpa: int, length: int) -> tuple[np.ndarray, int]:

@@ -14,6 +14,7 @@ records; page channels), ``commit`` (the record digest), ``state`` (status, para
 ``sev_ops`` (everything SEV-specific), ``stream`` (QEMU's wire format), ``transport`` (in-process, TCP,
 file).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,17 +26,28 @@ from pysev.migration.incoming import IncomingMigration
 from pysev.migration.outgoing import OutgoingMigration
 from pysev.migration.sev_ops import MigrationError
 from pysev.migration.state import MigrationCapabilities, MigrationParameters, MigrationStatus
-from pysev.migration.transport import (Connection, TcpListener, file_reader, file_writer, inproc_pairs,
-                                       tcp_connect)
+from pysev.migration.transport import Connection, TcpListener, file_reader, file_writer, inproc_pairs, tcp_connect
 
-__all__ = ["MigrationCapabilities", "MigrationError", "MigrationParameters", "MigrationResult", "MigrationStatus",
-           "IncomingMigration", "OutgoingMigration", "migrate_local", "migrate_tcp", "receive_tcp",
-           "restore_from_file", "save_to_file", "with_destination_certs"]
+__all__ = [
+    "MigrationCapabilities",
+    "MigrationError",
+    "MigrationParameters",
+    "MigrationResult",
+    "MigrationStatus",
+    "IncomingMigration",
+    "OutgoingMigration",
+    "migrate_local",
+    "migrate_tcp",
+    "receive_tcp",
+    "restore_from_file",
+    "save_to_file",
+    "with_destination_certs",
+]
 
 
 @dataclasses.dataclass
 class MigrationResult:
-    info: dict                        # the source's query-migrate at the end
+    info: dict  # the source's query-migrate at the end
     destination: VirtualMachine | None
     destination_status: dict
     source_digest: str | None
@@ -45,16 +57,21 @@ class MigrationResult:
     @property
     def verified(self) -> bool:
         """The destination's plaintext and private/shared map equal the source's at switchover."""
-        return (self.info.get("status") == "completed" and self.source_digest is not None
-                and self.source_digest == self.destination_digest)
+        return (
+            self.info.get("status") == "completed"
+            and self.source_digest is not None
+            and self.source_digest == self.destination_digest
+        )
 
 
 def with_destination_certs(params: MigrationParameters, capabilities: dict) -> MigrationParameters:
     """Fill sev-pdh/sev-plat-cert/sev-amd-cert from a destination's query-sev-capabilities."""
     return dataclasses.replace(
-        params, sev_pdh=params.sev_pdh or capabilities["pdh"],
+        params,
+        sev_pdh=params.sev_pdh or capabilities["pdh"],
         sev_plat_cert=params.sev_plat_cert or capabilities["cert-chain"],
-        sev_amd_cert=params.sev_amd_cert or capabilities["amd-cert-chain"])
+        sev_amd_cert=params.sev_amd_cert or capabilities["amd-cert-chain"],
+    )
 
 
 class _Tee(io.RawIOBase):
@@ -87,64 +104,107 @@ def _tee(conns: list[Connection], path: str | None) -> None:
         c.wfile = _Tee(c.wfile, open(path if i == 0 else f"{path}.ch{i}", "wb"))
 
 
-def migrate_local(source: VirtualMachine, destination_host: Host, *, params: MigrationParameters | None = None,
-                  caps: MigrationCapabilities | None = None, channels: int = 0, verify: bool = True,
-                  save_stream: str | None = None, on_pass=None, on_progress=None) -> MigrationResult:
+def migrate_local(
+    source: VirtualMachine,
+    destination_host: Host,
+    *,
+    params: MigrationParameters | None = None,
+    caps: MigrationCapabilities | None = None,
+    channels: int = 0,
+    verify: bool = True,
+    save_stream: str | None = None,
+    on_pass=None,
+    on_progress=None,
+) -> MigrationResult:
     """Migrate ``source`` to a new VM on ``destination_host``, both in this process (socketpairs)."""
     params = with_destination_certs(params or MigrationParameters(), destination_host.sev_capabilities())
-    dest = VirtualMachine(destination_host, source.memory.ram.used_length, sev=source.sev_enabled,
-                          policy=source.policy, incoming=True, **source.workload_args())
+    dest = VirtualMachine(
+        destination_host,
+        source.memory.ram.used_length,
+        sev=source.sev_enabled,
+        policy=source.policy,
+        incoming=True,
+        **source.workload_args(),
+    )
     src_conns, dst_conns = inproc_pairs(channels)
     _tee(src_conns, save_stream)
     incoming = IncomingMigration(dest, dst_conns, commit_timeout=params.commit_timeout, verify=verify)
     thread = threading.Thread(target=incoming.run, name="mig-incoming", daemon=True)
     thread.start()
-    outgoing = OutgoingMigration(source, src_conns, params, caps, on_pass=on_pass, on_progress=on_progress,
-                                 verify=verify)
+    outgoing = OutgoingMigration(
+        source, src_conns, params, caps, on_pass=on_pass, on_progress=on_progress, verify=verify
+    )
     info = outgoing.run()
     thread.join(params.commit_timeout + 10)
-    dest_status = {"status": incoming.status.value, **({"error-desc": incoming.error_desc} if incoming.error_desc else {})}
+    dest_status = {
+        "status": incoming.status.value,
+        **({"error-desc": incoming.error_desc} if incoming.error_desc else {}),
+    }
     if incoming.status != MigrationStatus.COMPLETED:
         dest.destroy()
         dest = None
-    return MigrationResult(info, dest, dest_status, outgoing.digest_at_switchover, incoming.guest_digest,
-                           outgoing.passes)
+    return MigrationResult(
+        info, dest, dest_status, outgoing.digest_at_switchover, incoming.guest_digest, outgoing.passes
+    )
 
 
-def migrate_tcp(source: VirtualMachine, uri: str, capabilities: dict, *, params: MigrationParameters | None = None,
-                caps: MigrationCapabilities | None = None, channels: int = 0, verify: bool = True,
-                save_stream: str | None = None, on_pass=None, on_progress=None) -> OutgoingMigration:
+def migrate_tcp(
+    source: VirtualMachine,
+    uri: str,
+    capabilities: dict,
+    *,
+    params: MigrationParameters | None = None,
+    caps: MigrationCapabilities | None = None,
+    channels: int = 0,
+    verify: bool = True,
+    save_stream: str | None = None,
+    on_pass=None,
+    on_progress=None,
+) -> OutgoingMigration:
     """The source side of a migration to a ``pysev`` destination listening at ``tcp:HOST:PORT``."""
     params = with_destination_certs(params or MigrationParameters(), capabilities)
     conns = tcp_connect(uri, channels)
     _tee(conns, save_stream)
-    outgoing = OutgoingMigration(source, conns, params, caps, on_pass=on_pass, on_progress=on_progress,
-                                 verify=verify)
+    outgoing = OutgoingMigration(source, conns, params, caps, on_pass=on_pass, on_progress=on_progress, verify=verify)
     outgoing.run()
     return outgoing
 
 
-def receive_tcp(listener: TcpListener, dest: VirtualMachine, *, verify: bool = True,
-                commit_timeout: float = 60.0, timeout: float | None = None) -> IncomingMigration:
+def receive_tcp(
+    listener: TcpListener,
+    dest: VirtualMachine,
+    *,
+    verify: bool = True,
+    commit_timeout: float = 60.0,
+    timeout: float | None = None,
+) -> IncomingMigration:
     """The destination side: accept one migration on ``listener`` into ``dest`` (an incoming VM)."""
-    incoming = IncomingMigration(dest, listener.accept(timeout=timeout), commit_timeout=commit_timeout,
-                                 verify=verify)
+    incoming = IncomingMigration(dest, listener.accept(timeout=timeout), commit_timeout=commit_timeout, verify=verify)
     incoming.run()
     return incoming
 
 
-def save_to_file(source: VirtualMachine, path: str, *, params: MigrationParameters, verify: bool = True,
-                 on_pass=None, on_progress=None) -> OutgoingMigration:
+def save_to_file(
+    source: VirtualMachine,
+    path: str,
+    *,
+    params: MigrationParameters,
+    verify: bool = True,
+    on_pass=None,
+    on_progress=None,
+) -> OutgoingMigration:
     """Migrate ``source`` into a file (save now, restore later). ``params`` name the host that will
     restore it (its certificates authenticate the target, as for a network migration)."""
-    outgoing = OutgoingMigration(source, [file_writer(path)], params, on_pass=on_pass, on_progress=on_progress,
-                                 file_mode=True, verify=verify)
+    outgoing = OutgoingMigration(
+        source, [file_writer(path)], params, on_pass=on_pass, on_progress=on_progress, file_mode=True, verify=verify
+    )
     outgoing.run()
     return outgoing
 
 
-def restore_from_file(host: Host, path: str, memory_size: int, *, sev: bool = True, verify: bool = True,
-                      **vm_args) -> tuple[VirtualMachine | None, IncomingMigration]:
+def restore_from_file(
+    host: Host, path: str, memory_size: int, *, sev: bool = True, verify: bool = True, **vm_args
+) -> tuple[VirtualMachine | None, IncomingMigration]:
     """Restore a VM saved with ``save_to_file`` on ``host`` (its firmware must be the one the file
     was sealed for: RECEIVE_START fails with BAD_MEASUREMENT otherwise)."""
     dest = VirtualMachine(host, memory_size, sev=sev, incoming=True, **vm_args)

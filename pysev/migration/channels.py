@@ -8,6 +8,7 @@ filled slice goes to the connection while it is still in cache (the ring is the 
 the destination meets every connection at a barrier at each chunk end (EOS), so a page re-sent in a later
 pass never loses to an earlier copy (``docs/formats.md``, "Page channels").
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,12 +51,12 @@ class PageEncrypter:
     def __init__(self, writer: stream.StreamWriter, ops: PlainOps, digest: RecordDigest) -> None:
         self.writer, self.ops, self.digest = writer, ops, digest
         self._ring = stream.RecordRing(writer, SEND_RING_RECORDS)
-        self._first = np.zeros(1, stream.ENC_PAGE_RECORD)    # the record that names the block
+        self._first = np.zeros(1, stream.ENC_PAGE_RECORD)  # the record that names the block
 
     def send(self, block: RamBlock, pages: np.ndarray, context: stream.SevContext | None = None) -> None:
         offsets = pages.astype(np.uint64) * np.uint64(PAGE_SIZE)
         ring, writer = self._ring, self.writer
-        if context is not None or not ring.begin(block.idstr, offsets):   # the record names the block
+        if context is not None or not ring.begin(block.idstr, offsets):  # the record names the block
             first = self._first
             self.ops.send_pages(block, pages[:1], first["hdr"], first["trans"])
             writer.sev_encrypted_pages(block.idstr, offsets[:1], first, context)
@@ -71,7 +72,7 @@ class PageEncrypter:
 
         def drain(start: int, stop: int) -> None:
             ring.put(start, stop)
-            self.digest.encrypted(block.idstr, offsets[start:stop], ring.hdr[:stop - start])
+            self.digest.encrypted(block.idstr, offsets[start:stop], ring.hdr[: stop - start])
 
         self.ops.send_pages(block, pages, ring.hdr, ring.trans, on_slice=drain)
 
@@ -88,7 +89,7 @@ class ChannelSender(threading.Thread):
         super().__init__(name=f"mig-send-ch{index}", daemon=True)
         self.conn = conn
         self.writer = stream.StreamWriter(conn.wfile, continuation=True)
-        self.writer.ram_mem_size(list(blocks.items()))   # each channel stream announces the blocks
+        self.writer.ram_mem_size(list(blocks.items()))  # each channel stream announces the blocks
         self.digest = RecordDigest()
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
@@ -146,8 +147,7 @@ class ChannelReceiver(threading.Thread):
     def run(self) -> None:
         incoming = self.incoming
         try:
-            reader = stream.StreamReader(self.conn.rfile, READER_LIMITS, ram_blocks=incoming.blocks,
-                                         continuation=True)
+            reader = stream.StreamReader(self.conn.rfile, READER_LIMITS, ram_blocks=incoming.blocks, continuation=True)
             chunk = 0
             while True:
                 chunk += 1

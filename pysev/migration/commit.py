@@ -7,6 +7,7 @@ destination firmware has already checked that payload against the MAC (BAD_MEASU
 hashing it again would double the CPU cost per page and add no integrity. The entries are listed in
 ``docs/formats.md`` ("Record digest"); the protocol is walked through in ``docs/design.md``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,7 +31,7 @@ class RecordDigest:
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
         self._block: str | None = None
-        self._entries = np.empty(0, _ENCRYPTED_ENTRY)   # reused: one entry per encrypted page of a call
+        self._entries = np.empty(0, _ENCRYPTED_ENTRY)  # reused: one entry per encrypted page of a call
 
     def _name(self, block: str) -> None:
         if block != self._block:

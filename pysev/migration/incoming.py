@@ -6,11 +6,13 @@ Everything that can fail happens before the destination acknowledges: once the s
 (SEND_FINISH) it can never run the guest again, so after COMMIT only RECEIVE_FINISH and starting the
 vCPUs remain (``docs/design.md``, "Commit").
 """
+
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -33,9 +35,16 @@ class IncomingMigration:
     """The destination of one migration: loads the stream into ``vm`` (created with ``incoming=True``),
     answers with the record digest, and runs the guest only when the source commits."""
 
-    def __init__(self, vm: VirtualMachine, conns: list[Connection], *, commit_timeout: float = 60.0,
-                 on_event: Callable[[str, dict[str, Any]], None] | None = None, file_mode: bool = False,
-                 verify: bool = False) -> None:
+    def __init__(
+        self,
+        vm: VirtualMachine,
+        conns: list[Connection],
+        *,
+        commit_timeout: float = 60.0,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        file_mode: bool = False,
+        verify: bool = False,
+    ) -> None:
         self.vm = vm
         self.verify = verify
         self.guest_digest: str | None = None
@@ -71,8 +80,9 @@ class IncomingMigration:
             self._error = err
             if not self.file_mode and self.conns and self.conns[0].wfile is not None:
                 try:  # tell the source why (its error-desc), before the connections are cut
-                    stream.write_return_message(self.conns[0].wfile, stream.ReturnMessage.FAILED,
-                                                str(err).encode()[:FAILED_REASON_MAX])
+                    stream.write_return_message(
+                        self.conns[0].wfile, stream.ReturnMessage.FAILED, str(err).encode()[:FAILED_REASON_MAX]
+                    )
                 except (OSError, ValueError):
                     pass
         self.failed.set()
@@ -97,7 +107,8 @@ class IncomingMigration:
             raise MigrationError(
                 f"RECEIVE_UPDATE_DATA rejected the encrypted page at {rec.block}+{int(rec.offsets[i]):#x} "
                 f"({self.ops.status_name(int(statuses[i]))}; {where}, batch ending at stream offset {offset}); "
-                f"{bad.size} of {rec.count} pages in the batch rejected")
+                f"{bad.size} of {rec.count} pages in the batch rejected"
+            )
         digest.encrypted(rec.block, rec.offsets, rec.hdrs)
         with self._apply_lock:
             self.pages_private += rec.count
@@ -155,7 +166,7 @@ class IncomingMigration:
                     self.pages_shared += 1
                 elif isinstance(rec, stream.EncryptedPages):
                     if rec.context is not None:
-                        self.ops.load_setup(rec.context)          # RECEIVE_START
+                        self.ops.load_setup(rec.context)  # RECEIVE_START
                         digest.context(rec.context)
                         self.context_ready.set()
                     self.apply_encrypted(rec, digest, "main stream", reader.offset)
@@ -194,10 +205,10 @@ class IncomingMigration:
         self._run_guest()
 
     def _run_guest(self) -> None:
-        self.ops.finish()                                   # RECEIVE_FINISH
+        self.ops.finish()  # RECEIVE_FINISH
         # Past COMMIT nothing may fail: under NODBG (policy from the stream) there is no debug path to hash.
         if self.verify and self.ops.plaintext_readable:
-            self.guest_digest = self.vm.digest()            # before its vCPUs change anything
+            self.guest_digest = self.vm.digest()  # before its vCPUs change anything
         self.vm.incoming_complete()
         self._status.set(MigrationStatus.COMPLETED)
         if self._on_event:

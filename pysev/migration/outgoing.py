@@ -16,12 +16,14 @@ failure before that ends in SEND_CANCEL and the source guest resumes with its me
 
 The engine is SEV-agnostic: everything SEV-specific is behind ``pysev.migration.sev_ops``.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +44,7 @@ from pysev.migration.transport import Connection
 
 log = logging.getLogger(__name__)
 
-BUFFER_DELAY = 0.1           # QEMU's BUFFER_DELAY: the rate-limit and bandwidth window, seconds
+BUFFER_DELAY = 0.1  # QEMU's BUFFER_DELAY: the rate-limit and bandwidth window, seconds
 MAX_PASSES = 10_000
 RAM_SECTION_ID = 2
 RAM_SECTION = (stream.RAM_SECTION_IDSTR, stream.RAM_SECTION_INSTANCE, stream.RAM_SECTION_VERSION)
@@ -52,7 +54,7 @@ VMSA_SECTION_ID = 3
 _CANCELLABLE = frozenset({MigrationStatus.SETUP, MigrationStatus.ACTIVE})
 
 
-class MigrationCancelled(MigrationError):
+class MigrationCancelledError(MigrationError):
     """migrate_cancel was called; the source guest keeps running."""
 
 
@@ -65,12 +67,19 @@ class OutgoingMigration:
     after each pre-copy pass, ``on_progress(pass, sent, total)`` as pages go out.
     """
 
-    def __init__(self, vm: VirtualMachine, conns: list[Connection], params: MigrationParameters | None = None,
-                 caps: MigrationCapabilities | None = None, *,
-                 on_event: Callable[[str, dict[str, Any]], None] | None = None,
-                 on_pass: Callable[[dict[str, Any]], None] | None = None,
-                 on_progress: Callable[[int, int, int], None] | None = None, file_mode: bool = False,
-                 verify: bool = True) -> None:
+    def __init__(
+        self,
+        vm: VirtualMachine,
+        conns: list[Connection],
+        params: MigrationParameters | None = None,
+        caps: MigrationCapabilities | None = None,
+        *,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        on_pass: Callable[[dict[str, Any]], None] | None = None,
+        on_progress: Callable[[int, int, int], None] | None = None,
+        file_mode: bool = False,
+        verify: bool = True,
+    ) -> None:
         self.vm = vm
         self.conns = conns
         self.params = params or MigrationParameters()
@@ -96,11 +105,11 @@ class OutgoingMigration:
         self._channel_bytes_queued = 0
         self._next_channel = 0
         self.context: stream.SevContext | None = None
-        self._context_pending = False        # the SEND_START context rides the first private page
-        self.record_digest = b""             # of everything sent, at switchover
+        self._context_pending = False  # the SEND_START context rides the first private page
+        self.record_digest = b""  # of everything sent, at switchover
         # Whether a failure resumes the guest (it was running when the migration started).
         self._resume_after_failure = True
-        self._committed = False              # past SEND_FINISH: the source can never run the guest again
+        self._committed = False  # past SEND_FINISH: the source can never run the guest again
         self._downtime_start = 0.0
         # QEMU counters (qapi MigrationStats) and times (ms)
         self.start_time = time.monotonic()
@@ -197,7 +206,7 @@ class OutgoingMigration:
         try:
             self._setup()
             if not self._status.set_if(frozenset({MigrationStatus.SETUP}), MigrationStatus.ACTIVE):
-                raise MigrationCancelled("migration cancelled")
+                raise MigrationCancelledError("migration cancelled")
             self._announce(MigrationStatus.ACTIVE)
             self._precopy()
             self._stop_and_copy()
@@ -212,14 +221,14 @@ class OutgoingMigration:
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
-            raise MigrationCancelled("migration cancelled")
+            raise MigrationCancelledError("migration cancelled")
 
     def _setup(self) -> None:
         vm = self.vm
         if vm.state != RunState.RUNNING and vm.state != RunState.PAUSED:
             raise MigrationError(f"cannot migrate a VM in state {vm.state.value}")
         self._resume_after_failure = vm.state == RunState.RUNNING
-        self.context = self.ops.save_setup(self.params)          # SEND_START (SEV) or nothing
+        self.context = self.ops.save_setup(self.params)  # SEND_START (SEV) or nothing
         self._context_pending = self.context is not None
         for channel in self.channels:
             channel.start()
@@ -228,11 +237,11 @@ class OutgoingMigration:
         writer.section_start(RAM_SECTION_ID, *RAM_SECTION)
         writer.ram_mem_size([(b.idstr, b.used_length) for b in vm.memory.blocks])
         self._end_chunk()
-        for block in vm.memory.blocks:                          # the first pass sends everything
+        for block in vm.memory.blocks:  # the first pass sends everything
             bitmap = np.zeros((block.npages + 63) // 64, dtype=np.uint64)
             csev.bitmap_set_range(bitmap, 0, block.npages)
             self._bitmaps[block.idstr] = bitmap
-        for block in vm.memory.blocks:                          # start dirty logging from a clean log
+        for block in vm.memory.blocks:  # start dirty logging from a clean log
             vm.memory.sync_dirty(block, np.zeros_like(self._bitmaps[block.idstr]))
         self.remaining_pages = vm.memory.total_pages
         self.setup_time = int((time.monotonic() - self.start_time) * 1000)
@@ -290,12 +299,12 @@ class OutgoingMigration:
             private_pages = csev.bitmap_extract(private, block.npages)
             for first in range(0, len(shared_pages), BATCH_PAGES):
                 self._check_cancel()
-                sent += self._send_shared(block, shared_pages[first:first + BATCH_PAGES])
+                sent += self._send_shared(block, shared_pages[first : first + BATCH_PAGES])
                 progress(pass_no, sent, total)
                 self._rate_limit(window)
             for first in range(0, len(private_pages), BATCH_PAGES):
                 self._check_cancel()
-                sent += self._send_private(block, private_pages[first:first + BATCH_PAGES])
+                sent += self._send_private(block, private_pages[first : first + BATCH_PAGES])
                 progress(pass_no, sent, total)
                 self._rate_limit(window)
         return sent
@@ -305,7 +314,7 @@ class OutgoingMigration:
         writer, digest = self.writer, self.main_digest
         data = self.vm.read_shared_pages(block, pages)
         nonzero = data.any(axis=1)
-        for page, page_data, is_nonzero in zip(pages.tolist(), data, nonzero.tolist()):
+        for page, page_data, is_nonzero in zip(pages.tolist(), data, nonzero.tolist(), strict=True):
             offset = page * PAGE_SIZE
             if is_nonzero:
                 writer.ram_page(block.idstr, offset, page_data)
@@ -331,7 +340,7 @@ class OutgoingMigration:
             self._context_pending = False
             if self.channels:
                 self.writer.flush()
-            rest = pages[len(on_main):]
+            rest = pages[len(on_main) :]
         if len(rest):
             channel = self.channels[self._next_channel % len(self.channels)]
             self._next_channel += 1
@@ -374,13 +383,19 @@ class OutgoingMigration:
             self.dirty_pages_rate = int(newly / elapsed)
             self.expected_downtime = int(pending / bandwidth) if bandwidth else 0
             self.precopy_bytes = self.transferred
-            record = {"pass": pass_no, "pages": sent, "bytes": pass_bytes, "seconds": elapsed,
-                      "dirty_pages": newly, "mbps": self.mbps, "throttle": self.throttle}
+            record = {
+                "pass": pass_no,
+                "pages": sent,
+                "bytes": pass_bytes,
+                "seconds": elapsed,
+                "dirty_pages": newly,
+                "mbps": self.mbps,
+                "throttle": self.throttle,
+            }
             self.passes.append(record)
             if self._on_pass:
                 self._on_pass(record)
-            log.info("pass %d: %d pages in %.3f s (%.0f Mbit/s), %d dirtied", pass_no, sent, elapsed,
-                     self.mbps, newly)
+            log.info("pass %d: %d pages in %.3f s (%.0f Mbit/s), %d dirtied", pass_no, sent, elapsed, self.mbps, newly)
             if pending <= threshold:
                 return
             if self.caps.auto_converge:
@@ -395,8 +410,9 @@ class OutgoingMigration:
                 if self.throttle == 0:
                     self.throttle = self.params.cpu_throttle_initial
                 else:
-                    self.throttle = min(self.throttle + self.params.cpu_throttle_increment,
-                                        self.params.max_cpu_throttle)
+                    self.throttle = min(
+                        self.throttle + self.params.cpu_throttle_increment, self.params.max_cpu_throttle
+                    )
                 if self.vm.workload:
                     self.vm.workload.set_throttle(self.throttle)
                 log.info("auto-converge: vCPU throttle %d%%", self.throttle)
@@ -421,7 +437,7 @@ class OutgoingMigration:
             self.main_digest.bitmap(block.idstr, entries)
         writer.ram_eos()
         writer.section_footer(RAM_SECTION_ID)
-        vmsas = self.ops.send_vmsas()                   # SEV-ES: SEND_UPDATE_VMSA per vCPU
+        vmsas = self.ops.send_vmsas()  # SEV-ES: SEND_UPDATE_VMSA per vCPU
         for vcpu, (hdr, trans) in enumerate(vmsas):
             writer.sev_es_vmsa_section(VMSA_SECTION_ID + vcpu, vcpu, hdr, trans)
             self.main_digest.vmsa(vcpu, hdr)
@@ -441,10 +457,18 @@ class OutgoingMigration:
         self.remaining_pages = 0
         self.downtime_bytes = self.transferred - before
         elapsed = max(time.monotonic() - t0, 1e-6)
-        self.passes.append({"pass": len(self.passes) + 1, "pages": sent, "bytes": self.transferred - bytes0,
-                            "seconds": elapsed, "dirty_pages": 0,
-                            "mbps": (self.transferred - bytes0) * 8 / elapsed / 1e6,
-                            "throttle": self.throttle, "stop_and_copy": True})
+        self.passes.append(
+            {
+                "pass": len(self.passes) + 1,
+                "pages": sent,
+                "bytes": self.transferred - bytes0,
+                "seconds": elapsed,
+                "dirty_pages": 0,
+                "mbps": (self.transferred - bytes0) * 8 / elapsed / 1e6,
+                "throttle": self.throttle,
+                "stop_and_copy": True,
+            }
+        )
 
     # -- commit ------------------------------------------------------------------------------------------
     def _commit(self) -> None:
@@ -457,7 +481,7 @@ class OutgoingMigration:
             self._committed = True
             self._finish_ok()
             return
-        main.set_timeout(self.params.commit_timeout)   # a silent peer is a failure, not a hang
+        main.set_timeout(self.params.commit_timeout)  # a silent peer is a failure, not a hang
         try:
             message = stream.read_return_message(main.rfile)
         except TimeoutError:
@@ -471,9 +495,10 @@ class OutgoingMigration:
         if message.kind != stream.ReturnMessage.RECEIVED:
             raise MigrationError(f"unexpected return-path message {message.kind.name}")
         if message.data != self.record_digest:
-            raise MigrationError("destination's digest of the received stream differs from what was sent "
-                                 "(corrupted in transit)")
-        self.ops.commit()                         # SEND_FINISH: from here on the source cannot run the guest
+            raise MigrationError(
+                "destination's digest of the received stream differs from what was sent (corrupted in transit)"
+            )
+        self.ops.commit()  # SEND_FINISH: from here on the source cannot run the guest
         self._committed = True
         stream.write_return_message(main.wfile, stream.ReturnMessage.COMMIT)
         self._finish_ok()
@@ -505,7 +530,7 @@ class OutgoingMigration:
                     pass
             self._set_status(MigrationStatus.FAILED)
             return
-        cancelled = isinstance(err, MigrationCancelled) or self._cancel.is_set()
+        cancelled = isinstance(err, MigrationCancelledError) or self._cancel.is_set()
         self.error_desc = None if cancelled else str(err)
         if not cancelled and not self.file_mode and not str(err).startswith("destination rejected"):
             reason = self._peer_reason()
@@ -520,7 +545,7 @@ class OutgoingMigration:
         for channel in self.channels:
             channel.error = channel.error or err
             channel.queue.put(None)
-        self.ops.cancel()                         # SEND_CANCEL: back to RUNNING, memory untouched
+        self.ops.cancel()  # SEND_CANCEL: back to RUNNING, memory untouched
         if self.vm.state == RunState.FINISH_MIGRATE or (self.vm.state == RunState.RUNNING and self.vm.workload):
             if self._resume_after_failure:
                 self.vm.resume()

@@ -9,6 +9,7 @@ Source side: ``save_setup`` (SEND_START), ``classify`` (which dirty pages are pr
 context record), ``receive_pages`` (RECEIVE_UPDATE_DATA, batched), ``load_state_map``, ``finish``
 (RECEIVE_FINISH) or ``abort``.
 """
+
 from __future__ import annotations
 
 import base64
@@ -35,11 +36,13 @@ class MigrationError(Exception):
 def decode_blob(name: str, value: str) -> bytes:
     """A base64 migration parameter, bounded like QEMU's ``check_blob_length`` (≤ SEV_FW_BLOB_MAX_SIZE)."""
     if not value:
-        raise MigrationError(f"migration parameter {name} is not set (take it from the destination's "
-                             "query-sev-capabilities)")
+        raise MigrationError(
+            f"migration parameter {name} is not set (take it from the destination's query-sev-capabilities)"
+        )
     if len(value) > 4 * SEV_FW_BLOB_MAX_SIZE // 3 + 4:
-        raise MigrationError(f"migration parameter {name}: {len(value)} base64 characters exceed the "
-                             f"{SEV_FW_BLOB_MAX_SIZE}-byte limit")
+        raise MigrationError(
+            f"migration parameter {name}: {len(value)} base64 characters exceed the {SEV_FW_BLOB_MAX_SIZE}-byte limit"
+        )
     try:
         blob = base64.b64decode(value, validate=True)
     except binascii.Error as err:
@@ -144,16 +147,21 @@ class SevOps(PlainOps):
         if self.sev.memory_encrypt_op(cmd) == 0 or cmd.error != SevStatus.INVALID_LENGTH:
             raise MigrationError(f"SEND_START length query: unexpected firmware status {cmd.error:#x}")
         start = kvm.kvm_sev_send_start(
-            pdh_cert_uaddr=ctypes.addressof(bufs[0]), pdh_cert_len=len(pdh),
-            plat_certs_uaddr=ctypes.addressof(bufs[1]), plat_certs_len=len(plat),
-            amd_certs_uaddr=ctypes.addressof(bufs[2]), amd_certs_len=len(amd),
-            session_uaddr=ctypes.addressof(session), session_len=query.session_len)
+            pdh_cert_uaddr=ctypes.addressof(bufs[0]),
+            pdh_cert_len=len(pdh),
+            plat_certs_uaddr=ctypes.addressof(bufs[1]),
+            plat_certs_len=len(plat),
+            amd_certs_uaddr=ctypes.addressof(bufs[2]),
+            amd_certs_len=len(amd),
+            session_uaddr=ctypes.addressof(session),
+            session_len=query.session_len,
+        )
         try:
             self.sev.op(kvm.sev_cmd_id.KVM_SEV_SEND_START, start)
         except kvm.KvmError as err:
             raise MigrationError(f"SEND_START refused the target: {err}") from None
         self.sending = True
-        own_pdh = self.vm.host.platform.public_certs()["pdh"]   # PDH_CERT_EXPORT of our own PDH
+        own_pdh = self.vm.host.platform.public_certs()["pdh"]  # PDH_CERT_EXPORT of our own PDH
         return SevContext(start.policy, own_pdh, session.raw)
 
     def classify(self, block, dirty, private, shared):
@@ -161,8 +169,15 @@ class SevOps(PlainOps):
             return super().classify(block, dirty, private, shared)
         return csev.bitmap_split(dirty, self.vm.memory.enc_snapshot(block), private, shared)
 
-    def send_pages(self, block, pages: np.ndarray, hdrs: np.ndarray, trans: np.ndarray, threads: int = 1,
-                   on_slice: RecordSink | None = None) -> None:
+    def send_pages(
+        self,
+        block,
+        pages: np.ndarray,
+        hdrs: np.ndarray,
+        trans: np.ndarray,
+        threads: int = 1,
+        on_slice: RecordSink | None = None,
+    ) -> None:
         """SEND_UPDATE_DATA for ``pages`` (indices into ``block``), batched through the csev pipeline;
         ``threads`` cores work on the batch. With ``on_slice``, ``hdrs``/``trans`` are a ring the
         caller drains in ``on_slice(start, stop)`` (``Platform.send_update_data_batch``)."""
@@ -170,31 +185,51 @@ class SevOps(PlainOps):
 
     def state_map(self):
         """(block, [(start_gpa, npages, bitmap bytes)]) for every encryptable block (v3 subtype 2)."""
-        return [(b, [(b.gpa, b.npages, self.vm.memory.enc_snapshot(b).tobytes())])
-                for b in self.vm.memory.blocks if not b.shared_by_nature]
+        return [
+            (b, [(b.gpa, b.npages, self.vm.memory.enc_snapshot(b).tobytes())])
+            for b in self.vm.memory.blocks
+            if not b.shared_by_nature
+        ]
 
     def send_vmsas(self) -> list[tuple[bytes, bytes]]:
         """SEND_UPDATE_VMSA for every vCPU of an SEV-ES guest (at stop-and-copy): (header, transport data)."""
         out = []
         for hpa in self.vm.vmsa_hpas:
             hdr, trans = ctypes.create_string_buffer(PACKET_HEADER_SIZE), ctypes.create_string_buffer(PAGE_SIZE)
-            self.sev.op(kvm.sev_cmd_id.KVM_SEV_SEND_UPDATE_VMSA, kvm.kvm_sev_send_update_data(
-                hdr_uaddr=ctypes.addressof(hdr), hdr_len=PACKET_HEADER_SIZE, guest_uaddr=self.sev.uaddr_of_hpa(hpa),
-                guest_len=PAGE_SIZE, trans_uaddr=ctypes.addressof(trans), trans_len=PAGE_SIZE))
+            self.sev.op(
+                kvm.sev_cmd_id.KVM_SEV_SEND_UPDATE_VMSA,
+                kvm.kvm_sev_send_update_data(
+                    hdr_uaddr=ctypes.addressof(hdr),
+                    hdr_len=PACKET_HEADER_SIZE,
+                    guest_uaddr=self.sev.uaddr_of_hpa(hpa),
+                    guest_len=PAGE_SIZE,
+                    trans_uaddr=ctypes.addressof(trans),
+                    trans_len=PAGE_SIZE,
+                ),
+            )
             out.append((hdr.raw, trans.raw))
         return out
 
     def receive_vmsa(self, vcpu: int, hdr: bytes, trans: bytes) -> None:
         """RECEIVE_UPDATE_VMSA of one vCPU's VMSA (MAC checked by the firmware: BAD_MEASUREMENT)."""
         if not self.receiving or not 0 <= vcpu < len(self.vm.vmsa_hpas):
-            raise MigrationError(f"SEV-ES VMSA for vCPU {vcpu}: this guest has "
-                                 f"{len(self.vm.vmsa_hpas)} VMSAs{'' if self.receiving else ' and no session yet'}")
+            raise MigrationError(
+                f"SEV-ES VMSA for vCPU {vcpu}: this guest has "
+                f"{len(self.vm.vmsa_hpas)} VMSAs{'' if self.receiving else ' and no session yet'}"
+            )
         h, t = ctypes.create_string_buffer(hdr, len(hdr)), ctypes.create_string_buffer(trans, len(trans))
         try:
-            self.sev.op(kvm.sev_cmd_id.KVM_SEV_RECEIVE_UPDATE_VMSA, kvm.kvm_sev_receive_update_data(
-                hdr_uaddr=ctypes.addressof(h), hdr_len=len(hdr),
-                guest_uaddr=self.sev.uaddr_of_hpa(self.vm.vmsa_hpas[vcpu]), guest_len=PAGE_SIZE,
-                trans_uaddr=ctypes.addressof(t), trans_len=len(trans)))
+            self.sev.op(
+                kvm.sev_cmd_id.KVM_SEV_RECEIVE_UPDATE_VMSA,
+                kvm.kvm_sev_receive_update_data(
+                    hdr_uaddr=ctypes.addressof(h),
+                    hdr_len=len(hdr),
+                    guest_uaddr=self.sev.uaddr_of_hpa(self.vm.vmsa_hpas[vcpu]),
+                    guest_len=PAGE_SIZE,
+                    trans_uaddr=ctypes.addressof(t),
+                    trans_len=len(trans),
+                ),
+            )
         except kvm.KvmError as err:
             raise MigrationError(f"RECEIVE_UPDATE_VMSA rejected the VMSA of vCPU {vcpu}: {err}") from None
 
@@ -220,9 +255,13 @@ class SevOps(PlainOps):
             raise MigrationError(f"SEV context: the PDH must be {SEV_CERT_SIZE} bytes and the session {SESSION_SIZE}")
         pdh = ctypes.create_string_buffer(context.pdh, len(context.pdh))
         session = ctypes.create_string_buffer(context.session, len(context.session))
-        start = kvm.kvm_sev_receive_start(policy=context.policy, pdh_uaddr=ctypes.addressof(pdh),
-                                        pdh_len=len(context.pdh), session_uaddr=ctypes.addressof(session),
-                                        session_len=len(context.session))
+        start = kvm.kvm_sev_receive_start(
+            policy=context.policy,
+            pdh_uaddr=ctypes.addressof(pdh),
+            pdh_len=len(context.pdh),
+            session_uaddr=ctypes.addressof(session),
+            session_len=len(context.session),
+        )
         try:
             self.sev.op(kvm.sev_cmd_id.KVM_SEV_RECEIVE_START, start)
         except kvm.KvmError as err:
@@ -230,8 +269,9 @@ class SevOps(PlainOps):
         self.vm.policy = context.policy
         self.receiving = True
 
-    def receive_pages(self, block, pages: np.ndarray, hdrs: np.ndarray, trans: np.ndarray,
-                      threads: int = 1) -> np.ndarray:
+    def receive_pages(
+        self, block, pages: np.ndarray, hdrs: np.ndarray, trans: np.ndarray, threads: int = 1
+    ) -> np.ndarray:
         """RECEIVE_UPDATE_DATA for a batch; returns per-packet firmware statuses (0 = applied)."""
         if not self.receiving:
             raise MigrationError("encrypted page before the SEV context (RECEIVE_START) was received")
@@ -241,8 +281,9 @@ class SevOps(PlainOps):
         if block.shared_by_nature:
             raise MigrationError(f"page-encryption map for {block.idstr}, which is shared by nature")
         for start_gpa, npages, bitmap in entries:
-            self.vm.memory.set_enc_bitmap(block, start_gpa, npages,
-                                          np.frombuffer(bitmap, dtype="<u8").astype(np.uint64))
+            self.vm.memory.set_enc_bitmap(
+                block, start_gpa, npages, np.frombuffer(bitmap, dtype="<u8").astype(np.uint64)
+            )
 
     def finish(self) -> None:
         """RECEIVE_FINISH: the destination guest may run (after the source committed)."""
@@ -257,4 +298,3 @@ class SevOps(PlainOps):
 
 def ops_for(vm) -> PlainOps:
     return SevOps(vm) if vm.sev_enabled else PlainOps(vm)
-

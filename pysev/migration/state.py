@@ -5,6 +5,7 @@ status goes through ``StatusCell.set``, which checks it against ``TRANSITIONS``:
 lifecycle is written down, as QEMU's ``migrate_set_state`` is the one place that moves
 ``MigrationState.state`` (``migration/migration.c``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,14 +43,16 @@ TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     MigrationStatus.NONE: frozenset({MigrationStatus.SETUP, MigrationStatus.ACTIVE}),
     MigrationStatus.SETUP: frozenset({MigrationStatus.ACTIVE, MigrationStatus.CANCELLING, MigrationStatus.FAILED}),
     MigrationStatus.ACTIVE: frozenset({MigrationStatus.CANCELLING, MigrationStatus.COMPLETED, MigrationStatus.FAILED}),
-    MigrationStatus.CANCELLING: frozenset({MigrationStatus.CANCELLED, MigrationStatus.COMPLETED, MigrationStatus.FAILED}),
+    MigrationStatus.CANCELLING: frozenset(
+        {MigrationStatus.CANCELLED, MigrationStatus.COMPLETED, MigrationStatus.FAILED}
+    ),
     MigrationStatus.COMPLETED: frozenset(),
     MigrationStatus.FAILED: frozenset(),
     MigrationStatus.CANCELLED: frozenset(),
 }
 
 
-class InvalidTransition(RuntimeError):
+class InvalidTransitionError(RuntimeError):
     """A status change the lifecycle does not allow: a bug in the engine, never a peer's doing."""
 
 
@@ -68,7 +71,7 @@ class StatusCell:
     def set(self, to: MigrationStatus) -> None:
         with self._lock:
             if to not in TRANSITIONS[self._status]:
-                raise InvalidTransition(f"migration status {self._status.value} -> {to.value}")
+                raise InvalidTransitionError(f"migration status {self._status.value} -> {to.value}")
             self._status = to
 
     def set_if(self, current: frozenset[MigrationStatus], to: MigrationStatus) -> bool:
@@ -77,7 +80,7 @@ class StatusCell:
             if self._status not in current:
                 return False
             if to not in TRANSITIONS[self._status]:
-                raise InvalidTransition(f"migration status {self._status.value} -> {to.value}")
+                raise InvalidTransitionError(f"migration status {self._status.value} -> {to.value}")
             self._status = to
             return True
 
@@ -86,18 +89,18 @@ class StatusCell:
 class MigrationParameters:
     """QEMU's migration parameters (qapi MigrationParameters) that this engine honours."""
 
-    downtime_limit: int = 300                 # ms
-    max_bandwidth: int = 128 << 20            # bytes/s; 0 = unlimited
+    downtime_limit: int = 300  # ms
+    max_bandwidth: int = 128 << 20  # bytes/s; 0 = unlimited
     multifd_channels: int = 2
-    throttle_trigger_threshold: int = 50      # %
-    cpu_throttle_initial: int = 20            # %
-    cpu_throttle_increment: int = 10          # %
+    throttle_trigger_threshold: int = 50  # %
+    cpu_throttle_initial: int = 20  # %
+    cpu_throttle_increment: int = 10  # %
     cpu_throttle_tailslow: bool = False
-    max_cpu_throttle: int = 99                # %
+    max_cpu_throttle: int = 99  # %
     sev_pdh: str = ""
     sev_plat_cert: str = ""
     sev_amd_cert: str = ""
-    commit_timeout: float = 60.0              # s: how long either side waits for the other's verdict
+    commit_timeout: float = 60.0  # s: how long either side waits for the other's verdict
 
     def qmp(self) -> dict[str, Any]:
         out = {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -117,5 +120,6 @@ class MigrationCapabilities:
     multifd: bool = False
 
     def qmp(self) -> list[dict[str, Any]]:
-        return [{"capability": f.name.replace("_", "-"), "state": getattr(self, f.name)}
-                for f in dataclasses.fields(self)]
+        return [
+            {"capability": f.name.replace("_", "-"), "state": getattr(self, f.name)} for f in dataclasses.fields(self)
+        ]

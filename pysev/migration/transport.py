@@ -8,6 +8,7 @@ TCP connections open with a hello (``HELLO``: magic, version, migration id, chan
 count) so the destination can tell the main stream from the channels of one migration, as QEMU's
 multifd initial packet does.
 """
+
 from __future__ import annotations
 
 import io
@@ -20,7 +21,7 @@ import uuid
 from typing import BinaryIO
 
 HELLO = struct.Struct(">II16sHH")  # magic, version, migration uuid, channel (0 = main), channel count
-HELLO_MAGIC = 0x50535631           # "PSV1"
+HELLO_MAGIC = 0x50535631  # "PSV1"
 HELLO_VERSION = 1
 MAX_CHANNELS = 64
 # Fixed socket buffers (capped by net.core.[rw]mem_max). Fixed, not autotuned: Linux resizes an
@@ -95,7 +96,7 @@ class _SocketReader(io.RawIOBase):
 
     def readinto(self, b) -> int:
         if self._bulk:
-            self._poll.poll(BULK_WAIT_MS)       # ready once lowat bytes are queued (or EOF, error)
+            self._poll.poll(BULK_WAIT_MS)  # ready once lowat bytes are queued (or EOF, error)
             n = self._recv(b)
             if n is not None:
                 return n
@@ -117,8 +118,15 @@ class _SocketReader(io.RawIOBase):
 
 
 class Connection:
-    def __init__(self, name: str, wfile: BinaryIO | None, rfile: BinaryIO | None, closer=None,
-                 sock: socket.socket | None = None, reader: _SocketReader | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        wfile: BinaryIO | None,
+        rfile: BinaryIO | None,
+        closer=None,
+        sock: socket.socket | None = None,
+        reader: _SocketReader | None = None,
+    ) -> None:
         self.name = name
         self.wfile = wfile
         self.rfile = rfile

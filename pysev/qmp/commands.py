@@ -2,15 +2,18 @@
 before a handler runs, the command table, and the commands every QMP server has (``qmp_capabilities``,
 ``query-commands``, ``query-version``).
 """
+
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pysev.qmp.server import QmpServer
+
 
 class QmpError(Exception):
     """A QMP error reply: ``{"error": {"class": class_, "desc": desc}}``. Handlers raise it."""
@@ -32,6 +35,7 @@ def generic_error(desc: str) -> QmpError:
 # ---------------------------------------------------------------------------------------------------------
 # Commands and their argument schemas (QEMU qapi/qobject-input-visitor.c messages)
 # ---------------------------------------------------------------------------------------------------------
+
 
 class ArgEnum:
     """An enum argument type: a string that must be one of ``values`` (QAPI ``enum``)."""
@@ -85,8 +89,9 @@ def _check_typespec(spec: TypeSpec, where: str) -> None:
 
 def _check_schema(schema: Schema, where: str) -> None:
     for name, entry in schema.items():
-        if not isinstance(name, str) or not (isinstance(entry, tuple) and len(entry) == 2
-                                             and isinstance(entry[1], bool)):
+        if not isinstance(name, str) or not (
+            isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], bool)
+        ):
             raise ValueError(f"{where}: schema entries are name -> (type, required), got {name!r}: {entry!r}")
         _check_typespec(entry[0], f"{where}.{name}")
 
@@ -108,7 +113,7 @@ def _validate_value(spec: TypeSpec, value: Any, full: str) -> None:
     if isinstance(spec, str):
         ok, word = _SCALARS[spec]
         if not ok(value):
-            if spec == "uint":      # QEMU's uint64 visitor words its error differently
+            if spec == "uint":  # QEMU's uint64 visitor words its error differently
                 raise generic_error(f"Parameter '{full}' expects uint64")
             raise generic_error(f"Invalid parameter type for '{full}', expected: {word}")
     elif isinstance(spec, ArgEnum):
@@ -156,8 +161,15 @@ class CommandTable:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._commands: dict[str, Command] = {}
-        self._add(Command("qmp_capabilities", _qmp_capabilities, {"enable": ([ArgEnum("oob")], False)},
-                          allow_in_negotiation=True, inline=True))
+        self._add(
+            Command(
+                "qmp_capabilities",
+                _qmp_capabilities,
+                {"enable": ([ArgEnum("oob")], False)},
+                allow_in_negotiation=True,
+                inline=True,
+            )
+        )
         self._add(Command("query-commands", _query_commands, {}, inline=True))
         self._add(Command("query-version", _query_version, {}, inline=True))
 
@@ -182,9 +194,11 @@ class CommandTable:
 
     def command(self, name: str, args: Schema | None = None) -> Callable[[Handler], Handler]:
         """Decorator form of :meth:`register`."""
+
         def deco(fn: Handler) -> Handler:
             self.register(name, fn, args)
             return fn
+
         return deco
 
     def get(self, name: str) -> Command | None:

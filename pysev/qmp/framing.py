@@ -4,6 +4,7 @@ malformed input (QEMU's ``qobject/json-streamer.c`` and ``json-parser.c``).
 QMP input is *not* line-framed: ``JsonStreamer`` counts braces outside strings, bounds every message by
 ``max_message`` and its nesting by ``MAX_NESTING``, and recovers after garbage as QEMU's parser does.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,8 +71,8 @@ class JsonStreamer:
         self.max_message = max_message
         self.max_depth = max_depth
         self._buf = bytearray()
-        self._pos = 0          # next byte of _buf to scan
-        self._start = -1       # offset of the pending value in _buf, -1 between values
+        self._pos = 0  # next byte of _buf to scan
+        self._start = -1  # offset of the pending value in _buf, -1 between values
         self._depth = 0
         self._in_string = False
         self._in_token = False  # inside a bare top-level scalar
@@ -92,7 +93,7 @@ class JsonStreamer:
                     i = n
                     break
                 j = m.start()
-                if buf[j] == 0x5C:          # backslash: skip the escaped byte once it has arrived
+                if buf[j] == 0x5C:  # backslash: skip the escaped byte once it has arrived
                     if j + 1 >= n:
                         i = j
                         break
@@ -130,7 +131,7 @@ class JsonStreamer:
                 if m is None:
                     i = n
                     break
-                i = m.start()               # the delimiter starts the next value; do not consume it
+                i = m.start()  # the delimiter starts the next value; do not consume it
                 self._in_token = False
                 if not self._emit(out, buf, start, i):
                     return out
@@ -184,5 +185,5 @@ class JsonStreamer:
             return _DECODER.decode(text), None
         except json.JSONDecodeError as e:
             return None, ParseError(f"JSON parse error, {e.msg[:1].lower()}{e.msg[1:]} at byte {e.pos}")
-        except (ValueError, RecursionError) as e:   # duplicate key, NaN, oversized integer literal
+        except (ValueError, RecursionError) as e:  # duplicate key, NaN, oversized integer literal
             return None, ParseError(f"JSON parse error, {e}")

@@ -11,11 +11,12 @@ The wire contract is QEMU's ``monitor/qmp.c`` as the PyPI ``qemu.qmp`` client se
 * a reply echoes the request's ``"id"`` verbatim; parse errors and non-object input have no id to echo.
 
 Commands come from a :class:`CommandTable` (``pysev.qmp.commands``), declared with an argument schema that
-is checked, with QEMU's qobject-input-visitor messages, before a handler runs. Handlers are plain blocking callables run on a
-worker thread, one command at a time per client (QEMU without OOB), so a slow command never stalls another
-client. The VMM is thread-based: :meth:`QmpServer.run_in_thread` gives the server its own event loop, and
-:meth:`QmpServer.emit_event` may be called from any thread.
+is checked, with QEMU's qobject-input-visitor messages, before a handler runs. Handlers are plain blocking
+callables run on a worker thread, one command at a time per client (QEMU without OOB), so a slow command
+never stalls another client. The VMM is thread-based: :meth:`QmpServer.run_in_thread` gives the server its
+own event loop, and :meth:`QmpServer.emit_event` may be called from any thread.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -67,9 +68,16 @@ def _parse_address(address: str) -> tuple[str, str | tuple[str, int]]:
 class QmpServer:
     """A QMP monitor listening on a UNIX socket path (``"unix:PATH"`` or ``"PATH"``) or ``"tcp:HOST:PORT"``."""
 
-    def __init__(self, commands: CommandTable, *, version: tuple[int, int, int] = (8, 2, 0),
-                 package: str = "pysev-0.1.0", max_message: int = DEFAULT_MAX_MESSAGE,
-                 max_output: int = DEFAULT_MAX_OUTPUT, max_workers: int = 16) -> None:
+    def __init__(
+        self,
+        commands: CommandTable,
+        *,
+        version: tuple[int, int, int] = (8, 2, 0),
+        package: str = "pysev-0.1.0",
+        max_message: int = DEFAULT_MAX_MESSAGE,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+        max_workers: int = 16,
+    ) -> None:
         if len(version) != 3 or not all(type(v) is int and v >= 0 for v in version):
             raise ValueError(f"version must be (major, minor, micro), got {version!r}")
         self.commands = commands
@@ -137,8 +145,9 @@ class QmpServer:
         if kind == "tcp":
             host, port = where
             # Bind one socket (the first address), so that port 0 means one port, not one per family.
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                                 flags=socket.AI_PASSIVE)
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
             family, type_, proto, _, sa = infos[0]
             sock = socket.socket(family, type_, proto)
             try:
@@ -153,7 +162,7 @@ class QmpServer:
         else:
             with contextlib.suppress(FileNotFoundError):
                 if stat.S_ISSOCK(os.lstat(where).st_mode):
-                    os.unlink(where)        # a stale socket of an earlier run, as QEMU does
+                    os.unlink(where)  # a stale socket of an earlier run, as QEMU does
             self._server = await asyncio.start_unix_server(self._client, path=where)
             self._sockaddr = where
 
@@ -220,7 +229,7 @@ class QmpServer:
             raise RuntimeError("QmpServer.stop() called from the server's own thread")
         loop = self._loop
         if loop is not None:
-            with contextlib.suppress(RuntimeError):    # loop already closed
+            with contextlib.suppress(RuntimeError):  # loop already closed
                 loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout)
         if thread.is_alive():
@@ -236,8 +245,10 @@ class QmpServer:
             raise ValueError("a QMP event name is a non-empty string")
         now = time.time()
         seconds = int(now)
-        msg: dict[str, Any] = {"timestamp": {"seconds": seconds, "microseconds": int((now - seconds) * 1e6)},
-                               "event": name}
+        msg: dict[str, Any] = {
+            "timestamp": {"seconds": seconds, "microseconds": int((now - seconds) * 1e6)},
+            "event": name,
+        }
         if data is not None:
             msg["data"] = dict(data)
         line = _line(msg)
@@ -262,15 +273,14 @@ class QmpServer:
         if writer is None or writer.is_closing():
             return False
         if writer.transport.get_write_buffer_size() + len(line) > self.max_output:
-            log.warning("QMP client %d (%s) is not reading its output; disconnecting it",
-                        session.id, session.peer)
+            log.warning("QMP client %d (%s) is not reading its output; disconnecting it", session.id, session.peer)
             writer.transport.abort()
             return False
         writer.write(line)
         return True
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._server is None:        # accepted just as the server was closing
+        if self._server is None:  # accepted just as the server was closing
             writer.close()
             return
         task = asyncio.current_task()
@@ -283,7 +293,7 @@ class QmpServer:
         try:
             await self._serve(session, reader, writer)
         except asyncio.CancelledError:
-            pass                        # server closing
+            pass  # server closing
         except (ConnectionError, OSError) as e:
             log.info("QMP client %d: connection lost: %s", session.id, e)
         except Exception:
@@ -329,8 +339,9 @@ class QmpServer:
             return _line({"return": result, **ident})
         except (TypeError, ValueError) as e:
             log.error("QMP command %s returned a value that is not JSON: %s", name, e)
-            return _line({"error": generic_error(f"Command {name} returned a value that is not JSON").to_json(),
-                          **ident})
+            return _line(
+                {"error": generic_error(f"Command {name} returned a value that is not JSON").to_json(), **ident}
+            )
 
     @staticmethod
     def _check_request(request: dict) -> tuple[str, dict]:

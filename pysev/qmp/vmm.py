@@ -1,4 +1,5 @@
-"""The ``pysev vm`` VMM: one simulated host running one SEV guest, driven over QMP (QEMU's ``qapi/migration.json``, ``qapi/misc-target.json``).
+"""The ``pysev vm`` VMM: one simulated host running one SEV guest, driven over QMP
+(QEMU's ``qapi/migration.json``, ``qapi/misc-target.json``).
 
 The lifecycle is QEMU's: a source boots its guest and runs it; ``migrate`` returns ``{}`` at once and the
 engine (``pysev.migration.outgoing``) runs on a thread of its own; after a completed migration the source
@@ -11,16 +12,18 @@ Commands, argument schemas, error classes and messages follow QEMU where QEMU ha
 ``x-guest-digest`` (and ``x-guest-digest`` in query-migrate, taken at switchover) lets a client verify
 that the destination's plaintext equals the source's, through the firmware's debug path.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from pysev import kvm as K
-from pysev.firmware.sev.abi import Cmd, GuestState, Policy, PlatformStatusBuf
+from pysev import kvm
+from pysev.firmware.sev.abi import Cmd, GuestState, PlatformStatusBuf, Policy
 from pysev.hv.machine import DEFAULT_POLICY, Host, RunState, VirtualMachine
 from pysev.migration import MigrationCapabilities, MigrationParameters
 from pysev.migration.incoming import IncomingMigration
@@ -41,19 +44,45 @@ IN_PROGRESS = frozenset({"setup", "cancelling", "active", "device", "pre-switcho
 
 # qapi/migration.json MigrationCapability (QEMU 8.2), in schema order.
 QEMU_CAPABILITIES = (
-    "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events", "postcopy-ram", "x-colo",
-    "release-ram", "block", "return-path", "pause-before-switchover", "multifd", "dirty-bitmaps",
-    "postcopy-blocktime", "late-block-activate", "x-ignore-shared", "validate-uuid", "background-snapshot",
-    "zero-copy-send", "postcopy-preempt", "switchover-ack", "dirty-limit")
+    "xbzrle",
+    "rdma-pin-all",
+    "auto-converge",
+    "zero-blocks",
+    "compress",
+    "events",
+    "postcopy-ram",
+    "x-colo",
+    "release-ram",
+    "block",
+    "return-path",
+    "pause-before-switchover",
+    "multifd",
+    "dirty-bitmaps",
+    "postcopy-blocktime",
+    "late-block-activate",
+    "x-ignore-shared",
+    "validate-uuid",
+    "background-snapshot",
+    "zero-copy-send",
+    "postcopy-preempt",
+    "switchover-ack",
+    "dirty-limit",
+)
 _ENGINE_CAPS = {f.name.replace("_", "-") for f in dataclasses.fields(MigrationCapabilities)}
 # What the engine implements; every other capability may be set to false only. return-path is always on:
 # the commit protocol answers on it.
 SUPPORTED_CAPABILITIES = frozenset(_ENGINE_CAPS | {"return-path"})
 
 # QEMU's SevState (qapi/misc-target.json) by firmware guest state; SENT has no QEMU name.
-_SEV_STATE = {GuestState.UNINIT: "uninit", GuestState.LUPDATE: "launch-update",
-              GuestState.LSECRET: "launch-secret", GuestState.RUNNING: "running",
-              GuestState.SUPDATE: "send-update", GuestState.RUPDATE: "receive-update", GuestState.SENT: "sent"}
+_SEV_STATE = {
+    GuestState.UNINIT: "uninit",
+    GuestState.LUPDATE: "launch-update",
+    GuestState.LSECRET: "launch-secret",
+    GuestState.RUNNING: "running",
+    GuestState.SUPDATE: "send-update",
+    GuestState.RUPDATE: "receive-update",
+    GuestState.SENT: "sent",
+}
 
 # migrate-set-parameters: QMP name -> (min, max, QEMU's wording of the range).
 _PARAM_RANGES: dict[str, tuple[int, int, str]] = {
@@ -79,8 +108,15 @@ _PARAM_SCHEMA: dict[str, tuple[Any, bool]] = {
     "tls-authz": ("strornull", False),
 }
 # Parameters a running migration picks up at once (QEMU applies these live too).
-_LIVE_PARAMS = ("downtime_limit", "max_bandwidth", "throttle_trigger_threshold", "cpu_throttle_initial",
-                "cpu_throttle_increment", "cpu_throttle_tailslow", "max_cpu_throttle")
+_LIVE_PARAMS = (
+    "downtime_limit",
+    "max_bandwidth",
+    "throttle_trigger_threshold",
+    "cpu_throttle_initial",
+    "cpu_throttle_increment",
+    "cpu_throttle_tailslow",
+    "max_cpu_throttle",
+)
 
 
 class _Outgoing:
@@ -92,7 +128,7 @@ class _Outgoing:
         self.params = params
         self.caps = caps
         self.migration: OutgoingMigration | None = None
-        self._status = "setup"           # until the engine takes over
+        self._status = "setup"  # until the engine takes over
         self._error_desc: str | None = None
         self._lock = threading.Lock()
         self._cancelled = False
@@ -156,8 +192,9 @@ class _Outgoing:
         if cancelled:
             m.cancel()
         m.run()
-        log.info("outgoing migration to %s: %s%s", self.uri, m.status.value,
-                 f" ({m.error_desc})" if m.error_desc else "")
+        log.info(
+            "outgoing migration to %s: %s%s", self.uri, m.status.value, f" ({m.error_desc})" if m.error_desc else ""
+        )
 
     def _engine_event(self, name: str, data: dict) -> None:
         # The engine announces "setup" again when it starts; the client has seen it already.
@@ -169,16 +206,35 @@ class _Outgoing:
 class Vmm:
     """One host, one guest, one QMP monitor. ``incoming`` is None, ``"defer"`` or ``"tcp:HOST:PORT"``."""
 
-    def __init__(self, memory: int, *, sev: bool = True, policy: int = DEFAULT_POLICY, incoming: str | None = None,
-                 dirty_rate: float = 0.0, workload: str = "uniform", convert_rate: float = 0.0,
-                 vga_fps: float = 0.0, seed: int | None = None, name: str = "pysev-vm",
-                 host_memory: int | None = None, max_message: int | None = None) -> None:
+    def __init__(
+        self,
+        memory: int,
+        *,
+        sev: bool = True,
+        policy: int = DEFAULT_POLICY,
+        incoming: str | None = None,
+        dirty_rate: float = 0.0,
+        workload: str = "uniform",
+        convert_rate: float = 0.0,
+        vga_fps: float = 0.0,
+        seed: int | None = None,
+        name: str = "pysev-vm",
+        host_memory: int | None = None,
+        max_message: int | None = None,
+    ) -> None:
         if incoming is not None and incoming != "defer":
-            parse_tcp(incoming)     # ValueError names the problem
+            parse_tcp(incoming)  # ValueError names the problem
         self.memory = memory
         self.host = Host(name, host_memory or memory + HOST_OVERHEAD)
-        self._vm_args = dict(sev=sev, policy=policy, dirty_rate=dirty_rate, workload=workload,
-                             convert_rate=convert_rate, vga_fps=vga_fps, seed=seed)
+        self._vm_args = dict(
+            sev=sev,
+            policy=policy,
+            dirty_rate=dirty_rate,
+            workload=workload,
+            convert_rate=convert_rate,
+            vga_fps=vga_fps,
+            seed=seed,
+        )
         self.params = MigrationParameters()
         self.caps = MigrationCapabilities()
         self._lock = threading.RLock()
@@ -190,13 +246,13 @@ class Vmm:
         self.incoming_setting = incoming
         self._listener: TcpListener | None = None
         self._incoming: IncomingMigration | None = None
-        self._incoming_status: str | None = None       # None until listening; setup/active/completed/failed
+        self._incoming_status: str | None = None  # None until listening; setup/active/completed/failed
         self._incoming_error: str | None = None
         self._incoming_threads: list[threading.Thread] = []
         self._autostart = True
         self.vm = self._new_vm(incoming=incoming is not None)
         if incoming is None:
-            self.vm.boot_fill()     # every page holds known plaintext, so digests mean something
+            self.vm.boot_fill()  # every page holds known plaintext, so digests mean something
         self.table = self._build_table()
         self.server = QmpServer(self.table, **({"max_message": max_message} if max_message else {}))
 
@@ -248,9 +304,9 @@ class Vmm:
             t.join(15)
         try:
             self.vm.destroy()
-        except Exception:       # noqa: BLE001 — a failed vCPU must not keep the process alive
+        except Exception:  # noqa: BLE001 — a failed vCPU must not keep the process alive
             log.exception("destroying the guest failed")
-        time.sleep(0.1)         # let the last replies and the SHUTDOWN event reach the clients
+        time.sleep(0.1)  # let the last replies and the SHUTDOWN event reach the clients
         self.server.stop()
 
     # -- guest ----------------------------------------------------------------------------------------
@@ -314,8 +370,13 @@ class Vmm:
                     for c in conns:
                         c.close()
                     return
-                incoming = IncomingMigration(self.vm, conns, commit_timeout=self.params.commit_timeout,
-                                             on_event=self._incoming_event, verify=True)
+                incoming = IncomingMigration(
+                    self.vm,
+                    conns,
+                    commit_timeout=self.params.commit_timeout,
+                    on_event=self._incoming_event,
+                    verify=True,
+                )
                 self._incoming = incoming
                 self._incoming_status = "active"
                 self._incoming_error = None
@@ -339,11 +400,10 @@ class Vmm:
                 old = self.vm
                 try:
                     old.destroy()
-                except Exception:   # noqa: BLE001
+                except Exception:  # noqa: BLE001
                     log.exception("discarding the failed incoming guest")
                 self.vm = self._new_vm(incoming=True)
-            log.info("incoming migration failed (%s); waiting for another on %s", incoming.error_desc,
-                     listener.uri)
+            log.info("incoming migration failed (%s); waiting for another on %s", incoming.error_desc, listener.uri)
 
     def _incoming_event(self, name: str, data: dict) -> None:
         if self.caps.events:
@@ -362,16 +422,34 @@ class Vmm:
         reg("query-sev-capabilities", self.cmd_query_sev_capabilities)
         reg("migrate-set-parameters", self.cmd_migrate_set_parameters, args=_PARAM_SCHEMA)
         reg("query-migrate-parameters", self.cmd_query_migrate_parameters)
-        reg("migrate-set-capabilities", self.cmd_migrate_set_capabilities, args={
-            "capabilities": ([{"capability": (ArgEnum(*QEMU_CAPABILITIES), True), "state": ("bool", True)}], True)})
+        reg(
+            "migrate-set-capabilities",
+            self.cmd_migrate_set_capabilities,
+            args={
+                "capabilities": ([{"capability": (ArgEnum(*QEMU_CAPABILITIES), True), "state": ("bool", True)}], True)
+            },
+        )
         reg("query-migrate-capabilities", self.cmd_query_migrate_capabilities)
-        reg("migrate", self.cmd_migrate, args={
-            "uri": ("str", False),
-            "channels": ([{"channel-type": (ArgEnum("main"), True), "addr": ("object", True)}], False),
-            "detach": ("bool", False), "resume": ("bool", False), "blk": ("bool", False), "inc": ("bool", False)})
-        reg("migrate-incoming", self.cmd_migrate_incoming, args={
-            "uri": ("str", False),
-            "channels": ([{"channel-type": (ArgEnum("main"), True), "addr": ("object", True)}], False)})
+        reg(
+            "migrate",
+            self.cmd_migrate,
+            args={
+                "uri": ("str", False),
+                "channels": ([{"channel-type": (ArgEnum("main"), True), "addr": ("object", True)}], False),
+                "detach": ("bool", False),
+                "resume": ("bool", False),
+                "blk": ("bool", False),
+                "inc": ("bool", False),
+            },
+        )
+        reg(
+            "migrate-incoming",
+            self.cmd_migrate_incoming,
+            args={
+                "uri": ("str", False),
+                "channels": ([{"channel-type": (ArgEnum("main"), True), "addr": ("object", True)}], False),
+            },
+        )
         reg("migrate_cancel", self.cmd_migrate_cancel)
         reg("query-migrate", self.cmd_query_migrate)
         reg("x-guest-digest", self.cmd_x_guest_digest)
@@ -379,7 +457,7 @@ class Vmm:
 
     # -- run state ------------------------------------------------------------------------------------
     def cmd_query_status(self, args: dict, session: Session) -> dict:
-        with self._lock:    # never the discarded guest of a failed incoming migration mid-replacement
+        with self._lock:  # never the discarded guest of a failed incoming migration mid-replacement
             state = self.vm.state
         return {"status": state.value, "running": state == RunState.RUNNING, "singlestep": False}
 
@@ -388,7 +466,7 @@ class Vmm:
             self._check_alive()
             state = self.vm.state
             if state == RunState.INMIGRATE:
-                self._autostart = False     # QEMU: the guest stays paused after the incoming migration
+                self._autostart = False  # QEMU: the guest stays paused after the incoming migration
             elif state == RunState.RUNNING:
                 self.vm.pause()
 
@@ -433,13 +511,20 @@ class Vmm:
         state = "uninit"
         if vm.sev.handle:
             try:
-                gs = vm.sev.op(K.sev_cmd_id.KVM_SEV_GUEST_STATUS, K.kvm_sev_guest_status())
+                gs = vm.sev.op(kvm.sev_cmd_id.KVM_SEV_GUEST_STATUS, kvm.kvm_sev_guest_status())
                 state = _SEV_STATE.get(GuestState(gs.state), "uninit")
-            except (K.KvmError, ValueError):
+            except (kvm.KvmError, ValueError):
                 pass
-        return {"enabled": True, "api-major": status.api_major, "api-minor": status.api_minor,
-                "build-id": status.build, "policy": vm.policy, "state": state, "handle": vm.sev.handle,
-                "sev-type": "sev-es" if vm.policy & Policy.ES else "sev"}
+        return {
+            "enabled": True,
+            "api-major": status.api_major,
+            "api-minor": status.api_minor,
+            "build-id": status.build,
+            "policy": vm.policy,
+            "state": state,
+            "handle": vm.sev.handle,
+            "sev-type": "sev-es" if vm.policy & Policy.ES else "sev",
+        }
 
     def cmd_query_sev_capabilities(self, args: dict, session: Session) -> dict:
         if not self.vm.sev_enabled:
@@ -453,7 +538,7 @@ class Vmm:
             raise generic_error("Guest is waiting for an incoming migration")
         try:
             return {"digest": vm.digest()}
-        except K.KvmError as err:
+        except kvm.KvmError as err:
             desc = f"x-guest-digest: the firmware refused the debug read: {err}"
             if vm.policy & Policy.NODBG:
                 desc += f" (the guest policy {vm.policy:#x} has NODBG: debugging is forbidden)"
@@ -469,11 +554,13 @@ class Vmm:
                     raise generic_error(f"Parameter '{name.replace('-', '_')}' expects {words}")
             elif name.startswith("tls-"):
                 if value:
-                    raise generic_error(f"Parameter '{name}': TLS is not supported by pysev (private pages travel "
-                                   "encrypted and authenticated by the SEV transport keys)")
+                    raise generic_error(
+                        f"Parameter '{name}': TLS is not supported by pysev (private pages travel "
+                        "encrypted and authenticated by the SEV transport keys)"
+                    )
                 continue
             elif name.startswith("sev-"):
-                value = value or ""     # StrOrNull: null resets
+                value = value or ""  # StrOrNull: null resets
             updates[name.replace("-", "_")] = value
         with self._lock:
             self.params = dataclasses.replace(self.params, **updates)
@@ -494,8 +581,9 @@ class Vmm:
             for item in args["capabilities"]:
                 name, state = item["capability"], item["state"]
                 if name == "return-path" and not state:
-                    raise generic_error("Capability 'return-path' is required: the SEV commit protocol answers "
-                                   "on the return path")
+                    raise generic_error(
+                        "Capability 'return-path' is required: the SEV commit protocol answers on the return path"
+                    )
                 if state and name not in SUPPORTED_CAPABILITIES:
                     raise generic_error(f"Migration capability '{name}' is not supported by pysev")
                 if name in _ENGINE_CAPS:
@@ -520,8 +608,10 @@ class Vmm:
                 raise generic_error("Channel list has more than one entries")
             addr = channels[0]["addr"]
             if addr.get("transport") != "socket" or addr.get("type") != "inet":
-                raise generic_error("pysev migrates over TCP only: 'addr' must be "
-                               "{\"transport\": \"socket\", \"type\": \"inet\", \"host\": …, \"port\": …}")
+                raise generic_error(
+                    "pysev migrates over TCP only: 'addr' must be "
+                    '{"transport": "socket", "type": "inet", "host": …, "port": …}'
+                )
             host, port = addr.get("host"), addr.get("port")
             if not isinstance(host, str) or not isinstance(port, str):
                 raise generic_error("Parameter 'addr' needs string members 'host' and 'port'")
@@ -551,8 +641,10 @@ class Vmm:
             if state == RunState.INMIGRATE:
                 raise generic_error("Guest is waiting for an incoming migration")
             if state not in (RunState.RUNNING, RunState.PAUSED):
-                raise generic_error(f"The guest cannot be migrated in state '{state.value}'"
-                               + (" (it has migrated away: SEND_FINISH)" if state == RunState.POSTMIGRATE else ""))
+                raise generic_error(
+                    f"The guest cannot be migrated in state '{state.value}'"
+                    + (" (it has migrated away: SEND_FINISH)" if state == RunState.POSTMIGRATE else "")
+                )
             job = _Outgoing(self, uri, dataclasses.replace(self.params), dataclasses.replace(self.caps))
             self._outgoing = job
             job.thread.start()
@@ -566,7 +658,7 @@ class Vmm:
                 raise generic_error("'-incoming' was not specified on the command line")
             if self._incoming_status in ("setup", "active", "completed"):
                 raise generic_error("The incoming migration has already been started")
-            self._close_listener()      # after a failure: the new URI replaces the old listener
+            self._close_listener()  # after a failure: the new URI replaces the old listener
             self._listen(uri)
 
     def cmd_migrate_cancel(self, args: dict, session: Session) -> None:

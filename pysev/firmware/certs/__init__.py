@@ -15,6 +15,7 @@ that checks every link and names the first one that fails; ``files.py`` reads ce
 Everything is pure data: no globals, no I/O except the explicit ``load_*``/``read_cert_file`` helpers.
 This package serves every command set and imports none of them.
 """
+
 from pysev.firmware.certs.amd_cert import (
     AMD_CERT_FIXED_SIZE,
     AMD_CERT_SIZE_2K,
@@ -49,11 +50,39 @@ from pysev.firmware.certs.validation import (
 )
 
 __all__ = [
-    "AMD_CERT_FIXED_SIZE", "AMD_CERT_SIZE_2K", "AMD_CERT_SIZE_4K", "AMD_CERT_UNSIGNED_SIZE_2K",
-    "NAPLES_BUNDLE_SIZE", "PLAT_CERTS_SIZE", "SEV_CERT_BODY_SIZE", "SEV_CERT_SIZE",
-    "Algo", "AmdCert", "CertError", "CertPubkey", "ChainReport", "EcPublicKey", "LinkResult",
-    "RsaPublicKey", "SevCert", "Signature", "TrustAnchor", "Usage",
-    "amd_cert_validate", "ecdh_shared_secret", "ec_public_key", "join_plat_certs",
-    "load_amd_cert", "load_sev_cert", "pdh_sanity_check", "read_cert_file", "require_valid", "sev_cert_validate",
-    "split_amd_chain", "split_plat_certs", "validate_domain", "validate_platform", "verify_chain",
+    "AMD_CERT_FIXED_SIZE",
+    "AMD_CERT_SIZE_2K",
+    "AMD_CERT_SIZE_4K",
+    "AMD_CERT_UNSIGNED_SIZE_2K",
+    "NAPLES_BUNDLE_SIZE",
+    "PLAT_CERTS_SIZE",
+    "SEV_CERT_BODY_SIZE",
+    "SEV_CERT_SIZE",
+    "Algo",
+    "AmdCert",
+    "CertError",
+    "CertPubkey",
+    "ChainReport",
+    "EcPublicKey",
+    "LinkResult",
+    "RsaPublicKey",
+    "SevCert",
+    "Signature",
+    "TrustAnchor",
+    "Usage",
+    "amd_cert_validate",
+    "ecdh_shared_secret",
+    "ec_public_key",
+    "join_plat_certs",
+    "load_amd_cert",
+    "load_sev_cert",
+    "pdh_sanity_check",
+    "read_cert_file",
+    "require_valid",
+    "sev_cert_validate",
+    "split_amd_chain",
+    "split_plat_certs",
+    "validate_domain",
+    "validate_platform",
+    "verify_chain",
 ]

@@ -4,6 +4,7 @@ Layout: AMD ``amd_cert.h`` ``amd_cert_t``; byte offsets in ``docs/formats.md``. 
 the 64-byte fixed header ‖ PUBEXP ‖ MODULUS; the signature is RSASSA-PSS, stored little-endian. AMD
 published the Naples ARK without its signature; ``AmdCert.signature`` is then ``None``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,20 +27,20 @@ from pysev.firmware.certs.keys import (
     pss_sign,
 )
 
-AMD_OFF_VERSION = 0x00              # u32, = 1
-AMD_OFF_KEY_ID = 0x04               # 16 bytes
-AMD_OFF_CERTIFYING_ID = 0x14        # 16 bytes
-AMD_OFF_KEY_USAGE = 0x24            # u32
-AMD_OFF_RESERVED = 0x28             # 16 bytes, zero
-AMD_OFF_PUBEXP_SIZE = 0x38          # u32 bits
-AMD_OFF_MODULUS_SIZE = 0x3C         # u32 bits
-AMD_CERT_FIXED_SIZE = 0x40          # then PUBEXP ‖ MODULUS ‖ SIGNATURE
+AMD_OFF_VERSION = 0x00  # u32, = 1
+AMD_OFF_KEY_ID = 0x04  # 16 bytes
+AMD_OFF_CERTIFYING_ID = 0x14  # 16 bytes
+AMD_OFF_KEY_USAGE = 0x24  # u32
+AMD_OFF_RESERVED = 0x28  # 16 bytes, zero
+AMD_OFF_PUBEXP_SIZE = 0x38  # u32 bits
+AMD_OFF_MODULUS_SIZE = 0x3C  # u32 bits
+AMD_CERT_FIXED_SIZE = 0x40  # then PUBEXP ‖ MODULUS ‖ SIGNATURE
 AMD_ID_SIZE = 16
 _AMD_FIXED = struct.Struct("<I16s16sI16sII")
 assert _AMD_FIXED.size == AMD_CERT_FIXED_SIZE
 AMD_KEY_BITS = (2048, 4096)
-AMD_CERT_SIZE_2K = AMD_CERT_FIXED_SIZE + 3 * 256     # 832
-AMD_CERT_SIZE_4K = AMD_CERT_FIXED_SIZE + 3 * 512     # 1600
+AMD_CERT_SIZE_2K = AMD_CERT_FIXED_SIZE + 3 * 256  # 832
+AMD_CERT_SIZE_4K = AMD_CERT_FIXED_SIZE + 3 * 512  # 1600
 AMD_CERT_UNSIGNED_SIZE_2K = AMD_CERT_FIXED_SIZE + 2 * 256  # 576: AMD-published Naples ARK
 NAPLES_BUNDLE_SIZE = AMD_CERT_SIZE_2K + AMD_CERT_UNSIGNED_SIZE_2K  # 1408: the bundle AMD published for Naples
 AMD_CERT_MAX_SIZE = AMD_CERT_SIZE_4K
@@ -56,7 +57,7 @@ class AmdCert:
     pubexp: int
     modulus: int
     signature: bytes | None = None
-    pubexp_bits: int | None = None   # defaults to modulus_bits, as in every real cert
+    pubexp_bits: int | None = None  # defaults to modulus_bits, as in every real cert
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -73,8 +74,11 @@ class AmdCert:
     @staticmethod
     def _sizes(data: bytes, base: int) -> tuple[int, int]:
         if len(data) - base < AMD_CERT_FIXED_SIZE:
-            raise CertError("AMD certificate", base,
-                            f"{len(data) - base} bytes is shorter than the {AMD_CERT_FIXED_SIZE}-byte header")
+            raise CertError(
+                "AMD certificate",
+                base,
+                f"{len(data) - base} bytes is shorter than the {AMD_CERT_FIXED_SIZE}-byte header",
+            )
         pe_bits, mod_bits = struct.unpack_from("<II", data, base + AMD_OFF_PUBEXP_SIZE)
         if pe_bits not in AMD_KEY_BITS:
             raise CertError("PUBEXP_SIZE", base + AMD_OFF_PUBEXP_SIZE, f"{pe_bits} bits, expected 2048 or 4096")
@@ -109,17 +113,23 @@ class AmdCert:
             raise CertError("KEY_USAGE", AMD_OFF_KEY_USAGE, f"{usage:#x} is neither ARK (0x0) nor ASK (0x13)")
         check_zero(data, AMD_OFF_RESERVED, AMD_OFF_PUBEXP_SIZE, "reserved")
         off = AMD_CERT_FIXED_SIZE
-        pubexp = int_from_le(data[off:off + pe_n])
-        modulus = int_from_le(data[off + pe_n:off + pe_n + mod_n])
+        pubexp = int_from_le(data[off : off + pe_n])
+        modulus = int_from_le(data[off + pe_n : off + pe_n + mod_n])
         return cls(key_id, cert_id, Usage(usage), mod_bits, pubexp, modulus, signature, pe_bits, version)
 
     # -- writing ------------------------------------------------------------------------------------
     def signed_bytes(self) -> bytes:
         """Fixed header ‖ PUBEXP ‖ MODULUS: what is signed, and what the fused ARK hash covers."""
-        fixed = _AMD_FIXED.pack(self.version, self.key_id, self.certifying_id, self.key_usage,
-                                bytes(16), self.pubexp_bits, self.modulus_bits)
-        return (fixed + int_to_le(self.pubexp, self.pubexp_bits // 8)
-                + int_to_le(self.modulus, self.modulus_bits // 8))
+        fixed = _AMD_FIXED.pack(
+            self.version,
+            self.key_id,
+            self.certifying_id,
+            self.key_usage,
+            bytes(16),
+            self.pubexp_bits,
+            self.modulus_bits,
+        )
+        return fixed + int_to_le(self.pubexp, self.pubexp_bits // 8) + int_to_le(self.modulus, self.modulus_bits // 8)
 
     def to_bytes(self) -> bytes:
         return self.signed_bytes() + (self.signature or b"")
@@ -166,13 +176,22 @@ class AmdCert:
         return dataclasses.replace(self, signature=sig)
 
     def describe(self) -> dict:
-        return {"format": "amd", "size": len(self.to_bytes()), "version": self.version,
-                "key_id": self.key_id.hex(), "certifying_id": self.certifying_id.hex(),
-                "key_usage": describe_code(self.key_usage), "pubexp_bits": self.pubexp_bits,
-                "modulus_bits": self.modulus_bits, "pubexp": self.pubexp, "modulus": f"{self.modulus:x}",
-                "signed": self.is_signed, "self_signed_id": self.key_id == self.certifying_id,
-                "signature": self.signature[::-1].hex() if self.signature else None,
-                "key_hash_sha384": self.key_hash().hex()}
+        return {
+            "format": "amd",
+            "size": len(self.to_bytes()),
+            "version": self.version,
+            "key_id": self.key_id.hex(),
+            "certifying_id": self.certifying_id.hex(),
+            "key_usage": describe_code(self.key_usage),
+            "pubexp_bits": self.pubexp_bits,
+            "modulus_bits": self.modulus_bits,
+            "pubexp": self.pubexp,
+            "modulus": f"{self.modulus:x}",
+            "signed": self.is_signed,
+            "self_signed_id": self.key_id == self.certifying_id,
+            "signature": self.signature[::-1].hex() if self.signature else None,
+            "key_hash_sha384": self.key_hash().hex(),
+        }
 
 
 def split_amd_chain(blob: bytes | bytearray | memoryview) -> tuple[AmdCert, AmdCert]:

@@ -3,6 +3,7 @@
 Each link uses the firmware's rule (``validation.py``) and explains a failure in words; the ``pysev
 certs verify`` command prints the report.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,44 +62,61 @@ class ChainReport:
             raise SevError(bad.status, self.message)
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "message": self.message,
-                "first_failure": self.first_failure.link if self.first_failure else None,
-                "links": [{"link": r.link, "ok": r.ok, "status": r.status.name, "message": r.message}
-                          for r in self.links]}
+        return {
+            "ok": self.ok,
+            "message": self.message,
+            "first_failure": self.first_failure.link if self.first_failure else None,
+            "links": [{"link": r.link, "ok": r.ok, "status": r.status.name, "message": r.message} for r in self.links],
+        }
 
 
 def _amd_link(name: str, cert: AmdCert, parent: AmdCert, usage: Usage) -> LinkResult:
     """One ARK/ASK link, with the firmware's status (signature first, then fields) and a reason."""
     algo = f"RSA-PSS/{'SHA-256' if parent.hash is SHA256 else 'SHA-384'}"
     if not cert.is_signed:
-        return LinkResult(name, SevStatus.BAD_SIGNATURE,
-                          "certificate has no signature (AMD-published Naples ARK form)")
+        return LinkResult(name, SevStatus.BAD_SIGNATURE, "certificate has no signature (AMD-published Naples ARK form)")
     status = amd_cert_validate(cert, parent, usage)
     if status == SevStatus.SUCCESS:
         return LinkResult(name, status, f"signed by {parent.key_id.hex()} ({algo})")
     if status == SevStatus.BAD_SIGNATURE:
-        why = (f"{parent.modulus_bits}-bit key cannot have made a {cert.modulus_bits}-bit signature"
-               if cert.modulus_bits != parent.modulus_bits else "does not verify")
+        why = (
+            f"{parent.modulus_bits}-bit key cannot have made a {cert.modulus_bits}-bit signature"
+            if cert.modulus_bits != parent.modulus_bits
+            else "does not verify"
+        )
         return LinkResult(name, status, f"{algo} signature by key {parent.key_id.hex()} {why}")
     if cert.key_usage != usage:
-        return LinkResult(name, status, f"KEY_USAGE is {cert.key_usage.name} ({int(cert.key_usage):#x}), "
-                                        f"expected {usage.name}")
+        return LinkResult(
+            name, status, f"KEY_USAGE is {cert.key_usage.name} ({int(cert.key_usage):#x}), expected {usage.name}"
+        )
     if cert.certifying_id != parent.key_id:
-        return LinkResult(name, status, f"CERTIFYING_ID {cert.certifying_id.hex()} != signer KEY_ID "
-                                        f"{parent.key_id.hex()}")
+        return LinkResult(
+            name, status, f"CERTIFYING_ID {cert.certifying_id.hex()} != signer KEY_ID {parent.key_id.hex()}"
+        )
     return LinkResult(name, status, "fixed fields invalid (version or key sizes)")
 
 
 def _sev_link(name: str, cert: SevCert, expected: Usage, signer: Signer) -> LinkResult:
     if cert.pubkey_usage != expected:
-        return LinkResult(name, SevStatus.INVALID_CERTIFICATE,
-                          f"certificate usage is {cert.pubkey_usage.name}, expected {expected.name}")
+        return LinkResult(
+            name,
+            SevStatus.INVALID_CERTIFICATE,
+            f"certificate usage is {cert.pubkey_usage.name}, expected {expected.name}",
+        )
     status = sev_cert_validate(cert, signer)
     return LinkResult(name, status, explain(cert, signer, status))
 
 
-def verify_chain(ark: AmdCert, ask: AmdCert, cek: SevCert, oca: SevCert, pek: SevCert,
-                 pdh: SevCert, *, anchor: TrustAnchor | None = None) -> ChainReport:
+def verify_chain(
+    ark: AmdCert,
+    ask: AmdCert,
+    cek: SevCert,
+    oca: SevCert,
+    pek: SevCert,
+    pdh: SevCert,
+    *,
+    anchor: TrustAnchor | None = None,
+) -> ChainReport:
     """Check every link of a full chain and report each.
 
     Links: ARK self-signed (usage ARK, CERTIFYING_ID == KEY_ID), optionally pinned by ``anchor``;
@@ -108,10 +126,15 @@ def verify_chain(ark: AmdCert, ask: AmdCert, cek: SevCert, oca: SevCert, pek: Se
     links = [_amd_link("ARK (self-signed)", ark, ark, Usage.ARK)]
     if anchor is not None:
         pinned = ark_matches_anchor(ark, anchor)
-        links.append(LinkResult("ARK (trust anchor)",
-                                SevStatus.SUCCESS if pinned else SevStatus.INVALID_CERTIFICATE,
-                                "KEY_ID and SHA-384 match the pinned root" if pinned
-                                else "ARK is not the pinned root (KEY_ID or SHA-384 differs)"))
+        links.append(
+            LinkResult(
+                "ARK (trust anchor)",
+                SevStatus.SUCCESS if pinned else SevStatus.INVALID_CERTIFICATE,
+                "KEY_ID and SHA-384 match the pinned root"
+                if pinned
+                else "ARK is not the pinned root (KEY_ID or SHA-384 differs)",
+            )
+        )
     links += [
         _amd_link("ASK<-ARK", ask, ark, Usage.ASK),
         _sev_link("CEK<-ASK", cek, Usage.CEK, ask),

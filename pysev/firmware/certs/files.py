@@ -1,4 +1,5 @@
 """Certificate files: bounded reads, decoded by size. The only I/O of ``pysev.firmware.certs``."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -6,6 +6,7 @@ from the start of the certificate, table in ``docs/formats.md``), and signing an
 byte order: ECDSA P-384 r ‖ s and RSASSA-PSS, both little-endian. :class:`CertError` is the readers' one
 error: it names the field and its offset.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,25 +83,25 @@ P384_BYTES = 48
 # ---------------------------------------------------------------------------------------------------
 # The PUBKEY union of a SEV certificate, at its offsets in the certificate, and the signature data
 # ---------------------------------------------------------------------------------------------------
-OFF_PUBKEY = 0x010                  # 1028-byte union, zero-padded
+OFF_PUBKEY = 0x010  # 1028-byte union, zero-padded
 PUBKEY_SIZE = 1028
 
 # ECC public key inside the union (AMD ecc.h ECC_SCALAR_SIZE_BYTES)
-OFF_EC_CURVE = 0x010                # u32 curve id
-OFF_EC_QX = 0x014                   # 72-byte LE
-OFF_EC_QY = 0x05C                   # 72-byte LE
+OFF_EC_CURVE = 0x010  # u32 curve id
+OFF_EC_QX = 0x014  # 72-byte LE
+OFF_EC_QY = 0x05C  # 72-byte LE
 EC_SCALAR_SIZE = 72
-OFF_EC_RESERVED = 0x0A4             # .. 0x414, zero (880 bytes)
+OFF_EC_RESERVED = 0x0A4  # .. 0x414, zero (880 bytes)
 
 # RSA public key inside the union (AMD rsa.h: up to 4096 bits)
-OFF_RSA_MODULUS_BITS = 0x010        # u32
-OFF_RSA_PUBEXP = 0x014              # 512-byte LE
-OFF_RSA_MODULUS = 0x214             # 512-byte LE
+OFF_RSA_MODULUS_BITS = 0x010  # u32
+OFF_RSA_PUBEXP = 0x014  # 512-byte LE
+OFF_RSA_MODULUS = 0x214  # 512-byte LE
 RSA_MAX_BYTES = 512
 assert OFF_RSA_MODULUS + RSA_MAX_BYTES == OFF_PUBKEY + PUBKEY_SIZE
 assert OFF_EC_QY + EC_SCALAR_SIZE == OFF_EC_RESERVED
 
-SIG_SIZE = 512                      # the signature data of a slot
+SIG_SIZE = 512  # the signature data of a slot
 ECDSA_SIG_USED = 2 * EC_SCALAR_SIZE  # R[72] ‖ S[72]; the remaining 368 bytes are zero
 
 
@@ -169,9 +170,13 @@ class RsaPublicKey:
 
     def is_valid(self) -> bool:
         """AMD ``rsa.c`` ``rsa_pubkey_is_valid`` (size ≤ 4096) plus a usable key (odd modulus that fits)."""
-        return (0 < self.modulus_bits <= 8 * RSA_MAX_BYTES and self.modulus_bits % 8 == 0
-                and self.modulus.bit_length() <= self.modulus_bits and self.modulus % 2 == 1
-                and 1 < self.pubexp < self.modulus)
+        return (
+            0 < self.modulus_bits <= 8 * RSA_MAX_BYTES
+            and self.modulus_bits % 8 == 0
+            and self.modulus.bit_length() <= self.modulus_bits
+            and self.modulus % 2 == 1
+            and 1 < self.pubexp < self.modulus
+        )
 
     def to_rsa(self) -> RSA.RsaKey:
         return RSA.construct((self.modulus, self.pubexp), consistency_check=True)
@@ -182,7 +187,6 @@ class RsaPublicKey:
 
     def summary(self) -> str:
         return f"RSA-{self.modulus_bits} e={self.pubexp}"
-
 
 
 PublicKey = EcPublicKey | RsaPublicKey
@@ -208,7 +212,6 @@ class CertPubkey:
         if self.algo.is_ecc:
             return isinstance(self.key, EcPublicKey) and self.key.is_valid()
         return False
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -249,4 +252,3 @@ def pss_verify(pub: RsaPublicKey, hash_mod, message: bytes, sig_le: bytes) -> bo
     except ValueError:
         return False
     return True
-

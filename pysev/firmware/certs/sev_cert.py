@@ -5,6 +5,7 @@ PUBKEY union is in ``keys.py``); byte offsets in ``docs/formats.md``. The signed
 [0x000, 0x414). Readers treat their input as hostile and raise ``CertError`` naming the field and its
 offset.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,21 +51,21 @@ from pysev.firmware.status import SevError, SevStatus
 if TYPE_CHECKING:
     from pysev.firmware.certs.amd_cert import AmdCert
 
-SEV_CERT_SIZE = 0x824               # 2084
-SEV_CERT_BODY_SIZE = OFF_PUBKEY + PUBKEY_SIZE   # 0x414: signed bytes = [0x000, 0x414)
-OFF_VERSION = 0x000                 # u32, = 1
-OFF_API_MAJOR = 0x004               # u8
-OFF_API_MINOR = 0x005               # u8
-OFF_RESERVED = 0x006                # u16, 0
-OFF_PUBKEY_USAGE = 0x008            # u32
-OFF_PUBKEY_ALGO = 0x00C             # u32
+SEV_CERT_SIZE = 0x824  # 2084
+SEV_CERT_BODY_SIZE = OFF_PUBKEY + PUBKEY_SIZE  # 0x414: signed bytes = [0x000, 0x414)
+OFF_VERSION = 0x000  # u32, = 1
+OFF_API_MAJOR = 0x004  # u8
+OFF_API_MINOR = 0x005  # u8
+OFF_RESERVED = 0x006  # u16, 0
+OFF_PUBKEY_USAGE = 0x008  # u32
+OFF_PUBKEY_ALGO = 0x00C  # u32
 _HEADER = struct.Struct("<IBBHII")  # version .. pubkey_algo, 16 bytes
 assert _HEADER.size == OFF_PUBKEY
 
 # Signature slots
 OFF_SIG1 = 0x414
 OFF_SIG2 = 0x61C
-SIG_SLOT_SIZE = 0x208               # usage u32, algo u32, 512 signature bytes
+SIG_SLOT_SIZE = 0x208  # usage u32, algo u32, 512 signature bytes
 _SLOT_HEADER = struct.Struct("<II")
 assert OFF_SIG1 == SEV_CERT_BODY_SIZE and OFF_SIG1 + SIG_SLOT_SIZE == OFF_SIG2
 assert OFF_SIG2 + SIG_SLOT_SIZE == SEV_CERT_SIZE and _SLOT_HEADER.size + SIG_SIZE == SIG_SLOT_SIZE
@@ -148,8 +149,11 @@ class SevCert:
             (curve,) = struct.unpack_from("<I", data, OFF_EC_CURVE)
             if curve != CURVE_P384:
                 raise CertError("CURVE", OFF_EC_CURVE, f"curve id {curve}, only 2 (P-384) is supported")
-            pubkey = EcPublicKey(int_from_le(data[OFF_EC_QX:OFF_EC_QX + EC_SCALAR_SIZE]),
-                                 int_from_le(data[OFF_EC_QY:OFF_EC_QY + EC_SCALAR_SIZE]), curve)
+            pubkey = EcPublicKey(
+                int_from_le(data[OFF_EC_QX : OFF_EC_QX + EC_SCALAR_SIZE]),
+                int_from_le(data[OFF_EC_QY : OFF_EC_QY + EC_SCALAR_SIZE]),
+                curve,
+            )
             check_zero(data, OFF_EC_RESERVED, SEV_CERT_BODY_SIZE, "PUBKEY reserved")
             if check_key and not pubkey.is_valid():
                 raise CertError("PUBKEY", OFF_EC_QX, "point (QX, QY) is not on P-384")
@@ -160,8 +164,11 @@ class SevCert:
             n = bits // 8
             check_zero(data, OFF_RSA_PUBEXP + n, OFF_RSA_MODULUS, "PUB_EXP padding")
             check_zero(data, OFF_RSA_MODULUS + n, SEV_CERT_BODY_SIZE, "MODULUS padding")
-            pubkey = RsaPublicKey(bits, int_from_le(data[OFF_RSA_PUBEXP:OFF_RSA_PUBEXP + n]),
-                                  int_from_le(data[OFF_RSA_MODULUS:OFF_RSA_MODULUS + n]))
+            pubkey = RsaPublicKey(
+                bits,
+                int_from_le(data[OFF_RSA_PUBEXP : OFF_RSA_PUBEXP + n]),
+                int_from_le(data[OFF_RSA_MODULUS : OFF_RSA_MODULUS + n]),
+            )
             if check_key and not pubkey.is_valid():
                 raise CertError("PUBKEY", OFF_RSA_MODULUS, "not a usable RSA public key")
         else:
@@ -175,7 +182,7 @@ class SevCert:
         usage = _enum(Usage, usage, f"{name}_USAGE", off)
         algo = _enum(Algo, algo, f"{name}_ALGO", off + 4)
         sig_off = off + _SLOT_HEADER.size
-        sig = Signature(usage, algo, data[sig_off:sig_off + SIG_SIZE])
+        sig = Signature(usage, algo, data[sig_off : sig_off + SIG_SIZE])
         if sig.is_empty:
             check_zero(data, sig_off, sig_off + SIG_SIZE, f"{name} (empty slot)")
         elif algo.is_ecdsa:
@@ -186,17 +193,16 @@ class SevCert:
     def body(self) -> bytes:
         """The signed bytes [0x000, 0x414)."""
         out = bytearray(SEV_CERT_BODY_SIZE)
-        _HEADER.pack_into(out, 0, self.version, self.api_major, self.api_minor, 0,
-                          self.pubkey_usage, self.pubkey_algo)
+        _HEADER.pack_into(out, 0, self.version, self.api_major, self.api_minor, 0, self.pubkey_usage, self.pubkey_algo)
         if isinstance(self.pubkey, EcPublicKey):
             struct.pack_into("<I", out, OFF_EC_CURVE, self.pubkey.curve)
-            out[OFF_EC_QX:OFF_EC_QX + EC_SCALAR_SIZE] = int_to_le(self.pubkey.x, EC_SCALAR_SIZE)
-            out[OFF_EC_QY:OFF_EC_QY + EC_SCALAR_SIZE] = int_to_le(self.pubkey.y, EC_SCALAR_SIZE)
+            out[OFF_EC_QX : OFF_EC_QX + EC_SCALAR_SIZE] = int_to_le(self.pubkey.x, EC_SCALAR_SIZE)
+            out[OFF_EC_QY : OFF_EC_QY + EC_SCALAR_SIZE] = int_to_le(self.pubkey.y, EC_SCALAR_SIZE)
         else:
             n = self.pubkey.modulus_bits // 8
             struct.pack_into("<I", out, OFF_RSA_MODULUS_BITS, self.pubkey.modulus_bits)
-            out[OFF_RSA_PUBEXP:OFF_RSA_PUBEXP + n] = int_to_le(self.pubkey.pubexp, n)
-            out[OFF_RSA_MODULUS:OFF_RSA_MODULUS + n] = int_to_le(self.pubkey.modulus, n)
+            out[OFF_RSA_PUBEXP : OFF_RSA_PUBEXP + n] = int_to_le(self.pubkey.pubexp, n)
+            out[OFF_RSA_MODULUS : OFF_RSA_MODULUS + n] = int_to_le(self.pubkey.modulus, n)
         return bytes(out)
 
     def to_bytes(self) -> bytes:
@@ -204,8 +210,14 @@ class SevCert:
 
     # -- building and signing -----------------------------------------------------------------------
     @classmethod
-    def build(cls, public_key: ECC.EccKey | RSA.RsaKey | PublicKey, usage: Usage, algo: Algo,
-              api_major: int = 0, api_minor: int = 0) -> SevCert:
+    def build(
+        cls,
+        public_key: ECC.EccKey | RSA.RsaKey | PublicKey,
+        usage: Usage,
+        algo: Algo,
+        api_major: int = 0,
+        api_minor: int = 0,
+    ) -> SevCert:
         """An unsigned certificate for a public key (AMD ``sev_cert.c`` ``sev_cert_create`` without a signer)."""
         usage, algo = Usage(usage), Algo(algo)
         if usage not in KEY_USAGES:
@@ -254,8 +266,11 @@ class SevCert:
     def sign_as(self, signer: SevCert | AmdCert, private_key: ECC.EccKey | RSA.RsaKey) -> SevCert:
         """Sign with the private half of ``signer``'s key, using the signer's usage and algo."""
         pub = signer.signing_key if isinstance(signer, SevCert) else signer.export_pubkey()
-        mine = (EcPublicKey.from_ecc(private_key) if isinstance(private_key, ECC.EccKey)
-                else RsaPublicKey.from_rsa(private_key))
+        mine = (
+            EcPublicKey.from_ecc(private_key)
+            if isinstance(private_key, ECC.EccKey)
+            else RsaPublicKey.from_rsa(private_key)
+        )
         if mine != pub.key:
             raise ValueError(f"private key does not belong to the {pub.usage.name} certificate")
         return self.sign(private_key, pub.usage, pub.algo)
@@ -270,27 +285,47 @@ class SevCert:
 
     def describe(self) -> dict:
         """Every field, decoded, as plain JSON-able data."""
+
         def slot(s: Signature) -> dict:
-            out = {"usage": describe_code(s.usage), "algo": describe_code(s.algo), "empty": s.is_empty,
-                   "malformed": s.is_malformed}
-            if s.algo.is_ecdsa:   # r, s as big-endian hex
+            out = {
+                "usage": describe_code(s.usage),
+                "algo": describe_code(s.algo),
+                "empty": s.is_empty,
+                "malformed": s.is_malformed,
+            }
+            if s.algo.is_ecdsa:  # r, s as big-endian hex
                 out["r"] = f"{int_from_le(s.sig[:EC_SCALAR_SIZE]):096x}"
                 out["s"] = f"{int_from_le(s.sig[EC_SCALAR_SIZE:ECDSA_SIG_USED]):096x}"
             elif not s.is_empty:  # RSA: the standard big-endian octet string
                 out["sig"] = s.sig.rstrip(b"\0")[::-1].hex()
             return out
-        pk = self.pubkey
-        key = ({"type": "ecc", "curve": pk.curve, "curve_name": "P-384" if pk.curve == CURVE_P384 else None,
-                "qx": f"{pk.x:096x}", "qy": f"{pk.y:096x}", "on_curve": pk.is_valid()}
-               if isinstance(pk, EcPublicKey) else
-               {"type": "rsa", "modulus_bits": pk.modulus_bits, "pubexp": pk.pubexp,
-                "modulus": f"{pk.modulus:x}"})
-        return {"format": "sev", "size": SEV_CERT_SIZE, "version": self.version,
-                "api": f"{self.api_major}.{self.api_minor}", "api_major": self.api_major,
-                "api_minor": self.api_minor, "pubkey_usage": describe_code(self.pubkey_usage),
-                "pubkey_algo": describe_code(self.pubkey_algo), "pubkey": key,
-                "sig1": slot(self.sig1), "sig2": slot(self.sig2)}
 
+        pk = self.pubkey
+        key = (
+            {
+                "type": "ecc",
+                "curve": pk.curve,
+                "curve_name": "P-384" if pk.curve == CURVE_P384 else None,
+                "qx": f"{pk.x:096x}",
+                "qy": f"{pk.y:096x}",
+                "on_curve": pk.is_valid(),
+            }
+            if isinstance(pk, EcPublicKey)
+            else {"type": "rsa", "modulus_bits": pk.modulus_bits, "pubexp": pk.pubexp, "modulus": f"{pk.modulus:x}"}
+        )
+        return {
+            "format": "sev",
+            "size": SEV_CERT_SIZE,
+            "version": self.version,
+            "api": f"{self.api_major}.{self.api_minor}",
+            "api_major": self.api_major,
+            "api_minor": self.api_minor,
+            "pubkey_usage": describe_code(self.pubkey_usage),
+            "pubkey_algo": describe_code(self.pubkey_algo),
+            "pubkey": key,
+            "sig1": slot(self.sig1),
+            "sig2": slot(self.sig2),
+        }
 
 
 def ec_public_key(key: ECC.EccKey | EcPublicKey | SevCert) -> EcPublicKey:
@@ -318,14 +353,16 @@ def ecdh_shared_secret(private_key: ECC.EccKey, peer: SevCert | EcPublicKey | EC
     return z
 
 
-def split_plat_certs(blob: bytes | bytearray | memoryview, *,
-                     check_key: bool = True) -> tuple[SevCert, SevCert, SevCert]:
+def split_plat_certs(
+    blob: bytes | bytearray | memoryview, *, check_key: bool = True
+) -> tuple[SevCert, SevCert, SevCert]:
     """Split PDH_CERT_EXPORT / SEND_START ``plat_certs`` PEK ‖ OCA ‖ CEK into ``(pek, oca, cek)``."""
     blob = bytes(blob)
     if len(blob) != PLAT_CERTS_SIZE:
         raise CertError("platform certificate chain", None, f"length must be {PLAT_CERTS_SIZE}, got {len(blob)}")
-    pek, oca, cek = (SevCert.from_bytes(blob[i * SEV_CERT_SIZE:(i + 1) * SEV_CERT_SIZE], check_key=check_key)
-                     for i in range(3))
+    pek, oca, cek = (
+        SevCert.from_bytes(blob[i * SEV_CERT_SIZE : (i + 1) * SEV_CERT_SIZE], check_key=check_key) for i in range(3)
+    )
     return pek, oca, cek
 
 

@@ -4,6 +4,7 @@ AMD's firmware source: ``sev_cert.c`` ``sev_cert_validate`` and ``sev_cert_sanit
 ``amd_cert_validate`` and ``amd_cert_validate_ark``, ``sev_mcmd.c`` ``validate_platform`` and
 ``validate_domain`` (the chain checks of SEND_START). ``require_valid`` raises instead, naming the link.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -87,8 +88,9 @@ def amd_cert_validate(cert: AmdCert, parent: AmdCert | None, expected_usage: Usa
     """AMD ``amd_cert.c`` ``amd_cert_validate``: signature by ``parent`` (or none if ``parent`` is None), then the
     fixed fields, then usage and CERTIFYING_ID == parent's KEY_ID (own KEY_ID when no parent)."""
     if parent is not None:
-        if cert.signature is None or not pss_verify(parent.public_key, parent.hash, cert.signed_bytes(),
-                                                     cert.signature):
+        if cert.signature is None or not pss_verify(
+            parent.public_key, parent.hash, cert.signed_bytes(), cert.signature
+        ):
             return SevStatus.BAD_SIGNATURE
     if cert.version != 1 or cert.modulus_bits not in AMD_KEY_BITS or cert.pubexp_bits not in AMD_KEY_BITS:
         return SevStatus.INVALID_CERTIFICATE
@@ -127,12 +129,12 @@ class TrustAnchor:
 
 def ark_matches_anchor(ark: AmdCert, anchor: TrustAnchor) -> bool:
     """The ARK is the pinned root: its KEY_ID and its SHA-384 both match (compared in constant time)."""
-    return (hmac.compare_digest(ark.key_id, anchor.ark_key_id)
-            and hmac.compare_digest(ark.key_hash(), anchor.ark_hash))
+    return hmac.compare_digest(ark.key_id, anchor.ark_key_id) and hmac.compare_digest(ark.key_hash(), anchor.ark_hash)
 
 
-def validate_platform(pdh: bytes | SevCert, plat_certs: bytes, amd_certs: bytes, anchor: TrustAnchor,
-                      *, allow_unsigned_ark: bool = False) -> SevStatus:
+def validate_platform(
+    pdh: bytes | SevCert, plat_certs: bytes, amd_certs: bytes, anchor: TrustAnchor, *, allow_unsigned_ark: bool = False
+) -> SevStatus:
     """SEND_START with policy bit SEV (AMD ``sev_mcmd.c`` ``validate_platform``), in firmware order.
 
     Lengths (INVALID_LENGTH); ARK self-signed, usage ARK, CERTIFYING_ID == KEY_ID, KEY_ID and hash equal
@@ -151,7 +153,7 @@ def validate_platform(pdh: bytes | SevCert, plat_certs: bytes, amd_certs: bytes,
     except CertError:
         return SevStatus.INVALID_LENGTH
     if not ark.is_signed and not allow_unsigned_ark:
-        return SevStatus.INVALID_LENGTH   # Genoa's amd_cert_chain_length_is_valid rejects 1408
+        return SevStatus.INVALID_LENGTH  # Genoa's amd_cert_chain_length_is_valid rejects 1408
     try:
         pek, _oca, cek = split_plat_certs(plat_certs, check_key=False)
         pdh_cert = SevCert.from_bytes(pdh_bytes, check_key=False)
@@ -164,7 +166,7 @@ def validate_platform(pdh: bytes | SevCert, plat_certs: bytes, amd_certs: bytes,
         return SevStatus.INVALID_CERTIFICATE
     status = amd_cert_validate(ask, ark, Usage.ASK)
     if status == SevStatus.SUCCESS:
-        status = sev_cert_validate(cek, ask)        # ASK exported as a SEV signing key
+        status = sev_cert_validate(cek, ask)  # ASK exported as a SEV signing key
     if status == SevStatus.SUCCESS:
         status = sev_cert_validate(pek, cek)
     if status == SevStatus.SUCCESS:
@@ -191,7 +193,7 @@ def validate_domain(pdh: bytes | SevCert, plat_certs: bytes, own_oca: bytes | Se
     if status != SevStatus.SUCCESS:
         return status
     own = own_oca.to_bytes() if isinstance(own_oca, SevCert) else bytes(own_oca)
-    supplied = plat_certs[SEV_CERT_SIZE:2 * SEV_CERT_SIZE]
+    supplied = plat_certs[SEV_CERT_SIZE : 2 * SEV_CERT_SIZE]
     return SevStatus.SUCCESS if hmac.compare_digest(bytes(supplied), own) else SevStatus.POLICY_FAILURE
 
 
@@ -221,4 +223,3 @@ def explain(cert: SevCert, signer: Signer, status: SevStatus) -> str:
     if not _body_is_valid(cert):
         return "certificate body invalid (version or public key, e.g. point not on P-384)"
     return f"a {key.usage.name} key may not certify a {cert.pubkey_usage.name} key"
-

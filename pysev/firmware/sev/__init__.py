@@ -5,6 +5,7 @@ platform, guest, launch and debug commands: ``Platform``), ``transport`` (SEND_*
 forms), ``session`` (session blob, packets, MACs), ``identity`` (PEK/PDH/OCA/CEK), ``guest`` (a guest's
 firmware context).
 """
+
 from pysev.firmware.sev.abi import (  # noqa: F401  (the names other layers use)
     CBITPOS,
     REDUCED_PHYS_BITS,

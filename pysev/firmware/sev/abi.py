@@ -8,6 +8,7 @@ DRAM. ``pack``/``unpack`` share the layout (``pysev.firmware.mailbox.CommandBuff
 The sizes of every blob a command takes are here too: the certificate sizes come from
 ``pysev.firmware.certs`` (the format's home), page and packet-header geometry from ``csev.packet``.
 """
+
 from __future__ import annotations
 
 import enum
@@ -106,63 +107,153 @@ API_MAJOR, API_MINOR, BUILD = 0, 24, 15
 CBITPOS = 51
 REDUCED_PHYS_BITS = 1
 
-SEV_FW_BLOB_MAX_SIZE = 0x4000               # largest blob KVM copies in (Linux include/linux/psp-sev.h)
-SESSION_SIZE = 128                          # the session blob (AMD sev_channel.h sev_session_t)
-MEASURE_SIZE = 48                           # MEASURE(32) ‖ MNONCE(16) (AMD sev_channel.h sev_measurement_t)
+SEV_FW_BLOB_MAX_SIZE = 0x4000  # largest blob KVM copies in (Linux include/linux/psp-sev.h)
+SESSION_SIZE = 128  # the session blob (AMD sev_channel.h sev_session_t)
+MEASURE_SIZE = 48  # MEASURE(32) ‖ MNONCE(16) (AMD sev_channel.h sev_measurement_t)
 GET_ID_SIZE = 64
-SCRATCH_BUF_LEN = 0x5000                    # largest packet the firmware accepts (AMD sev_globals.h)
-VMSA_SIZE = PAGE_SIZE                       # LAUNCH_UPDATE_VMSA takes exactly one page
+SCRATCH_BUF_LEN = 0x5000  # largest packet the firmware accepts (AMD sev_globals.h)
+VMSA_SIZE = PAGE_SIZE  # LAUNCH_UPDATE_VMSA takes exactly one page
 
 
 # In/Out per field as in psp-sev.h; handles are In/Out where the firmware assigns them.
 InitBuf = command_buffer("InitBuf", (("flags", "I"), (None, "I"), ("tmr_address", "Q"), ("tmr_len", "I")))
-INIT_FLAGS_SEV_ES = 1 << 0                  # AMD sev_plat.h SEV_CONFIG_ES_FLAG
-PlatformStatusBuf = command_buffer("PlatformStatusBuf", (   # Out, written in place (12 bytes)
-    ("api_major", "B"), ("api_minor", "B"), ("state", "B"), ("owner", "B"),
-    ("config", "H"), (None, "B"), ("build", "B"), ("guest_count", "I")))
-PekCsrBuf = command_buffer("PekCsrBuf", (("address", "Q"), ("len", "I")))              # len In/Out
-PekCertImportBuf = command_buffer("PekCertImportBuf", (
-    ("pek_cert_address", "Q"), ("pek_cert_len", "I"), (None, "I"),
-    ("oca_cert_address", "Q"), ("oca_cert_len", "I")))
-PdhCertExportBuf = command_buffer("PdhCertExportBuf", (
-    ("pdh_cert_address", "Q"), ("pdh_cert_len", "I"), (None, "I"),                       # lens In/Out
-    ("cert_chain_address", "Q"), ("cert_chain_len", "I")))
-GetIdBuf = command_buffer("GetIdBuf", (("address", "Q"), ("len", "I")))                 # len In/Out
+INIT_FLAGS_SEV_ES = 1 << 0  # AMD sev_plat.h SEV_CONFIG_ES_FLAG
+PlatformStatusBuf = command_buffer(
+    "PlatformStatusBuf",
+    (  # Out, written in place (12 bytes)
+        ("api_major", "B"),
+        ("api_minor", "B"),
+        ("state", "B"),
+        ("owner", "B"),
+        ("config", "H"),
+        (None, "B"),
+        ("build", "B"),
+        ("guest_count", "I"),
+    ),
+)
+PekCsrBuf = command_buffer("PekCsrBuf", (("address", "Q"), ("len", "I")))  # len In/Out
+PekCertImportBuf = command_buffer(
+    "PekCertImportBuf",
+    (("pek_cert_address", "Q"), ("pek_cert_len", "I"), (None, "I"), ("oca_cert_address", "Q"), ("oca_cert_len", "I")),
+)
+PdhCertExportBuf = command_buffer(
+    "PdhCertExportBuf",
+    (
+        ("pdh_cert_address", "Q"),
+        ("pdh_cert_len", "I"),
+        (None, "I"),  # lens In/Out
+        ("cert_chain_address", "Q"),
+        ("cert_chain_len", "I"),
+    ),
+)
+GetIdBuf = command_buffer("GetIdBuf", (("address", "Q"), ("len", "I")))  # len In/Out
 HandleBuf = command_buffer("HandleBuf", (("handle", "I"),))
 ActivateBuf = command_buffer("ActivateBuf", (("handle", "I"), ("asid", "I")))
-GuestStatusBuf = command_buffer("GuestStatusBuf", (
-    ("handle", "I"), ("policy", "I"), ("asid", "I"), ("state", "B")))                    # policy..state Out
-LaunchStartBuf = command_buffer("LaunchStartBuf", (
-    ("handle", "I"), ("policy", "I"), ("dh_cert_address", "Q"), ("dh_cert_len", "I"), (None, "I"),
-    ("session_address", "Q"), ("session_len", "I")))
-LaunchUpdateBuf = command_buffer("LaunchUpdateBuf", (                                   # _DATA and _VMSA
-    ("handle", "I"), (None, "I"), ("address", "Q"), ("len", "I")))
-LaunchMeasureBuf = command_buffer("LaunchMeasureBuf", (
-    ("handle", "I"), (None, "I"), ("address", "Q"), ("len", "I")))                       # len In/Out
-TransportBuf = command_buffer("TransportBuf", (   # LAUNCH_SECRET, SEND_UPDATE_*, RECEIVE_UPDATE_* (0x34 bytes)
-    ("handle", "I"), (None, "I"), ("hdr_address", "Q"), ("hdr_len", "I"), (None, "I"),
-    ("guest_address", "Q"), ("guest_len", "I"), (None, "I"), ("trans_address", "Q"), ("trans_len", "I")))
-SendStartBuf = command_buffer("SendStartBuf", (
-    ("handle", "I"), ("policy", "I"), ("pdh_cert_address", "Q"), ("pdh_cert_len", "I"), (None, "I"),
-    ("plat_certs_address", "Q"), ("plat_certs_len", "I"), (None, "I"),
-    ("amd_certs_address", "Q"), ("amd_certs_len", "I"), (None, "I"),
-    ("session_address", "Q"), ("session_len", "I")))
-ReceiveStartBuf = command_buffer("ReceiveStartBuf", (
-    ("handle", "I"), ("policy", "I"), ("pdh_cert_address", "Q"), ("pdh_cert_len", "I"), (None, "I"),
-    ("session_address", "Q"), ("session_len", "I")))
-DbgBuf = command_buffer("DbgBuf", (
-    ("handle", "I"), (None, "I"), ("src_addr", "Q"), ("dst_addr", "Q"), ("len", "I")))
+GuestStatusBuf = command_buffer(
+    "GuestStatusBuf", (("handle", "I"), ("policy", "I"), ("asid", "I"), ("state", "B"))
+)  # policy..state Out
+LaunchStartBuf = command_buffer(
+    "LaunchStartBuf",
+    (
+        ("handle", "I"),
+        ("policy", "I"),
+        ("dh_cert_address", "Q"),
+        ("dh_cert_len", "I"),
+        (None, "I"),
+        ("session_address", "Q"),
+        ("session_len", "I"),
+    ),
+)
+LaunchUpdateBuf = command_buffer(
+    "LaunchUpdateBuf",
+    (  # _DATA and _VMSA
+        ("handle", "I"),
+        (None, "I"),
+        ("address", "Q"),
+        ("len", "I"),
+    ),
+)
+LaunchMeasureBuf = command_buffer(
+    "LaunchMeasureBuf", (("handle", "I"), (None, "I"), ("address", "Q"), ("len", "I"))
+)  # len In/Out
+TransportBuf = command_buffer(
+    "TransportBuf",
+    (  # LAUNCH_SECRET, SEND_UPDATE_*, RECEIVE_UPDATE_* (0x34 bytes)
+        ("handle", "I"),
+        (None, "I"),
+        ("hdr_address", "Q"),
+        ("hdr_len", "I"),
+        (None, "I"),
+        ("guest_address", "Q"),
+        ("guest_len", "I"),
+        (None, "I"),
+        ("trans_address", "Q"),
+        ("trans_len", "I"),
+    ),
+)
+SendStartBuf = command_buffer(
+    "SendStartBuf",
+    (
+        ("handle", "I"),
+        ("policy", "I"),
+        ("pdh_cert_address", "Q"),
+        ("pdh_cert_len", "I"),
+        (None, "I"),
+        ("plat_certs_address", "Q"),
+        ("plat_certs_len", "I"),
+        (None, "I"),
+        ("amd_certs_address", "Q"),
+        ("amd_certs_len", "I"),
+        (None, "I"),
+        ("session_address", "Q"),
+        ("session_len", "I"),
+    ),
+)
+ReceiveStartBuf = command_buffer(
+    "ReceiveStartBuf",
+    (
+        ("handle", "I"),
+        ("policy", "I"),
+        ("pdh_cert_address", "Q"),
+        ("pdh_cert_len", "I"),
+        (None, "I"),
+        ("session_address", "Q"),
+        ("session_len", "I"),
+    ),
+)
+DbgBuf = command_buffer("DbgBuf", (("handle", "I"), (None, "I"), ("src_addr", "Q"), ("dst_addr", "Q"), ("len", "I")))
 
 BUFFERS: dict[Cmd, type[CommandBuffer] | None] = {
-    Cmd.INIT: InitBuf, Cmd.SHUTDOWN: None, Cmd.PLATFORM_RESET: None, Cmd.PLATFORM_STATUS: PlatformStatusBuf,
-    Cmd.PEK_GEN: None, Cmd.PEK_CSR: PekCsrBuf, Cmd.PEK_CERT_IMPORT: PekCertImportBuf,
-    Cmd.PDH_CERT_EXPORT: PdhCertExportBuf, Cmd.PDH_GEN: None, Cmd.DF_FLUSH: None, Cmd.GET_ID: GetIdBuf,
-    Cmd.DECOMMISSION: HandleBuf, Cmd.ACTIVATE: ActivateBuf, Cmd.DEACTIVATE: HandleBuf,
-    Cmd.GUEST_STATUS: GuestStatusBuf, Cmd.LAUNCH_START: LaunchStartBuf, Cmd.LAUNCH_UPDATE_DATA: LaunchUpdateBuf,
-    Cmd.LAUNCH_UPDATE_VMSA: LaunchUpdateBuf, Cmd.LAUNCH_MEASURE: LaunchMeasureBuf, Cmd.LAUNCH_SECRET: TransportBuf,
-    Cmd.LAUNCH_FINISH: HandleBuf, Cmd.SEND_START: SendStartBuf, Cmd.SEND_UPDATE_DATA: TransportBuf,
-    Cmd.SEND_UPDATE_VMSA: TransportBuf, Cmd.SEND_FINISH: HandleBuf, Cmd.SEND_CANCEL: HandleBuf,
-    Cmd.RECEIVE_START: ReceiveStartBuf, Cmd.RECEIVE_UPDATE_DATA: TransportBuf,
-    Cmd.RECEIVE_UPDATE_VMSA: TransportBuf, Cmd.RECEIVE_FINISH: HandleBuf,
-    Cmd.DBG_DECRYPT: DbgBuf, Cmd.DBG_ENCRYPT: DbgBuf,
+    Cmd.INIT: InitBuf,
+    Cmd.SHUTDOWN: None,
+    Cmd.PLATFORM_RESET: None,
+    Cmd.PLATFORM_STATUS: PlatformStatusBuf,
+    Cmd.PEK_GEN: None,
+    Cmd.PEK_CSR: PekCsrBuf,
+    Cmd.PEK_CERT_IMPORT: PekCertImportBuf,
+    Cmd.PDH_CERT_EXPORT: PdhCertExportBuf,
+    Cmd.PDH_GEN: None,
+    Cmd.DF_FLUSH: None,
+    Cmd.GET_ID: GetIdBuf,
+    Cmd.DECOMMISSION: HandleBuf,
+    Cmd.ACTIVATE: ActivateBuf,
+    Cmd.DEACTIVATE: HandleBuf,
+    Cmd.GUEST_STATUS: GuestStatusBuf,
+    Cmd.LAUNCH_START: LaunchStartBuf,
+    Cmd.LAUNCH_UPDATE_DATA: LaunchUpdateBuf,
+    Cmd.LAUNCH_UPDATE_VMSA: LaunchUpdateBuf,
+    Cmd.LAUNCH_MEASURE: LaunchMeasureBuf,
+    Cmd.LAUNCH_SECRET: TransportBuf,
+    Cmd.LAUNCH_FINISH: HandleBuf,
+    Cmd.SEND_START: SendStartBuf,
+    Cmd.SEND_UPDATE_DATA: TransportBuf,
+    Cmd.SEND_UPDATE_VMSA: TransportBuf,
+    Cmd.SEND_FINISH: HandleBuf,
+    Cmd.SEND_CANCEL: HandleBuf,
+    Cmd.RECEIVE_START: ReceiveStartBuf,
+    Cmd.RECEIVE_UPDATE_DATA: TransportBuf,
+    Cmd.RECEIVE_UPDATE_VMSA: TransportBuf,
+    Cmd.RECEIVE_FINISH: HandleBuf,
+    Cmd.DBG_DECRYPT: DbgBuf,
+    Cmd.DBG_ENCRYPT: DbgBuf,
 }

@@ -3,6 +3,7 @@
 The secrets (VEK, TEK, TIK) live only here and in the memory controller's key slots; ``repr`` shows
 none of them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,12 +30,11 @@ class GuestContext:
     asid: int = 0
     tek: bytes = bytes(16)
     tik: bytes = bytes(16)
-    digest: hashlib._Hash = dataclasses.field(default_factory=hashlib.sha256)   # the launch digest
+    digest: hashlib._Hash = dataclasses.field(default_factory=hashlib.sha256)  # the launch digest
     measure: bytes = bytes(32)
 
     def __repr__(self) -> str:
-        return (f"GuestContext(handle={self.handle}, policy={self.policy:#x}, state={self.state.name}, "
-                f"asid={self.asid})")
+        return f"GuestContext(handle={self.handle}, policy={self.policy:#x}, state={self.state.name}, asid={self.asid})"
 
     def zeroize_channel(self) -> None:
         self.tek = self.tik = bytes(16)

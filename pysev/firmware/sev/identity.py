@@ -6,6 +6,7 @@ as AMD's ``sev_plat.c`` ``sev_cek_derive``; PEK, OCA and PDH as ``sev_pek_genera
 certificates (bytes) and ECDH results. The chain checks are AMD's ``sev_mcmd.c`` ``validate_platform``
 and ``validate_domain``, implemented in ``pysev.firmware.certs``.
 """
+
 from __future__ import annotations
 
 from Crypto.PublicKey import ECC
@@ -108,7 +109,7 @@ class Identity:
             self._pek = pek.sign_as(self._cek, self._cek_key)
         except SevError as err:
             return err.status
-        self._oca, self._oca_key = oca, None   # the owner keeps the OCA private key
+        self._oca, self._oca_key = oca, None  # the owner keeps the OCA private key
         self.owned = True
         self.pdh_gen()
         return SevStatus.SUCCESS
@@ -116,8 +117,7 @@ class Identity:
     # -- what leaves the platform -------------------------------------------------------------------
     def _require_provisioned(self) -> None:
         if self._pek is None:
-            raise RuntimeError("the platform has no PEK/PDH yet: issue INIT first (or PEK_GEN after "
-                               "PLATFORM_RESET)")
+            raise RuntimeError("the platform has no PEK/PDH yet: issue INIT first (or PEK_GEN after PLATFORM_RESET)")
 
     @property
     def pdh_cert(self) -> bytes:
@@ -138,8 +138,11 @@ class Identity:
         return self._pek.to_bytes() + self._oca.to_bytes() + cek
 
     def pdh_usable(self) -> bool:
-        return self._pdh is not None and self._pdh.pubkey_usage == Usage.PDH and \
-            self._pdh.pubkey_algo in (Algo.ECDH_SHA256, Algo.ECDH_SHA384)
+        return (
+            self._pdh is not None
+            and self._pdh.pubkey_usage == Usage.PDH
+            and self._pdh.pubkey_algo in (Algo.ECDH_SHA256, Algo.ECDH_SHA384)
+        )
 
     def ecdh(self, peer_cert: bytes) -> bytes:
         """Z with our long-term PDH private key and the peer's PDH/GODH public key (AMD ``ecdh.c``

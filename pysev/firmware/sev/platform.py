@@ -14,6 +14,7 @@ addresses, MACs) before the first write.
 Secrets (VEK, TEK, TIK, private keys) live in ``GuestContext``/``Identity`` objects reachable only
 through underscore attributes; no repr, log line or status message carries them.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,7 +48,7 @@ from pysev.firmware.status import SevStatus
 from pysev.hw.hostmem import HostMemory
 from pysev.hw.memctl import MemoryController
 
-MAX_ASID = 15           # SEV ASIDs of this simulated part (1..MAX_ASID)
+MAX_ASID = 15  # SEV ASIDs of this simulated part (1..MAX_ASID)
 
 _ANY_PLATFORM = frozenset(PlatformState)
 _INIT_OR_WORKING = frozenset({PlatformState.INIT, PlatformState.WORKING})
@@ -106,9 +107,15 @@ class Platform(TransportCommands):
     buffers = BUFFERS
     statuses = SevStatus
 
-    def __init__(self, dram: HostMemory, *, root: amdroot.SimulatedRoot | None = None,
-                 chip_id: bytes | None = None, trng: Callable[[int], bytes] = os.urandom,
-                 max_asid: int = MAX_ASID) -> None:
+    def __init__(
+        self,
+        dram: HostMemory,
+        *,
+        root: amdroot.SimulatedRoot | None = None,
+        chip_id: bytes | None = None,
+        trng: Callable[[int], bytes] = os.urandom,
+        max_asid: int = MAX_ASID,
+    ) -> None:
         super().__init__(dram, PlatformState.UNINIT)
         self.memctl = MemoryController(dram)
         self.root = root if root is not None else amdroot.default_root()
@@ -121,8 +128,10 @@ class Platform(TransportCommands):
         self._dirty_asids: set[int] = set()
 
     def __repr__(self) -> str:
-        return (f"Platform(chip_id={self.chip_id[:8].hex()}…, state={self.state.name}, "
-                f"guests={len(self._guests)}, owner={'external' if self._identity.owned else 'self'})")
+        return (
+            f"Platform(chip_id={self.chip_id[:8].hex()}…, state={self.state.name}, "
+            f"guests={len(self._guests)}, owner={'external' if self._identity.owned else 'self'})"
+        )
 
     # -- platform commands (AMD sev_mcmd.c sev_mcmd_init … sev_mcmd_get_id) ------------------------------
     def _cmd_init(self, buf) -> SevStatus:
@@ -267,8 +276,8 @@ class Platform(TransportCommands):
             return SevStatus.INVALID_LENGTH
         if paddr % 16:
             return SevStatus.INVALID_ADDRESS
-        plaintext = self._read(paddr, buf.len)   # written by the host with the C-bit clear
-        guest.digest.update(plaintext)            # the launch digest covers plaintext, in call order
+        plaintext = self._read(paddr, buf.len)  # written by the host with the C-bit clear
+        guest.digest.update(plaintext)  # the launch digest covers plaintext, in call order
         self.memctl.write(guest.asid, paddr, plaintext)
         return SevStatus.SUCCESS
 
@@ -286,8 +295,9 @@ class Platform(TransportCommands):
             return SevStatus.INVALID_LENGTH
         self._check_writable((buf.address, MEASURE_SIZE))
         mnonce = self._trng(16)
-        guest.measure = session.launch_measure(guest.tik, API_MAJOR, API_MINOR, BUILD, guest.policy,
-                                               guest.digest.digest(), mnonce)
+        guest.measure = session.launch_measure(
+            guest.tik, API_MAJOR, API_MINOR, BUILD, guest.policy, guest.digest.digest(), mnonce
+        )
         self.dram.write(buf.address, guest.measure + mnonce)
         buf.len = MEASURE_SIZE
         self._transition(guest, Cmd.LAUNCH_MEASURE)
@@ -297,8 +307,13 @@ class Platform(TransportCommands):
         guest = self._guest(buf.handle)
         self._require_guest_state(guest, Cmd.LAUNCH_SECRET)
         self._require_active(guest)
-        if (buf.hdr_len != PACKET_HEADER_SIZE or buf.guest_len != buf.trans_len or buf.guest_len == 0
-                or buf.guest_len % 16 or buf.guest_len > SCRATCH_BUF_LEN):
+        if (
+            buf.hdr_len != PACKET_HEADER_SIZE
+            or buf.guest_len != buf.trans_len
+            or buf.guest_len == 0
+            or buf.guest_len % 16
+            or buf.guest_len > SCRATCH_BUF_LEN
+        ):
             return SevStatus.INVALID_LENGTH
         paddr = self._strip_cbit(buf.guest_address)
         if paddr % 16:

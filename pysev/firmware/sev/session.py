@@ -5,6 +5,7 @@ Byte layouts follow AMD's firmware source (``sev_channel.h`` ``sev_session_t``, 
 ``sev_channel_hmac``; ``sev_guest.c`` ``sev_guest_measure``); names are those of AMD SEV API pub. #55766.
 Offsets of every structure are in ``docs/formats.md``.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -34,8 +35,8 @@ MNONCE = slice(0x20, 0x30)
 assert MNONCE.stop == MEASURE_SIZE
 
 # Packet MAC context bytes (AMD sev_channel.h SEV_CHANNEL_CTX_*): the first byte of every MAC input.
-CTX_SECRET = 0x01   # LAUNCH_SECRET
-CTX_DATA = 0x02     # SEND/RECEIVE_UPDATE_DATA (and _VMSA in AMD's firmware source)
+CTX_SECRET = 0x01  # LAUNCH_SECRET
+CTX_DATA = 0x02  # SEND/RECEIVE_UPDATE_DATA (and _VMSA in AMD's firmware source)
 CTX_MEASURE = 0x04  # LAUNCH_MEASURE
 
 MASTER_SECRET_LABEL = b"sev-master-secret"
@@ -59,8 +60,7 @@ def _check_len(name: str, value: bytes, size: int) -> None:
         raise ValueError(f"{name} must be {size} bytes, got {len(value)}")
 
 
-def build_session(shared_secret: bytes, nonce: bytes, wrap_iv: bytes, tek: bytes, tik: bytes,
-                  policy: int) -> bytes:
+def build_session(shared_secret: bytes, nonce: bytes, wrap_iv: bytes, tek: bytes, tik: bytes, policy: int) -> bytes:
     """The session buffer the client side (guest owner or source firmware) sends
     (AMD ``sev_channel.c`` ``create_session``)."""
     _check_len("nonce", nonce, 16)
@@ -111,8 +111,9 @@ def unpack_packet_header(data: bytes) -> tuple[int, bytes, bytes]:
 _AAD = struct.Struct("<BI16sII")  # CTX ‖ LE32(FLAGS) ‖ IV ‖ LE32(len_a) ‖ LE32(len_b): 29 bytes
 
 
-def packet_mac(tik: bytes, ctx: int, flags: int, iv: bytes, guest_len: int, trans_len: int,
-               ciphertext: bytes, measure: bytes = b"") -> bytes:
+def packet_mac(
+    tik: bytes, ctx: int, flags: int, iv: bytes, guest_len: int, trans_len: int, ciphertext: bytes, measure: bytes = b""
+) -> bytes:
     """Transport packet MAC: HMAC-SHA256(TIK, CTX ‖ LE32(FLAGS) ‖ IV ‖ LE32 ‖ LE32 ‖ ct [‖ measure])
     (AMD ``sev_mcmd.h`` ``send_receive_update_aad_t``, ``sev_channel.c`` ``sev_channel_hmac``)."""
     _check_len("iv", iv, 16)
@@ -125,8 +126,9 @@ def packet_mac(tik: bytes, ctx: int, flags: int, iv: bytes, guest_len: int, tran
 _MEASURE_INPUT = struct.Struct("<BBBBI32s16s")
 
 
-def launch_measure(tik: bytes, api_major: int, api_minor: int, build: int, policy: int, digest: bytes,
-                   mnonce: bytes) -> bytes:
+def launch_measure(
+    tik: bytes, api_major: int, api_minor: int, build: int, policy: int, digest: bytes, mnonce: bytes
+) -> bytes:
     """LAUNCH_MEASURE's MEASURE: HMAC(TIK, 0x04 ‖ API_MAJOR ‖ API_MINOR ‖ BUILD ‖ LE32(policy) ‖
     launch digest(32) ‖ MNONCE(16)) (AMD ``sev_guest.c`` ``sev_guest_measure``)."""
     _check_len("digest", digest, 32)

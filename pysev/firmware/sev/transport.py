@@ -10,6 +10,7 @@ Handlers follow AMD's firmware source function by function (``sev_mcmd.c`` ``sev
 ``session.py``. ``Platform`` (``platform.py``) derives from :class:`TransportCommands` and adds the
 platform, guest-management, launch and debug commands.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -107,8 +108,9 @@ class TransportCommands(Mailbox):
             raise CommandRefusedError(SevStatus.RESOURCE_LIMIT)
         return vek if vek is not None else new_vek(self._trng)
 
-    def _add_guest(self, policy: int, vek: bytes, cmd: Cmd, tek: bytes = bytes(16),
-                   tik: bytes = bytes(16)) -> GuestContext:
+    def _add_guest(
+        self, policy: int, vek: bytes, cmd: Cmd, tek: bytes = bytes(16), tik: bytes = bytes(16)
+    ) -> GuestContext:
         guest = GuestContext(self._next_handle, policy, GuestState.UNINIT, vek, tek=tek, tik=tik)
         self._next_handle += 1
         self._guests[guest.handle] = guest
@@ -125,8 +127,7 @@ class TransportCommands(Mailbox):
         flags, iv, mac = session.unpack_packet_header(header)
         if flags & PACKET_FLAG_COMPRESSED:
             raise CommandRefusedError(SevStatus.UNSUPPORTED)
-        expected = session.packet_mac(guest.tik, ctx, flags, iv, buf.guest_len, buf.trans_len, ciphertext,
-                                      measure)
+        expected = session.packet_mac(guest.tik, ctx, flags, iv, buf.guest_len, buf.trans_len, ciphertext, measure)
         if not hmac.compare_digest(expected, mac):
             raise CommandRefusedError(SevStatus.BAD_MEASUREMENT)
         return csev.aes128_ctr(guest.tek, iv, ciphertext)
@@ -185,14 +186,20 @@ class TransportCommands(Mailbox):
         if cmd == Cmd.SEND_UPDATE_VMSA and not guest.es:
             return SevStatus.UNSUPPORTED
         self._require_active(guest)
-        if (buf.guest_len == 0 or buf.guest_len > SCRATCH_BUF_LEN or buf.guest_len % 16
-                or buf.trans_len == 0 or buf.trans_len < buf.guest_len):
+        if (
+            buf.guest_len == 0
+            or buf.guest_len > SCRATCH_BUF_LEN
+            or buf.guest_len % 16
+            or buf.trans_len == 0
+            or buf.trans_len < buf.guest_len
+        ):
             return SevStatus.INVALID_LENGTH
         paddr = self._strip_cbit(buf.guest_address)
         if paddr % 16:
             return SevStatus.INVALID_ADDRESS
-        self._check_writable((paddr, buf.guest_len), (buf.trans_address, buf.guest_len),
-                             (buf.hdr_address, PACKET_HEADER_SIZE))
+        self._check_writable(
+            (paddr, buf.guest_len), (buf.trans_address, buf.guest_len), (buf.hdr_address, PACKET_HEADER_SIZE)
+        )
         plaintext = self.memctl.read(guest.asid, paddr, buf.guest_len)
         iv = self._trng(16)
         ciphertext = csev.aes128_ctr(guest.tek, iv, plaintext)
@@ -236,8 +243,14 @@ class TransportCommands(Mailbox):
         if cmd == Cmd.RECEIVE_UPDATE_VMSA and not guest.es:
             return SevStatus.UNSUPPORTED
         self._require_active(guest)
-        if (buf.trans_len == 0 or buf.trans_len > SCRATCH_BUF_LEN or buf.guest_len == 0
-                or buf.guest_len != buf.trans_len or buf.guest_len % 16 or buf.hdr_len < PACKET_HEADER_SIZE):
+        if (
+            buf.trans_len == 0
+            or buf.trans_len > SCRATCH_BUF_LEN
+            or buf.guest_len == 0
+            or buf.guest_len != buf.trans_len
+            or buf.guest_len % 16
+            or buf.hdr_len < PACKET_HEADER_SIZE
+        ):
             return SevStatus.INVALID_LENGTH
         paddr = self._strip_cbit(buf.guest_address)
         if paddr % 16:
@@ -269,9 +282,16 @@ class TransportCommands(Mailbox):
             raise CommandRefusedError(SevStatus.INVALID_ADDRESS)
         return guest
 
-    def send_update_data_batch(self, handle: int, frames: np.ndarray, headers: np.ndarray,
-                               trans: np.ndarray, *, threads: int | None = None,
-                               on_slice: Callable[[int, int], None] | None = None) -> SevStatus:
+    def send_update_data_batch(
+        self,
+        handle: int,
+        frames: np.ndarray,
+        headers: np.ndarray,
+        trans: np.ndarray,
+        *,
+        threads: int | None = None,
+        on_slice: Callable[[int, int], None] | None = None,
+    ) -> SevStatus:
         """SEND_UPDATE_DATA for whole pages: ``frames`` are host frame numbers of guest pages.
 
         With ``on_slice``, ``headers``/``trans`` are a ring of ``n`` rows that the hypervisor drains: the
@@ -292,13 +312,23 @@ class TransportCommands(Mailbox):
         # The pipeline runs outside the command lock: it reads only the keys captured above and the
         # guest's pages, so page channels can encrypt concurrently (a later SEND_FINISH/CANCEL cannot
         # change what this batch produces).
-        csev.send_pages(*keys, self.dram.frames, frames.astype(np.int64), frames << np.uint64(PAGE_SHIFT),
-                        headers, trans, ivs, threads=threads, nontemporal=on_slice is None, on_slice=on_slice)
+        csev.send_pages(
+            *keys,
+            self.dram.frames,
+            frames.astype(np.int64),
+            frames << np.uint64(PAGE_SHIFT),
+            headers,
+            trans,
+            ivs,
+            threads=threads,
+            nontemporal=on_slice is None,
+            on_slice=on_slice,
+        )
         return SevStatus.SUCCESS
 
-    def receive_update_data_batch(self, handle: int, frames: np.ndarray, headers: np.ndarray,
-                                  trans: np.ndarray, *, threads: int | None = None
-                                  ) -> tuple[SevStatus, np.ndarray]:
+    def receive_update_data_batch(
+        self, handle: int, frames: np.ndarray, headers: np.ndarray, trans: np.ndarray, *, threads: int | None = None
+    ) -> tuple[SevStatus, np.ndarray]:
         """RECEIVE_UPDATE_DATA for whole pages; returns (command status, per-packet statuses).
 
         A packet that fails its MAC (BAD_MEASUREMENT) or carries the COMPRESSED flag (UNSUPPORTED)
@@ -311,8 +341,15 @@ class TransportCommands(Mailbox):
             except CommandRefusedError as refused:
                 return refused.status, np.full(frames.size, refused.status, dtype=np.uint32)
             keys = guest.vek, guest.tek, guest.tik
-        statuses = csev.receive_pages(*keys, headers, trans, self.dram.frames, frames.astype(np.int64),
-                                      frames << np.uint64(PAGE_SHIFT), threads=threads)
+        statuses = csev.receive_pages(
+            *keys,
+            headers,
+            trans,
+            self.dram.frames,
+            frames.astype(np.int64),
+            frames << np.uint64(PAGE_SHIFT),
+            threads=threads,
+        )
         return SevStatus.SUCCESS, statuses
 
     def dbg_decrypt_batch(self, handle: int, frames: np.ndarray, out: np.ndarray) -> SevStatus:
@@ -329,6 +366,7 @@ class TransportCommands(Mailbox):
                     raise CommandRefusedError(SevStatus.INVALID_ADDRESS)
             except CommandRefusedError as refused:
                 return refused.status
-            csev.xts_decrypt(guest.vek, self.dram.frames, out, frames << np.uint64(PAGE_SHIFT),
-                             src_index=frames.astype(np.int64))
+            csev.xts_decrypt(
+                guest.vek, self.dram.frames, out, frames << np.uint64(PAGE_SHIFT), src_index=frames.astype(np.int64)
+            )
             return SevStatus.SUCCESS
