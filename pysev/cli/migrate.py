@@ -20,7 +20,7 @@ DEFAULT_MEMORY = "1G"
 # The main job migrates a guest that is doing something: it dirties 100 MB/s (the rate the downtime
 # benchmark uses), redraws its framebuffer and flips DMA bounce buffers between private and shared, so
 # the summary shows dirty pages re-sent, shared pages in the clear and state changes tracked.
-DEFAULT_WORKLOAD = {"dirty_rate": "100M", "vga_fps": 30.0, "convert_rate": 20.0}
+DEFAULT_DIRTY_RATE, DEFAULT_VGA_FPS, DEFAULT_CONVERT_RATE = "100M", 30.0, 20.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "migrate", help="live-migrate a running SEV guest between two simulated hosts", description=__doc__
     )
     p.add_argument("--memory", default=DEFAULT_MEMORY, help="guest RAM size (K/M/G suffix; default 1G)")
-    add_guest_arguments(p, **DEFAULT_WORKLOAD)
+    add_guest_arguments(p, dirty_rate=DEFAULT_DIRTY_RATE, vga_fps=DEFAULT_VGA_FPS, convert_rate=DEFAULT_CONVERT_RATE)
     p.add_argument(
         "--transport", default="inproc", help="inproc (default), tcp (a second process over loopback) or file:PATH"
     )
@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
                     save_stream=args.save_stream,
                     on_progress=progress,
                 )
-            vms.append(result.destination)
+            if result.destination is not None:
+                vms.append(result.destination)
             summary = _summary(
                 result.info, result.passes, result.verified if verify else None, result.destination_status
             )
@@ -158,6 +159,7 @@ def _run_tcp(args, vm, memory, policy, params, caps, view, verify) -> dict:
     if args.no_verify:
         cmd.append("--no-verify")
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None  # stdout=PIPE
     try:
         hello = json.loads(child.stdout.readline() or "{}")
         if "uri" not in hello:

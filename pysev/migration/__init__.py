@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import threading
+from typing import BinaryIO, cast
 
 from pysev.hv.machine import Host, VirtualMachine
 from pysev.migration.incoming import IncomingMigration
@@ -101,7 +102,8 @@ def _tee(conns: list[Connection], path: str | None) -> None:
     if not path:
         return
     for i, c in enumerate(conns):
-        c.wfile = _Tee(c.wfile, open(path if i == 0 else f"{path}.ch{i}", "wb"))
+        # _Tee implements the BinaryIO methods the stream writer uses.
+        c.wfile = cast(BinaryIO, _Tee(c.output, open(path if i == 0 else f"{path}.ch{i}", "wb")))
 
 
 def migrate_local(
@@ -140,11 +142,12 @@ def migrate_local(
         "status": incoming.status.value,
         **({"error-desc": incoming.error_desc} if incoming.error_desc else {}),
     }
+    received: VirtualMachine | None = dest
     if incoming.status != MigrationStatus.COMPLETED:
         dest.destroy()
-        dest = None
+        received = None
     return MigrationResult(
-        info, dest, dest_status, outgoing.digest_at_switchover, incoming.guest_digest, outgoing.passes
+        info, received, dest_status, outgoing.digest_at_switchover, incoming.guest_digest, outgoing.passes
     )
 
 

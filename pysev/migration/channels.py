@@ -88,7 +88,7 @@ class ChannelSender(threading.Thread):
     def __init__(self, index: int, conn: Connection, ops: PlainOps, blocks: dict[str, int]) -> None:
         super().__init__(name=f"mig-send-ch{index}", daemon=True)
         self.conn = conn
-        self.writer = stream.StreamWriter(conn.wfile, continuation=True)
+        self.writer = stream.StreamWriter(conn.output, continuation=True)
         self.writer.ram_mem_size(list(blocks.items()))  # each channel stream announces the blocks
         self.digest = RecordDigest()
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=4)
@@ -147,7 +147,7 @@ class ChannelReceiver(threading.Thread):
     def run(self) -> None:
         incoming = self.incoming
         try:
-            reader = stream.StreamReader(self.conn.rfile, READER_LIMITS, ram_blocks=incoming.blocks, continuation=True)
+            reader = stream.StreamReader(self.conn.input, READER_LIMITS, ram_blocks=incoming.blocks, continuation=True)
             chunk = 0
             while True:
                 chunk += 1

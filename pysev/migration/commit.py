@@ -56,7 +56,7 @@ class RecordDigest:
         entries = self._entries[:n]
         entries["offset"] = offsets
         entries["hdr"] = hdrs
-        self._hash.update(entries)
+        self._hash.update(entries.data)
 
     def context(self, ctx: SevContext) -> None:
         self._hash.update(b"C%d\0" % ctx.policy)

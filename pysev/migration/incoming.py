@@ -81,7 +81,7 @@ class IncomingMigration:
             if not self.file_mode and self.conns and self.conns[0].wfile is not None:
                 try:  # tell the source why (its error-desc), before the connections are cut
                     stream.write_return_message(
-                        self.conns[0].wfile, stream.ReturnMessage.FAILED, str(err).encode()[:FAILED_REASON_MAX]
+                        self.conns[0].output, stream.ReturnMessage.FAILED, str(err).encode()[:FAILED_REASON_MAX]
                     )
                 except (OSError, ValueError):
                     pass
@@ -138,7 +138,7 @@ class IncomingMigration:
         return {"status": self.status.value, **({"error-desc": self.error_desc} if self.error_desc else {})}
 
     def _load_main(self, digest: RecordDigest) -> dict[str, Any] | None:
-        reader = stream.StreamReader(self.conns[0].rfile, READER_LIMITS, ram_blocks=self.blocks)
+        reader = stream.StreamReader(self.conns[0].input, READER_LIMITS, ram_blocks=self.blocks)
         reader.read_header()
         chunk = 0
         while True:
@@ -192,10 +192,10 @@ class IncomingMigration:
                 raise MigrationError("the file's record digest does not match its contents (corrupted file)")
             self._run_guest()
             return
-        stream.write_return_message(main.wfile, stream.ReturnMessage.RECEIVED, digest)
+        stream.write_return_message(main.output, stream.ReturnMessage.RECEIVED, digest)
         main.set_timeout(self.commit_timeout)
         try:
-            message = stream.read_return_message(main.rfile)
+            message = stream.read_return_message(main.input)
         except (TimeoutError, OSError, ValueError) as err:
             # The source may or may not have committed; it never runs the guest again after SEND_FINISH,
             # and we run it only on COMMIT. Without a verdict we keep nothing (README: the commit window).

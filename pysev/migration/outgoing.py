@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -97,7 +97,7 @@ class OutgoingMigration:
         self.digest_at_switchover: str | None = None
         # The wire: the main stream, then one sender thread per page channel.
         blocks = {b.idstr: b.used_length for b in vm.memory.blocks}
-        self.writer = stream.StreamWriter(conns[0].wfile)
+        self.writer = stream.StreamWriter(conns[0].output)
         self.main_digest = RecordDigest()
         self.channels = [ChannelSender(i, conn, self.ops, blocks) for i, conn in enumerate(conns[1:], start=1)]
         self._main_encrypter = PageEncrypter(self.writer, self.ops, self.main_digest)
@@ -314,7 +314,8 @@ class OutgoingMigration:
         writer, digest = self.writer, self.main_digest
         data = self.vm.read_shared_pages(block, pages)
         nonzero = data.any(axis=1)
-        for page, page_data, is_nonzero in zip(pages.tolist(), data, nonzero.tolist(), strict=True):
+        flags = cast(list[bool], nonzero.tolist())
+        for page, page_data, is_nonzero in zip(pages.tolist(), data, flags, strict=True):
             offset = page * PAGE_SIZE
             if is_nonzero:
                 writer.ram_page(block.idstr, offset, page_data)
@@ -483,7 +484,7 @@ class OutgoingMigration:
             return
         main.set_timeout(self.params.commit_timeout)  # a silent peer is a failure, not a hang
         try:
-            message = stream.read_return_message(main.rfile)
+            message = stream.read_return_message(main.input)
         except TimeoutError:
             raise MigrationError(f"destination did not confirm within {self.params.commit_timeout:.0f} s") from None
         except OSError as err:
@@ -500,7 +501,7 @@ class OutgoingMigration:
             )
         self.ops.commit()  # SEND_FINISH: from here on the source cannot run the guest
         self._committed = True
-        stream.write_return_message(main.wfile, stream.ReturnMessage.COMMIT)
+        stream.write_return_message(main.output, stream.ReturnMessage.COMMIT)
         self._finish_ok()
 
     def _finish_ok(self) -> None:
@@ -539,7 +540,7 @@ class OutgoingMigration:
         if not cancelled:
             log.warning("migration failed: %s", err, exc_info=not isinstance(err, (MigrationError, OSError)))
         try:
-            stream.write_return_message(self.conns[0].wfile, stream.ReturnMessage.ABORT)
+            stream.write_return_message(self.conns[0].output, stream.ReturnMessage.ABORT)
         except (OSError, ValueError, AttributeError):
             pass
         for channel in self.channels:
@@ -566,7 +567,7 @@ class OutgoingMigration:
             return None
         try:
             main.set_timeout(1.0)
-            message = stream.read_return_message(main.rfile)
+            message = stream.read_return_message(main.input)
         except (OSError, ValueError):
             return None
         return message.reason if message.kind == stream.ReturnMessage.FAILED else None

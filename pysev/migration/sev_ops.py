@@ -24,6 +24,7 @@ from csev.packet import PACKET_HEADER_SIZE, PAGE_SIZE, RecordSink
 from pysev import kvm
 from pysev.firmware.sev.abi import SESSION_SIZE, SEV_CERT_SIZE, SEV_FW_BLOB_MAX_SIZE, GuestState, Policy
 from pysev.firmware.status import SevStatus
+from pysev.hv.memory import RamBlock
 from pysev.migration.stream import SevContext
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,22 @@ class PlainOps:
 
     def cancel(self) -> None:
         pass
+
+    def send_pages(
+        self,
+        block: RamBlock,
+        pages: np.ndarray,
+        hdrs: np.ndarray,
+        trans: np.ndarray,
+        threads: int = 1,
+        on_slice: RecordSink | None = None,
+    ) -> None:
+        raise MigrationError("a guest without SEV has no private pages to encrypt")
+
+    def receive_pages(
+        self, block: RamBlock, pages: np.ndarray, hdrs: np.ndarray, trans: np.ndarray, threads: int = 1
+    ) -> np.ndarray:
+        raise MigrationError("the stream carries encrypted pages but this VM has no SEV context")
 
     def send_vmsas(self) -> list[tuple[bytes, bytes]]:
         return []

@@ -18,7 +18,7 @@ import socket
 import struct
 import time
 import uuid
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 HELLO = struct.Struct(">II16sHH")  # magic, version, migration uuid, channel (0 = main), channel count
 HELLO_MAGIC = 0x50535631  # "PSV1"
@@ -134,6 +134,20 @@ class Connection:
         self._sock = sock
         self._reader = reader
 
+    @property
+    def output(self) -> BinaryIO:
+        """The write side (a file migration's reader has none)."""
+        if self.wfile is None:
+            raise TransportError(f"{self.name} has no write side")
+        return self.wfile
+
+    @property
+    def input(self) -> BinaryIO:
+        """The read side (a file migration's writer has none)."""
+        if self.rfile is None:
+            raise TransportError(f"{self.name} has no read side")
+        return self.rfile
+
     def set_timeout(self, seconds: float | None) -> None:
         """Bound blocking reads and writes (a silent peer becomes a ``TimeoutError``, not a hang);
         files: no-op."""
@@ -183,7 +197,9 @@ def _socket_connection(name: str, sock: socket.socket) -> Connection:
             pass
 
     reader = _SocketReader(sock)
-    return Connection(name, _SocketWriter(sock), io.BufferedReader(reader, 1 << 20), closer, sock, reader)
+    # The raw socket files implement the BinaryIO methods the stream uses (write, readinto, read, close).
+    writer = cast(BinaryIO, _SocketWriter(sock))
+    return Connection(name, writer, cast(BinaryIO, io.BufferedReader(reader, 1 << 20)), closer, sock, reader)
 
 
 def inproc_pairs(channels: int) -> tuple[list[Connection], list[Connection]]:

@@ -103,7 +103,7 @@ class QmpServer:
         """The listening address, with the real port when port 0 was asked for."""
         if self._sockaddr is None:
             raise RuntimeError("QMP server is not listening")
-        if self._kind == "tcp":
+        if isinstance(self._sockaddr, tuple):
             host, port = self._sockaddr
             return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
         return self._sockaddr
@@ -178,7 +178,7 @@ class QmpServer:
         # Every client task, including those already past their session and only closing their socket.
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await server.wait_closed()
-        if self._kind == "unix":
+        if isinstance(self._sockaddr, str):  # a UNIX socket path
             with contextlib.suppress(OSError):
                 os.unlink(self._sockaddr)
         if self._executor is not None:
@@ -284,6 +284,7 @@ class QmpServer:
             writer.close()
             return
         task = asyncio.current_task()
+        assert task is not None  # a client handler runs as a task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         peer = writer.get_extra_info("peername") or "unix"

@@ -31,6 +31,7 @@ from pysev.migration.outgoing import OutgoingMigration
 from pysev.migration.sev_ops import MigrationError
 from pysev.migration.transport import MAX_CHANNELS, TcpListener, parse_tcp, tcp_connect
 from pysev.qmp.commands import ArgEnum, CommandTable, Session, generic_error
+from pysev.qmp.framing import DEFAULT_MAX_MESSAGE
 from pysev.qmp.server import QmpServer
 
 __all__ = ["Vmm", "HOST_OVERHEAD"]
@@ -226,7 +227,7 @@ class Vmm:
             parse_tcp(incoming)  # ValueError names the problem
         self.memory = memory
         self.host = Host(name, host_memory or memory + HOST_OVERHEAD)
-        self._vm_args = dict(
+        self._vm_args: dict[str, Any] = dict(
             sev=sev,
             policy=policy,
             dirty_rate=dirty_rate,
@@ -254,7 +255,7 @@ class Vmm:
         if incoming is None:
             self.vm.boot_fill()  # every page holds known plaintext, so digests mean something
         self.table = self._build_table()
-        self.server = QmpServer(self.table, **({"max_message": max_message} if max_message else {}))
+        self.server = QmpServer(self.table, max_message=max_message or DEFAULT_MAX_MESSAGE)
 
     # -- process lifecycle -----------------------------------------------------------------------------
     def start(self, qmp_address: str) -> dict:
@@ -598,7 +599,8 @@ class Vmm:
     # -- migration ------------------------------------------------------------------------------------
     @staticmethod
     def _uri_from(args: dict) -> str:
-        uri, channels = args.get("uri"), args.get("channels")
+        uri: str | None = args.get("uri")
+        channels = args.get("channels")
         if uri is not None and channels is not None:
             raise generic_error("need either 'uri' or 'channels' argument")
         if uri is None and channels is None:
@@ -616,6 +618,8 @@ class Vmm:
             if not isinstance(host, str) or not isinstance(port, str):
                 raise generic_error("Parameter 'addr' needs string members 'host' and 'port'")
             uri = f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+        if uri is None:  # unreachable: one of the two was given
+            raise generic_error("need either 'uri' or 'channels' argument")
         scheme = uri.split(":", 1)[0]
         if scheme != "tcp":
             if scheme in ("unix", "exec", "fd", "file", "rdma", "vsock"):
