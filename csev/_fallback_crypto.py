@@ -56,24 +56,26 @@ def _fmt(m: memoryview) -> str:
 
 def _pages(a, name: str, width: int, min_rows: int, writable: bool, rows_may_stride: bool = False) -> np.ndarray:
     m = _view(a, name)
+    shape, strides = m.shape or (), m.strides or ()  # typed Optional; a memoryview always has both
     if _fmt(m) != "B" or m.itemsize != 1:
         raise ValueError(f"{name}: expected dtype uint8, got buffer format {m.format!r}")
-    if m.ndim != 2 or m.shape[1] != width:
-        raise ValueError(f"{name}: expected shape (n, {width}), got {tuple(m.shape)}")
+    if m.ndim != 2 or shape[1] != width:
+        raise ValueError(f"{name}: expected shape (n, {width}), got {shape}")
     if rows_may_stride:
-        if m.strides[1] != 1 or m.strides[0] < width:
+        if strides[1] != 1 or strides[0] < width:
             raise ValueError(f"{name}: rows must be contiguous and must not overlap")
     elif not m.c_contiguous:
         raise ValueError(f"{name}: must be C-contiguous")
     if writable and m.readonly:
         raise ValueError(f"{name}: is read-only")
-    if m.shape[0] < min_rows:
-        raise ValueError(f"{name}: has {m.shape[0]} rows, needs at least {min_rows}")
+    if shape[0] < min_rows:
+        raise ValueError(f"{name}: has {shape[0]} rows, needs at least {min_rows}")
     return np.asarray(m)
 
 
 def _words(a, name: str, signed: bool, length: int) -> np.ndarray:
     m = _view(a, name)
+    shape = m.shape or ()  # typed Optional; a memoryview always has one
     want = "int64" if signed else "uint64"
     if _fmt(m) not in (("q", "l") if signed else ("Q", "L")) or m.itemsize != 8:
         raise ValueError(f"{name}: expected dtype {want}, got buffer format {m.format!r}")
@@ -81,8 +83,8 @@ def _words(a, name: str, signed: bool, length: int) -> np.ndarray:
         raise ValueError(f"{name}: expected a 1-D array, got {m.ndim} dimensions")
     if not m.c_contiguous:
         raise ValueError(f"{name}: must be contiguous")
-    if length >= 0 and m.shape[0] != length:
-        raise ValueError(f"{name}: has {m.shape[0]} entries, expected {length}")
+    if length >= 0 and shape[0] != length:
+        raise ValueError(f"{name}: has {shape[0]} entries, expected {length}")
     return np.asarray(m).view(np.int64 if signed else np.uint64)
 
 
@@ -269,7 +271,7 @@ def unwrap_tk(kek, kik, wrap_iv, wrap_tk, wrap_mac) -> tuple[bytes, bytes]:
 # --- SEND/RECEIVE_UPDATE_DATA (#55766; sev_mcmd.c, sev_channel.c) -------------------------------
 
 
-def _aad(flags: bytes, iv: bytes) -> bytes:
+def _aad(flags: bytes | bytearray, iv: bytes) -> bytes:
     """What the MAC covers before the ciphertext: CTX ‖ LE32 FLAGS ‖ IV ‖ LE32 len_a ‖ LE32 len_b."""
     size = PAGE_SIZE.to_bytes(4, "little")
     return bytes([_CTX_DATA]) + flags + iv + size + size

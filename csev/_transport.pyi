@@ -13,7 +13,7 @@ def send_pages(
     tweaks: npt.NDArray[np.uint64],
     headers: npt.NDArray[np.uint8],
     trans: npt.NDArray[np.uint8],
-    ivs: Buffer | None = ...,
+    ivs: Buffer | npt.NDArray[np.uint8] | None = ...,  # numpy declares __buffer__ only for Python >= 3.12
     *,
     threads: int | None = ...,
     nontemporal: bool = ...,

@@ -19,9 +19,11 @@ PAGE_SHIFT = 12
 #: The transport packet header, field by field (little-endian FLAGS).
 PACKET_HEADER = np.dtype([("flags", "<u4"), ("iv", "u1", (16,)), ("mac", "u1", (32,))])
 PACKET_HEADER_SIZE = PACKET_HEADER.itemsize  # 52
-PACKET_FLAGS_OFFSET = PACKET_HEADER.fields["flags"][1]  # 0
-PACKET_IV_OFFSET = PACKET_HEADER.fields["iv"][1]  # 4
-PACKET_MAC_OFFSET = PACKET_HEADER.fields["mac"][1]  # 20
+_HEADER_FIELDS = PACKET_HEADER.fields
+assert _HEADER_FIELDS is not None  # a structured dtype has fields
+PACKET_FLAGS_OFFSET = _HEADER_FIELDS["flags"][1]  # 0
+PACKET_IV_OFFSET = _HEADER_FIELDS["iv"][1]  # 4
+PACKET_MAC_OFFSET = _HEADER_FIELDS["mac"][1]  # 20
 PACKET_IV_SIZE = 16
 PACKET_MAC_SIZE = 32
 #: FLAGS bit 0: the payload is compressed (no firmware supports it: UNSUPPORTED).

@@ -27,17 +27,21 @@ import ctypes
 import errno
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, overload
 
 import numpy as np
 
 from csev.packet import PAGE_SIZE
+from pysev.firmware.mailbox import CommandBuffer
 from pysev.firmware.sev import abi
 from pysev.firmware.sev.abi import CBITPOS, SEV_FW_BLOB_MAX_SIZE
 from pysev.firmware.sev.platform import Platform
 from pysev.firmware.status import SevStatus
 
 log = logging.getLogger(__name__)
+
+_Arg = TypeVar("_Arg", bound=ctypes.Structure)
 
 u32, u64, u8 = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_uint8
 
@@ -301,7 +305,7 @@ class SevKvm:
         except _UserFaultError:
             raise _IoctlError(-errno.EFAULT) from None
 
-    def _fw(self, cmd: abi.Cmd, buf, sev_cmd: kvm_sev_cmd) -> None:
+    def _fw(self, cmd: abi.Cmd, buf: CommandBuffer | None, sev_cmd: kvm_sev_cmd) -> None:
         status = self.platform.issue(cmd, buf)
         sev_cmd.error = int(status)
         if status != SevStatus.SUCCESS:
@@ -319,10 +323,10 @@ class SevKvm:
             return -errno.EINVAL
         if cmd.id not in (sev_cmd_id.KVM_SEV_INIT, sev_cmd_id.KVM_SEV_ES_INIT) and not self.asid:
             return -errno.ENOTTY  # not an SEV guest yet (sev_guest(kvm) is false)
-        self._kbufs: list[tuple[int, int]] = []
+        self._kbufs = []
         try:
             struct_type = _ARG_TYPES.get(cmd.id)
-            arg = None
+            arg: ctypes.Structure | None = None
             if struct_type is not None:
                 arg = struct_type.from_buffer_copy(self._user.read(cmd.data, ctypes.sizeof(struct_type)))
             handler(self, cmd, arg)
@@ -339,8 +343,15 @@ class SevKvm:
             for pa, length in self._kbufs:
                 self.platform.dram.free_kernel(pa, length)
 
+    @overload
+    def op(self, op_id: int, arg: None = None) -> None: ...
+
+    @overload
+    def op(self, op_id: int, arg: _Arg) -> _Arg: ...
+
     def op(self, op_id: int, arg: ctypes.Structure | None = None) -> ctypes.Structure | None:
-        """Convenience: issue one sub-command on a ctypes struct; raises ``KvmError`` on failure."""
+        """Convenience: issue one sub-command on a ctypes struct (returned, as the kernel filled it in);
+        raises ``KvmError`` on failure."""
         cmd = kvm_sev_cmd(id=op_id, data=ctypes.addressof(arg) if arg is not None else 0)
         ret = self.memory_encrypt_op(cmd)
         if ret:
@@ -348,7 +359,7 @@ class SevKvm:
         return arg
 
     # -- sub-commands --------------------------------------------------------------------------------
-    def _init(self, cmd, arg, es: bool = False) -> None:
+    def _init(self, cmd: kvm_sev_cmd, arg: None, es: bool = False) -> None:
         if self.asid:
             raise _IoctlError(-errno.EBUSY)
         if self.platform.state == abi.PlatformState.UNINIT:
@@ -361,10 +372,10 @@ class SevKvm:
         used.add(self.asid)
         self.es = es
 
-    def _es_init(self, cmd, arg) -> None:
+    def _es_init(self, cmd: kvm_sev_cmd, arg: None) -> None:
         self._init(cmd, arg, es=True)
 
-    def _bind_asid(self, cmd) -> None:
+    def _bind_asid(self, cmd: kvm_sev_cmd) -> None:
         # sev_bind_asid: a recycled ASID needs DF_FLUSH first, which KVM does on recycling.
         status = self.platform.issue(abi.Cmd.ACTIVATE, abi.ActivateBuf(handle=self.handle, asid=self.asid))
         if status == SevStatus.DF_FLUSH_REQUIRED:
@@ -375,7 +386,7 @@ class SevKvm:
             raise _IoctlError(-errno.EIO)
         self.active = True
 
-    def _launch_start(self, cmd, arg: kvm_sev_launch_start) -> None:
+    def _launch_start(self, cmd: kvm_sev_cmd, arg: kvm_sev_launch_start) -> None:
         buf = abi.LaunchStartBuf(handle=arg.handle, policy=arg.policy)
         if arg.dh_uaddr:
             buf.dh_cert_address, buf.dh_cert_len = self._blob_in(arg.dh_uaddr, arg.dh_len), arg.dh_len
@@ -386,7 +397,7 @@ class SevKvm:
         self.handle = arg.handle = buf.handle
         self._bind_asid(cmd)
 
-    def _page_chunks(self, uaddr: int, length: int):
+    def _page_chunks(self, uaddr: int, length: int) -> Iterator[tuple[int, int]]:
         """Split a user range at page boundaries, as KVM issues one command per pinned page run."""
         end = uaddr + length
         while uaddr < end:
@@ -394,7 +405,9 @@ class SevKvm:
             yield uaddr, step
             uaddr += step
 
-    def _launch_update(self, cmd, arg: kvm_sev_launch_update_data, fw_cmd=abi.Cmd.LAUNCH_UPDATE_DATA) -> None:
+    def _launch_update(
+        self, cmd: kvm_sev_cmd, arg: kvm_sev_launch_update_data, fw_cmd: abi.Cmd = abi.Cmd.LAUNCH_UPDATE_DATA
+    ) -> None:
         if not arg.len or arg.uaddr % 16 or arg.len % 16:
             raise _IoctlError(-errno.EINVAL)
         for uaddr, length in self._page_chunks(arg.uaddr, arg.len):
@@ -402,7 +415,7 @@ class SevKvm:
                 fw_cmd, abi.LaunchUpdateBuf(handle=self.handle, address=self._guest_pa(uaddr, length), len=length), cmd
             )
 
-    def _launch_measure(self, cmd, arg: kvm_sev_launch_measure) -> None:
+    def _launch_measure(self, cmd: kvm_sev_cmd, arg: kvm_sev_launch_measure) -> None:
         buf = abi.LaunchMeasureBuf(handle=self.handle)
         if arg.uaddr and arg.len:
             if arg.len > SEV_FW_BLOB_MAX_SIZE:
@@ -414,7 +427,7 @@ class SevKvm:
             raise _IoctlError(-errno.EIO)
         self._to_user(arg.uaddr, buf.address, buf.len)
 
-    def _launch_secret(self, cmd, arg: kvm_sev_launch_secret) -> None:
+    def _launch_secret(self, cmd: kvm_sev_cmd, arg: kvm_sev_launch_secret) -> None:
         if not arg.guest_len or arg.guest_uaddr // PAGE_SIZE != (arg.guest_uaddr + arg.guest_len - 1) // PAGE_SIZE:
             raise _IoctlError(-errno.EINVAL)
         buf = abi.TransportBuf(
@@ -428,7 +441,7 @@ class SevKvm:
         )
         self._fw(abi.Cmd.LAUNCH_SECRET, buf, cmd)
 
-    def _send_start(self, cmd, arg: kvm_sev_send_start) -> None:
+    def _send_start(self, cmd: kvm_sev_cmd, arg: kvm_sev_send_start) -> None:
         if not arg.session_len:  # length query: a zeroed buffer; the firmware answers INVALID_LENGTH + SESSION_SIZE
             buf = abi.SendStartBuf(handle=self.handle)
             cmd.error = int(self.platform.issue(abi.Cmd.SEND_START, buf))
@@ -454,7 +467,9 @@ class SevKvm:
         arg.policy = buf.policy
         self._to_user(arg.session_uaddr, buf.session_address, abi.SESSION_SIZE)
 
-    def _send_update(self, cmd, arg: kvm_sev_send_update_data, fw_cmd=abi.Cmd.SEND_UPDATE_DATA) -> None:
+    def _send_update(
+        self, cmd: kvm_sev_cmd, arg: kvm_sev_send_update_data, fw_cmd: abi.Cmd = abi.Cmd.SEND_UPDATE_DATA
+    ) -> None:
         """KVM_SEV_SEND_UPDATE_DATA (``sev_send_update_data``); the firmware handler is in
         ``pysev/firmware/sev/transport.py``, the batch kernel in ``csev/_transport.pyx``."""
         if not arg.hdr_len or not arg.trans_len:  # length query
@@ -484,10 +499,10 @@ class SevKvm:
         self._to_user(arg.hdr_uaddr, buf.hdr_address, abi.PACKET_HEADER_SIZE)
         arg.hdr_len = buf.hdr_len
 
-    def _send_update_vmsa(self, cmd, arg) -> None:
+    def _send_update_vmsa(self, cmd: kvm_sev_cmd, arg: kvm_sev_send_update_data) -> None:
         self._send_update(cmd, arg, abi.Cmd.SEND_UPDATE_VMSA)
 
-    def _receive_start(self, cmd, arg: kvm_sev_receive_start) -> None:
+    def _receive_start(self, cmd: kvm_sev_cmd, arg: kvm_sev_receive_start) -> None:
         if not (arg.pdh_uaddr and arg.pdh_len and arg.session_uaddr and arg.session_len):
             raise _IoctlError(-errno.EINVAL)
         buf = abi.ReceiveStartBuf(
@@ -502,7 +517,12 @@ class SevKvm:
         self.handle = arg.handle = buf.handle
         self._bind_asid(cmd)
 
-    def _receive_update(self, cmd, arg: kvm_sev_receive_update_data, fw_cmd=abi.Cmd.RECEIVE_UPDATE_DATA) -> None:
+    def _receive_update(
+        self,
+        cmd: kvm_sev_cmd,
+        arg: kvm_sev_receive_update_data,
+        fw_cmd: abi.Cmd = abi.Cmd.RECEIVE_UPDATE_DATA,
+    ) -> None:
         if not (
             arg.hdr_uaddr and arg.hdr_len and arg.guest_uaddr and arg.guest_len and arg.trans_uaddr and arg.trans_len
         ):
@@ -520,15 +540,15 @@ class SevKvm:
         )
         self._fw(fw_cmd, buf, cmd)
 
-    def _receive_update_vmsa(self, cmd, arg) -> None:
+    def _receive_update_vmsa(self, cmd: kvm_sev_cmd, arg: kvm_sev_receive_update_data) -> None:
         self._receive_update(cmd, arg, abi.Cmd.RECEIVE_UPDATE_VMSA)
 
-    def _guest_status(self, cmd, arg: kvm_sev_guest_status) -> None:
+    def _guest_status(self, cmd: kvm_sev_cmd, arg: kvm_sev_guest_status) -> None:
         buf = abi.GuestStatusBuf(handle=self.handle)
         self._fw(abi.Cmd.GUEST_STATUS, buf, cmd)
         arg.handle, arg.policy, arg.state = self.handle, buf.policy, buf.state
 
-    def _dbg(self, cmd, arg: kvm_sev_dbg, fw_cmd: abi.Cmd) -> None:
+    def _dbg(self, cmd: kvm_sev_cmd, arg: kvm_sev_dbg, fw_cmd: abi.Cmd) -> None:
         """sev_dbg_crypt: 16-byte aligned, chunked at page boundaries of the guest side."""
         if not arg.len or arg.src_uaddr % 16 or arg.dst_uaddr % 16 or arg.len % 16:
             raise _IoctlError(-errno.EINVAL)
@@ -548,10 +568,10 @@ class SevKvm:
                 self._fw(fw_cmd, abi.DbgBuf(handle=self.handle, src_addr=kbuf, dst_addr=guest_pa, len=length), cmd)
             done += length
 
-    def _dbg_decrypt(self, cmd, arg) -> None:
+    def _dbg_decrypt(self, cmd: kvm_sev_cmd, arg: kvm_sev_dbg) -> None:
         self._dbg(cmd, arg, abi.Cmd.DBG_DECRYPT)
 
-    def _dbg_encrypt(self, cmd, arg) -> None:
+    def _dbg_encrypt(self, cmd: kvm_sev_cmd, arg: kvm_sev_dbg) -> None:
         self._dbg(cmd, arg, abi.Cmd.DBG_ENCRYPT)
 
     # -- lifecycle outside the ioctl (KVM_DESTROY_VM path) ---------------------------------------------
@@ -602,14 +622,18 @@ class SevKvm:
             raise KvmError("DBG_DECRYPT(batch)", errno.EIO, status)
 
 
-def _handle_only(fw_cmd: abi.Cmd):
+# Each handler takes the sub-command's struct (its type in _ARG_TYPES), or None.
+_Handler = Callable[[SevKvm, kvm_sev_cmd, Any], None]
+
+
+def _handle_only(fw_cmd: abi.Cmd) -> _Handler:
     def run(self: SevKvm, cmd: kvm_sev_cmd, arg: None) -> None:
         self._fw(fw_cmd, abi.HandleBuf(handle=self.handle), cmd)
 
     return run
 
 
-_HANDLERS = {
+_HANDLERS: dict[int, _Handler] = {
     sev_cmd_id.KVM_SEV_INIT: SevKvm._init,
     sev_cmd_id.KVM_SEV_ES_INIT: SevKvm._es_init,
     sev_cmd_id.KVM_SEV_LAUNCH_START: SevKvm._launch_start,
@@ -633,7 +657,7 @@ _HANDLERS = {
     sev_cmd_id.KVM_SEV_DBG_DECRYPT: SevKvm._dbg_decrypt,
     sev_cmd_id.KVM_SEV_DBG_ENCRYPT: SevKvm._dbg_encrypt,
 }
-_ARG_TYPES = {
+_ARG_TYPES: dict[int, type[ctypes.Structure]] = {
     sev_cmd_id.KVM_SEV_LAUNCH_START: kvm_sev_launch_start,
     sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_DATA: kvm_sev_launch_update_data,
     sev_cmd_id.KVM_SEV_LAUNCH_UPDATE_VMSA: kvm_sev_launch_update_data,

@@ -118,7 +118,7 @@ class Host:
 
     @property
     def certs(self):
-        if self.p._identity._pdh is None:  # never INITed (or PLATFORM_RESET): borrow a peer's certs
+        if self.p._identity._keys is None:  # never INITed (or PLATFORM_RESET): borrow a peer's certs
             return _peer_certs()
         return self.p.public_certs()
 
@@ -1266,11 +1266,10 @@ def test_round_trip_a_b_c_and_no_leaks(root, caplog):
         assert src.state() == GuestState.SENT and dst.state() == GuestState.RUNNING
         assert np.array_equal(dst.plaintext(), expected)
     for h in hosts:
-        ident = h.p._identity
+        ident, keys = h.p._identity, h.p._identity._keys
+        assert keys is not None
         secrets += [
-            k.d.to_bytes(48, "big")
-            for k in (ident._pdh_key, ident._pek_key, ident._oca_key, ident._cek_key)
-            if k is not None
+            k.d.to_bytes(48, "big") for k in (keys.pdh_key, keys.pek_key, keys.oca_key, ident._cek_key) if k is not None
         ]
     secrets = _secrets_of(*secrets)
     hexes = [s.hex() for s in secrets] + [s.hex().upper() for s in secrets]

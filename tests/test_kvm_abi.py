@@ -8,15 +8,18 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import os
 import shutil
+import struct
 import subprocess
 
 import numpy as np
 import pytest
 
 from pysev import kvm
+from pysev.firmware.mailbox import CommandBuffer
 from pysev.firmware.sev import abi, session
 from pysev.firmware.sev.abi import Cmd
 from pysev.firmware.sev.platform import Platform
@@ -176,6 +179,49 @@ def test_firmware_buffer_layout(cmd):
     # reader and writer share the layout
     values = {n: (i + 1) * 3 for i, n in enumerate(offsets)}
     assert layout.unpack(layout(**values).pack()) == layout(**values)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    sorted({b for b in abi.BUFFERS.values() if b is not None}, key=lambda b: b.__name__),
+    ids=lambda b: b.__name__,
+)
+def test_firmware_buffer_fields_are_its_format(layout):
+    # The typed fields (what mypy and the constructor see) are FORMAT's named entries, in order, default 0.
+    assert dataclasses.is_dataclass(layout)
+    fields = dataclasses.fields(layout)
+    assert [f.name for f in fields] == [n for n, _ in layout.FORMAT if n]
+    assert all(f.type == "int" and f.default == 0 for f in fields)
+    assert layout.unpack(bytes(layout.size())) == layout()
+    with pytest.raises(TypeError):
+        layout(reserved=1)
+
+
+def test_firmware_buffer_declaration_must_match_format():
+    with pytest.raises(TypeError, match="do not match its FORMAT"):
+
+        class Swapped(CommandBuffer):  # fields out of FORMAT's order
+            FORMAT = (("handle", "I"), (None, "I"), ("address", "Q"))
+            address: int = 0
+            handle: int = 0
+
+    with pytest.raises(TypeError, match="do not match its FORMAT"):
+
+        class Missing(CommandBuffer):
+            FORMAT = (("handle", "I"), ("len", "I"))
+            handle: int = 0
+
+    with pytest.raises(TypeError, match="every field is an int"):
+
+        class Wide(CommandBuffer):
+            FORMAT = (("address", "Q"),)
+            address: bytes = b""
+
+    with pytest.raises(struct.error):
+
+        class BadCode(CommandBuffer):
+            FORMAT = (("handle", "Z"),)
+            handle: int = 0
 
 
 def test_session_and_header_offsets():

@@ -55,7 +55,7 @@ def run_kernels(args: argparse.Namespace) -> int:
         return 0
     with console.status("measuring kernels (openssl speed, pipelines, Python baseline) …"):
         result = benchmarking.measure_kernels(mib=args.mib, seconds=args.seconds)
-    verdicts = result["pass"]
+    verdicts = benchmarking.verdicts(result)
     table = Table(
         title=f"csev kernels — {result['backend']}, {result['openssl_version']}, "
         f"{result['threads']} threads, {result['mib']} MiB"

@@ -60,17 +60,18 @@ def run_verify(args: argparse.Namespace) -> int:
     missing = [name for name in CHAIN_FILES if not (directory / name).is_file()]
     if missing:
         return _error(args, f"{directory} lacks {', '.join(missing)}")
-    loaded: dict[str, AmdCert | SevCert] = {}
+    amd: list[AmdCert] = []  # ARK, ASK
+    sev: list[SevCert] = []  # CEK, OCA, PEK, PDH
     for name in CHAIN_FILES:
         path = directory / name
         try:
             if name in ("ark.cert", "ask.cert"):
-                loaded[name] = load_amd_cert(path, allow_unsigned=name == "ark.cert")
+                amd.append(load_amd_cert(path, allow_unsigned=name == "ark.cert"))
             else:
-                loaded[name] = load_sev_cert(path)
+                sev.append(load_sev_cert(path))
         except (CertError, OSError) as exc:
             return _error(args, f"cannot read {path}: {exc}")
-    ark, ask, cek, oca, pek, pdh = (loaded[name] for name in CHAIN_FILES)
+    (ark, ask), (cek, oca, pek, pdh) = amd, sev
     report = verify_chain(ark, ask, cek, oca, pek, pdh)
     if args.json:
         print(json.dumps(report.to_dict()))

@@ -1,8 +1,8 @@
 """The PSP mailbox: the one choke point every firmware command set is issued through.
 
 A command set (SEV in ``pysev.firmware.sev``; SEV-SNP can sit beside it) subclasses :class:`Mailbox`
-with four tables (its command-id enum, its state table of :class:`CommandSpec` rows, its command
-buffers made by :func:`command_buffer`, its status enum) and one ``_cmd_<name>`` handler per command.
+with four tables (its command-id enum, its state table of :class:`CommandSpec` rows, its
+:class:`CommandBuffer` layouts, its status enum) and one ``_cmd_<name>`` handler per command.
 :meth:`Mailbox.issue` then runs every command the same way, as AMD's dispatcher does
 (``sev_dispatch.c`` ``sev_dispatch_master``, with the state tables of ``sev_plat.c`` and
 ``sev_guest.c``): an unknown id is INVALID_COMMAND, a platform state outside the command's row is
@@ -19,24 +19,50 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
 import logging
 import struct
 import threading
 from collections.abc import Mapping
-from typing import Any, ClassVar, Protocol, cast
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from pysev.hw.hostmem import HostMemory
 
 log = logging.getLogger(__name__)
 
 BufferFormat = tuple[tuple[str | None, str], ...]
+_Buf = TypeVar("_Buf", bound="CommandBuffer")
 
 
 @dataclasses.dataclass
 class CommandBuffer:
-    """Base of every command buffer: ``FORMAT`` lists the fields in memory order, ``None`` = reserved."""
+    """Base of every command buffer: ``FORMAT`` lists the fields in memory order, ``None`` = reserved.
+
+    A buffer is a dataclass subclass that sets ``FORMAT`` and annotates each named field as ``int = 0``,
+    in ``FORMAT``'s order (so the constructor and the attributes are visible to a type checker)::
+
+        @dataclasses.dataclass
+        class InitBuf(CommandBuffer):
+            FORMAT = (("flags", "I"), (None, "I"), ("tmr_address", "Q"), ("tmr_len", "I"))
+            flags: int = 0
+            tmr_address: int = 0
+            tmr_len: int = 0
+
+    Defining the class checks that the two agree (names and order) and that ``FORMAT`` is a valid
+    struct layout, so they cannot drift.
+    """
 
     FORMAT: ClassVar[BufferFormat] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        named = tuple(name for name, _ in cls.FORMAT if name)
+        annotations = inspect.get_annotations(cls)
+        if tuple(annotations) != named:
+            raise TypeError(f"{cls.__name__}: fields {tuple(annotations)} do not match its FORMAT's {named}")
+        if any(hint not in ("int", int) for hint in annotations.values()):
+            raise TypeError(f"{cls.__name__}: every field is an int, got {annotations}")
+        cls.layout()  # a bad struct code fails here, at import
 
     @classmethod
     def layout(cls) -> struct.Struct:
@@ -59,17 +85,9 @@ class CommandBuffer:
         return self.layout().pack(*(getattr(self, n) if n else 0 for n, _ in self.FORMAT))
 
     @classmethod
-    def unpack(cls, data: bytes) -> CommandBuffer:
+    def unpack(cls: type[_Buf], data: bytes) -> _Buf:
         values = cls.layout().unpack(bytes(data[: cls.size()]))
         return cls(**{n: v for (n, _), v in zip(cls.FORMAT, values, strict=True) if n})
-
-
-def command_buffer(name: str, fmt: BufferFormat) -> type[CommandBuffer]:
-    """A command-buffer class laid out as ``fmt``: one integer field per named entry, default 0."""
-    fields = [(n, int, dataclasses.field(default=0)) for n, _ in fmt if n]
-    cls = cast("type[CommandBuffer]", dataclasses.make_dataclass(name, fields, bases=(CommandBuffer,)))
-    cls.FORMAT = fmt
-    return cls
 
 
 @dataclasses.dataclass(frozen=True)

@@ -144,9 +144,16 @@ class Guest:
                 self.memory.dram.frames[frames[~priv]] = rows[~priv]
             self.memory.mark_dirty_pages(b, idx)
 
+    def _private_memctl(self) -> MemoryController:
+        """The memory controller that reaches private pages; only an SEV guest has private pages."""
+        if self.memctl is None:
+            raise RuntimeError("a guest without SEV has no private pages")
+        return self.memctl
+
     def _write_private(self, frames: np.ndarray, rows: np.ndarray) -> None:
+        memctl = self._private_memctl()
         for i in range(0, frames.size, VCPU_CHUNK):
-            self.memctl.write_pages(self.asid, frames[i : i + VCPU_CHUNK], rows[i : i + VCPU_CHUNK])
+            memctl.write_pages(self.asid, frames[i : i + VCPU_CHUNK], rows[i : i + VCPU_CHUNK])
 
     def read_pages(self, gpa_pages: np.ndarray) -> np.ndarray:
         """Read whole pages as the guest sees them (decrypted where its C-bit is set)."""
@@ -156,7 +163,7 @@ class Guest:
             frames = b.frames[idx]
             priv = self._private_mask(b, idx)
             if priv.any():
-                out[pos[priv]] = self.memctl.read_pages(self.asid, frames[priv])
+                out[pos[priv]] = self._private_memctl().read_pages(self.asid, frames[priv])
             out[pos[~priv]] = self.memory.dram.frames[frames[~priv]]
         return out
 

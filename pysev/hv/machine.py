@@ -14,6 +14,7 @@ import enum
 import hashlib
 import logging
 import threading
+from typing import TypedDict
 
 import numpy as np
 
@@ -78,6 +79,16 @@ class Host:
         }
 
 
+class WorkloadArgs(TypedDict):
+    """A VM's workload settings, named as ``VirtualMachine``'s arguments."""
+
+    dirty_rate: float
+    workload: str
+    convert_rate: float
+    vga_fps: float
+    seed: int | None
+
+
 class VirtualMachine:
     """A guest on a host, with QEMU-like lifecycle. ``incoming=True`` creates an empty VM waiting
     for an incoming migration (RECEIVE_START replaces the launch)."""
@@ -114,7 +125,7 @@ class VirtualMachine:
         self.sev: kvm.SevKvm | None = None
         self.guest: Guest | None = None
         self.workload: Workload | None = None
-        self._workload_args = dict(
+        self._workload_args = WorkloadArgs(
             dirty_rate=dirty_rate, workload=workload, convert_rate=convert_rate, vga_fps=vga_fps, seed=seed
         )
         self._seed = seed
@@ -126,9 +137,9 @@ class VirtualMachine:
             self.sev.op(kvm.sev_cmd_id.KVM_SEV_ES_INIT if policy & Policy.ES else kvm.sev_cmd_id.KVM_SEV_INIT)
         if not incoming:
             self._launch()
-            self._attach_guest()
+            _, guest_workload = self._attach_guest()
             self.set_state(RunState.RUNNING)
-            self.workload.start()
+            guest_workload.start()
 
     def __repr__(self) -> str:
         return f"VirtualMachine(host={self.host.name!r}, state={self.state.value}, sev={self.sev_enabled})"
@@ -183,36 +194,51 @@ class VirtualMachine:
         self.launch_measurement = measure.raw
         self.sev.op(kvm.sev_cmd_id.KVM_SEV_LAUNCH_FINISH)
 
-    def workload_args(self) -> dict:
+    def workload_args(self) -> WorkloadArgs:
         """This VM's workload settings, as constructor arguments (a migrated guest keeps its workload)."""
-        return dict(self._workload_args)
+        return self._workload_args.copy()
 
-    def _attach_guest(self) -> None:
+    def _attach_guest(self) -> tuple[Guest, Workload]:
         memctl = self.host.platform.memctl
-        self.guest = Guest(self.memory, memctl if self.sev else None, self.asid, seed=self._seed)
-        args = dict(self._workload_args)
-        self.workload = Workload(self.guest, pattern=args.pop("workload"), **args)
+        guest = self.guest = Guest(self.memory, memctl if self.sev else None, self.asid, seed=self._seed)
+        args = self._workload_args
+        self.workload = Workload(
+            guest,
+            dirty_rate=args["dirty_rate"],
+            pattern=args["workload"],
+            convert_rate=args["convert_rate"],
+            vga_fps=args["vga_fps"],
+            seed=args["seed"],
+        )
+        return guest, self.workload
+
+    def _attached(self) -> tuple[Guest, Workload]:
+        if self.guest is None or self.workload is None:
+            raise RuntimeError(f"{self.host.name}: no guest yet (an incoming VM has one after prepare_incoming)")
+        return self.guest, self.workload
 
     def prepare_incoming(self) -> None:
         """Destination, all pages received: attach the guest with the migrated page-encryption state
         (its page tables agree with the state map the source sent)."""
-        self._attach_guest()
-        self.guest.load_cbits_from_state_map()
+        guest, _ = self._attach_guest()
+        guest.load_cbits_from_state_map()
 
     def incoming_complete(self) -> None:
         """Destination, after RECEIVE_FINISH: run the guest."""
+        _, workload = self._attached()
         self.set_state(RunState.RUNNING)
-        self.workload.start()
+        workload.start()
 
     def boot_fill(self) -> None:
         """The guest initialises all of its RAM (as an OS populates memory), so every page holds known
         plaintext that verification can compare."""
+        guest, _ = self._attached()
         ram = self.memory.ram
         self.host.dram.populate(ram.frames)  # all of it will be touched: back it with huge pages
         chunk = 4096
         for first in range(0, ram.npages, chunk):
             gfns = np.arange(first, min(first + chunk, ram.npages), dtype=np.int64) + ram.gpa // PAGE_SIZE
-            self.guest.write_pages(gfns, page_pattern(gfns, seq=0))
+            guest.write_pages(gfns, page_pattern(gfns, seq=0))
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def pause(self, state: RunState = RunState.PAUSED) -> None:
@@ -277,6 +303,7 @@ class VirtualMachine:
         SEV-ES guests the plaintext of every vCPU's VMSA."""
         h = hashlib.sha256()
         if self.vmsa_hpas:
+            assert self.sev is not None  # VMSAs are SEV-ES state
             vmsas = np.empty((len(self.vmsa_hpas), PAGE_SIZE), dtype=np.uint8)
             self.sev.dbg_decrypt_batch(np.array(self.vmsa_hpas, dtype=np.uint64) // PAGE_SIZE, vmsas)
             h.update(b"vmsa\0" + vmsas.tobytes())

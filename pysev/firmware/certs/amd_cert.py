@@ -57,11 +57,11 @@ class AmdCert:
     pubexp: int
     modulus: int
     signature: bytes | None = None
-    pubexp_bits: int | None = None  # defaults to modulus_bits, as in every real cert
+    pubexp_bits: int = 0  # 0 (not given): modulus_bits, as in every real cert
     version: int = 1
 
     def __post_init__(self) -> None:
-        if self.pubexp_bits is None:
+        if not self.pubexp_bits:
             object.__setattr__(self, "pubexp_bits", self.modulus_bits)
         if len(self.key_id) != AMD_ID_SIZE or len(self.certifying_id) != AMD_ID_SIZE:
             raise ValueError("KEY_ID and CERTIFYING_ID are 16 bytes")

@@ -11,11 +11,12 @@ The sizes of every blob a command takes are here too: the certificate sizes come
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 
 from csev.packet import PACKET_FLAG_COMPRESSED, PACKET_HEADER_SIZE, PAGE_SIZE  # noqa: F401  (re-exported)
 from pysev.firmware.certs import PLAT_CERTS_SIZE, SEV_CERT_SIZE  # noqa: F401  (re-exported)
-from pysev.firmware.mailbox import CommandBuffer, command_buffer
+from pysev.firmware.mailbox import CommandBuffer
 
 
 class Cmd(enum.IntEnum):
@@ -115,12 +116,23 @@ SCRATCH_BUF_LEN = 0x5000  # largest packet the firmware accepts (AMD sev_globals
 VMSA_SIZE = PAGE_SIZE  # LAUNCH_UPDATE_VMSA takes exactly one page
 
 
-# In/Out per field as in psp-sev.h; handles are In/Out where the firmware assigns them.
-InitBuf = command_buffer("InitBuf", (("flags", "I"), (None, "I"), ("tmr_address", "Q"), ("tmr_len", "I")))
+# In/Out per field as in psp-sev.h; handles are In/Out where the firmware assigns them. Each buffer's
+# FORMAT is its layout; the annotated fields repeat its named entries, in order (checked when the class
+# is defined, see CommandBuffer), so that a type checker sees the constructor and the attributes.
+@dataclasses.dataclass
+class InitBuf(CommandBuffer):
+    FORMAT = (("flags", "I"), (None, "I"), ("tmr_address", "Q"), ("tmr_len", "I"))
+    flags: int = 0
+    tmr_address: int = 0
+    tmr_len: int = 0
+
+
 INIT_FLAGS_SEV_ES = 1 << 0  # AMD sev_plat.h SEV_CONFIG_ES_FLAG
-PlatformStatusBuf = command_buffer(
-    "PlatformStatusBuf",
-    (  # Out, written in place (12 bytes)
+
+
+@dataclasses.dataclass
+class PlatformStatusBuf(CommandBuffer):
+    FORMAT = (  # Out, written in place (12 bytes)
         ("api_major", "B"),
         ("api_minor", "B"),
         ("state", "B"),
@@ -129,32 +141,85 @@ PlatformStatusBuf = command_buffer(
         (None, "B"),
         ("build", "B"),
         ("guest_count", "I"),
-    ),
-)
-PekCsrBuf = command_buffer("PekCsrBuf", (("address", "Q"), ("len", "I")))  # len In/Out
-PekCertImportBuf = command_buffer(
-    "PekCertImportBuf",
-    (("pek_cert_address", "Q"), ("pek_cert_len", "I"), (None, "I"), ("oca_cert_address", "Q"), ("oca_cert_len", "I")),
-)
-PdhCertExportBuf = command_buffer(
-    "PdhCertExportBuf",
-    (
+    )
+    api_major: int = 0
+    api_minor: int = 0
+    state: int = 0
+    owner: int = 0
+    config: int = 0
+    build: int = 0
+    guest_count: int = 0
+
+
+@dataclasses.dataclass
+class PekCsrBuf(CommandBuffer):
+    FORMAT = (("address", "Q"), ("len", "I"))  # len In/Out
+    address: int = 0
+    len: int = 0
+
+
+@dataclasses.dataclass
+class PekCertImportBuf(CommandBuffer):
+    FORMAT = (
+        ("pek_cert_address", "Q"),
+        ("pek_cert_len", "I"),
+        (None, "I"),
+        ("oca_cert_address", "Q"),
+        ("oca_cert_len", "I"),
+    )
+    pek_cert_address: int = 0
+    pek_cert_len: int = 0
+    oca_cert_address: int = 0
+    oca_cert_len: int = 0
+
+
+@dataclasses.dataclass
+class PdhCertExportBuf(CommandBuffer):
+    FORMAT = (
         ("pdh_cert_address", "Q"),
         ("pdh_cert_len", "I"),
         (None, "I"),  # lens In/Out
         ("cert_chain_address", "Q"),
         ("cert_chain_len", "I"),
-    ),
-)
-GetIdBuf = command_buffer("GetIdBuf", (("address", "Q"), ("len", "I")))  # len In/Out
-HandleBuf = command_buffer("HandleBuf", (("handle", "I"),))
-ActivateBuf = command_buffer("ActivateBuf", (("handle", "I"), ("asid", "I")))
-GuestStatusBuf = command_buffer(
-    "GuestStatusBuf", (("handle", "I"), ("policy", "I"), ("asid", "I"), ("state", "B"))
-)  # policy..state Out
-LaunchStartBuf = command_buffer(
-    "LaunchStartBuf",
-    (
+    )
+    pdh_cert_address: int = 0
+    pdh_cert_len: int = 0
+    cert_chain_address: int = 0
+    cert_chain_len: int = 0
+
+
+@dataclasses.dataclass
+class GetIdBuf(CommandBuffer):
+    FORMAT = (("address", "Q"), ("len", "I"))  # len In/Out
+    address: int = 0
+    len: int = 0
+
+
+@dataclasses.dataclass
+class HandleBuf(CommandBuffer):
+    FORMAT = (("handle", "I"),)
+    handle: int = 0
+
+
+@dataclasses.dataclass
+class ActivateBuf(CommandBuffer):
+    FORMAT = (("handle", "I"), ("asid", "I"))
+    handle: int = 0
+    asid: int = 0
+
+
+@dataclasses.dataclass
+class GuestStatusBuf(CommandBuffer):
+    FORMAT = (("handle", "I"), ("policy", "I"), ("asid", "I"), ("state", "B"))  # policy..state Out
+    handle: int = 0
+    policy: int = 0
+    asid: int = 0
+    state: int = 0
+
+
+@dataclasses.dataclass
+class LaunchStartBuf(CommandBuffer):
+    FORMAT = (
         ("handle", "I"),
         ("policy", "I"),
         ("dh_cert_address", "Q"),
@@ -162,23 +227,34 @@ LaunchStartBuf = command_buffer(
         (None, "I"),
         ("session_address", "Q"),
         ("session_len", "I"),
-    ),
-)
-LaunchUpdateBuf = command_buffer(
-    "LaunchUpdateBuf",
-    (  # _DATA and _VMSA
-        ("handle", "I"),
-        (None, "I"),
-        ("address", "Q"),
-        ("len", "I"),
-    ),
-)
-LaunchMeasureBuf = command_buffer(
-    "LaunchMeasureBuf", (("handle", "I"), (None, "I"), ("address", "Q"), ("len", "I"))
-)  # len In/Out
-TransportBuf = command_buffer(
-    "TransportBuf",
-    (  # LAUNCH_SECRET, SEND_UPDATE_*, RECEIVE_UPDATE_* (0x34 bytes)
+    )
+    handle: int = 0
+    policy: int = 0
+    dh_cert_address: int = 0
+    dh_cert_len: int = 0
+    session_address: int = 0
+    session_len: int = 0
+
+
+@dataclasses.dataclass
+class LaunchUpdateBuf(CommandBuffer):
+    FORMAT = (("handle", "I"), (None, "I"), ("address", "Q"), ("len", "I"))  # _DATA and _VMSA
+    handle: int = 0
+    address: int = 0
+    len: int = 0
+
+
+@dataclasses.dataclass
+class LaunchMeasureBuf(CommandBuffer):
+    FORMAT = (("handle", "I"), (None, "I"), ("address", "Q"), ("len", "I"))  # len In/Out
+    handle: int = 0
+    address: int = 0
+    len: int = 0
+
+
+@dataclasses.dataclass
+class TransportBuf(CommandBuffer):
+    FORMAT = (  # LAUNCH_SECRET, SEND_UPDATE_*, RECEIVE_UPDATE_* (0x34 bytes)
         ("handle", "I"),
         (None, "I"),
         ("hdr_address", "Q"),
@@ -189,11 +265,19 @@ TransportBuf = command_buffer(
         (None, "I"),
         ("trans_address", "Q"),
         ("trans_len", "I"),
-    ),
-)
-SendStartBuf = command_buffer(
-    "SendStartBuf",
-    (
+    )
+    handle: int = 0
+    hdr_address: int = 0
+    hdr_len: int = 0
+    guest_address: int = 0
+    guest_len: int = 0
+    trans_address: int = 0
+    trans_len: int = 0
+
+
+@dataclasses.dataclass
+class SendStartBuf(CommandBuffer):
+    FORMAT = (
         ("handle", "I"),
         ("policy", "I"),
         ("pdh_cert_address", "Q"),
@@ -207,11 +291,22 @@ SendStartBuf = command_buffer(
         (None, "I"),
         ("session_address", "Q"),
         ("session_len", "I"),
-    ),
-)
-ReceiveStartBuf = command_buffer(
-    "ReceiveStartBuf",
-    (
+    )
+    handle: int = 0
+    policy: int = 0
+    pdh_cert_address: int = 0
+    pdh_cert_len: int = 0
+    plat_certs_address: int = 0
+    plat_certs_len: int = 0
+    amd_certs_address: int = 0
+    amd_certs_len: int = 0
+    session_address: int = 0
+    session_len: int = 0
+
+
+@dataclasses.dataclass
+class ReceiveStartBuf(CommandBuffer):
+    FORMAT = (
         ("handle", "I"),
         ("policy", "I"),
         ("pdh_cert_address", "Q"),
@@ -219,9 +314,23 @@ ReceiveStartBuf = command_buffer(
         (None, "I"),
         ("session_address", "Q"),
         ("session_len", "I"),
-    ),
-)
-DbgBuf = command_buffer("DbgBuf", (("handle", "I"), (None, "I"), ("src_addr", "Q"), ("dst_addr", "Q"), ("len", "I")))
+    )
+    handle: int = 0
+    policy: int = 0
+    pdh_cert_address: int = 0
+    pdh_cert_len: int = 0
+    session_address: int = 0
+    session_len: int = 0
+
+
+@dataclasses.dataclass
+class DbgBuf(CommandBuffer):
+    FORMAT = (("handle", "I"), (None, "I"), ("src_addr", "Q"), ("dst_addr", "Q"), ("len", "I"))
+    handle: int = 0
+    src_addr: int = 0
+    dst_addr: int = 0
+    len: int = 0
+
 
 BUFFERS: dict[Cmd, type[CommandBuffer] | None] = {
     Cmd.INIT: InitBuf,

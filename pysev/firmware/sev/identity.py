@@ -9,6 +9,8 @@ and ``validate_domain``, implemented in ``pysev.firmware.certs``.
 
 from __future__ import annotations
 
+import dataclasses
+
 from Crypto.PublicKey import ECC
 
 from pysev.firmware import amdroot, certs
@@ -44,6 +46,18 @@ def cert_api(cert: bytes) -> tuple[int, int]:
     return cert[OFF_API_MAJOR], cert[OFF_API_MINOR]
 
 
+@dataclasses.dataclass(repr=False)
+class _Keys:
+    """OCA, PEK and PDH with their private keys; no OCA key once an owner imported its own OCA."""
+
+    oca: SevCert
+    oca_key: ECC.EccKey | None
+    pek: SevCert
+    pek_key: ECC.EccKey
+    pdh: SevCert
+    pdh_key: ECC.EccKey
+
+
 class Identity:
     def __init__(self, root: amdroot.SimulatedRoot, chip_id: bytes, api: tuple[int, int] = (0, 24)) -> None:
         self._root = root
@@ -51,43 +65,46 @@ class Identity:
         self._api = api
         self._cek_key = amdroot.derive_cek(root.fuse_chip(self._chip_id))
         self._cek = SevCert.build(self._cek_key.public_key(), Usage.CEK, Algo.ECDSA_SHA256, *amdroot.CEK_API)
-        self._oca_key = self._pek_key = self._pdh_key = None
-        self._oca = self._pek = self._pdh = None
+        self._keys: _Keys | None = None  # None until INIT (PEK_GEN) and after PLATFORM_RESET
         self.owned = False
 
     def __repr__(self) -> str:
-        return f"Identity(owner={'external' if self.owned else 'self'}, provisioned={self._pek is not None})"
+        return f"Identity(owner={'external' if self.owned else 'self'}, provisioned={self._keys is not None})"
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def ensure(self) -> None:
         """INIT: load the persistent identity, generating it on first use."""
-        if self._pek is None:
+        if self._keys is None:
             self.pek_gen()
 
     def wipe(self) -> None:
         """PLATFORM_RESET: forget OCA/PEK/PDH and the owner."""
-        self._oca_key = self._pek_key = self._pdh_key = None
-        self._oca = self._pek = self._pdh = None
+        self._keys = None
         self.owned = False
 
     def pek_gen(self) -> None:
         """PEK_GEN: self-owned OCA (self-signed), PEK (sig1 = OCA, sig2 = CEK), then a new PDH."""
-        self._oca_key = ECC.generate(curve="P-384")
-        self._oca = SevCert.build(self._oca_key.public_key(), Usage.OCA, Algo.ECDSA_SHA256, *self._api)
-        self._oca = self._oca.sign(self._oca_key, Usage.OCA, Algo.ECDSA_SHA256)
-        self._pek_key = ECC.generate(curve="P-384")
-        pek = SevCert.build(self._pek_key.public_key(), Usage.PEK, Algo.ECDSA_SHA256, *self._api)
-        self._pek = pek.sign_as(self._oca, self._oca_key).sign_as(self._cek, self._cek_key)
+        oca_key = ECC.generate(curve="P-384")
+        oca = SevCert.build(oca_key.public_key(), Usage.OCA, Algo.ECDSA_SHA256, *self._api)
+        oca = oca.sign(oca_key, Usage.OCA, Algo.ECDSA_SHA256)
+        pek_key = ECC.generate(curve="P-384")
+        pek = SevCert.build(pek_key.public_key(), Usage.PEK, Algo.ECDSA_SHA256, *self._api)
+        pek = pek.sign_as(oca, oca_key).sign_as(self._cek, self._cek_key)
+        pdh, pdh_key = self._new_pdh(pek, pek_key)
+        self._keys = _Keys(oca, oca_key, pek, pek_key, pdh, pdh_key)
         self.owned = False
-        self.pdh_gen()
 
     def pdh_gen(self) -> None:
-        self._pdh_key = ECC.generate(curve="P-384")
-        pdh = SevCert.build(self._pdh_key.public_key(), Usage.PDH, Algo.ECDH_SHA256, *self._api)
-        self._pdh = pdh.sign_as(self._pek, self._pek_key)
+        keys = self._provisioned()
+        keys.pdh, keys.pdh_key = self._new_pdh(keys.pek, keys.pek_key)
+
+    def _new_pdh(self, pek: SevCert, pek_key: ECC.EccKey) -> tuple[SevCert, ECC.EccKey]:
+        pdh_key = ECC.generate(curve="P-384")
+        pdh = SevCert.build(pdh_key.public_key(), Usage.PDH, Algo.ECDH_SHA256, *self._api)
+        return pdh.sign_as(pek, pek_key), pdh_key
 
     def pek_csr(self) -> bytes:
-        return self._pek.unsigned().to_bytes()
+        return self._provisioned().pek.unsigned().to_bytes()
 
     def pek_cert_import(self, pek_bytes: bytes, oca_bytes: bytes) -> SevStatus:
         """PEK_CERT_IMPORT (AMD ``sev_mcmd.c`` ``sev_mcmd_pek_cert_import``): OCA self-signed, PEK signed
@@ -103,48 +120,48 @@ class Identity:
         for status in (certs.sev_cert_validate(oca, oca), certs.sev_cert_validate(pek, oca)):
             if status != SevStatus.SUCCESS:
                 return status
-        if pek.body() != self._pek.body():
+        keys = self._provisioned()
+        if pek.body() != keys.pek.body():
             return SevStatus.INVALID_CERTIFICATE
         try:
-            self._pek = pek.sign_as(self._cek, self._cek_key)
-        except SevError as err:
-            return err.status
-        self._oca, self._oca_key = oca, None  # the owner keeps the OCA private key
+            keys.pek = pek.sign_as(self._cek, self._cek_key)
+        except SevError as err:  # both signature slots in use: INVALID_CERTIFICATE
+            return SevStatus(err.status)
+        keys.oca, keys.oca_key = oca, None  # the owner keeps the OCA private key
         self.owned = True
         self.pdh_gen()
         return SevStatus.SUCCESS
 
     # -- what leaves the platform -------------------------------------------------------------------
-    def _require_provisioned(self) -> None:
-        if self._pek is None:
+    def _provisioned(self) -> _Keys:
+        if self._keys is None:
             raise RuntimeError("the platform has no PEK/PDH yet: issue INIT first (or PEK_GEN after PLATFORM_RESET)")
+        return self._keys
 
     @property
     def pdh_cert(self) -> bytes:
-        self._require_provisioned()
-        return self._pdh.to_bytes()
+        return self._provisioned().pdh.to_bytes()
 
     @property
     def oca_cert(self) -> bytes:
-        self._require_provisioned()
-        return self._oca.to_bytes()
+        return self._provisioned().oca.to_bytes()
 
     def plat_certs(self, signed_cek: bool = False) -> bytes:
         """PEK ‖ OCA ‖ CEK. The firmware exports its CEK unsigned (AMD ``sev_mcmd.c``
         ``sev_mcmd_pdh_cert_export``); hosts replace it with the ASK-signed one from the key server
         (``signed_cek=True``), as sevctl does (virtee/sevctl ``src/main.rs``)."""
-        self._require_provisioned()
+        keys = self._provisioned()
         cek = self._root.kds.cek_cert(self._chip_id) if signed_cek else self._cek.to_bytes()
-        return self._pek.to_bytes() + self._oca.to_bytes() + cek
+        return keys.pek.to_bytes() + keys.oca.to_bytes() + cek
 
     def pdh_usable(self) -> bool:
         return (
-            self._pdh is not None
-            and self._pdh.pubkey_usage == Usage.PDH
-            and self._pdh.pubkey_algo in (Algo.ECDH_SHA256, Algo.ECDH_SHA384)
+            self._keys is not None
+            and self._keys.pdh.pubkey_usage == Usage.PDH
+            and self._keys.pdh.pubkey_algo in (Algo.ECDH_SHA256, Algo.ECDH_SHA384)
         )
 
     def ecdh(self, peer_cert: bytes) -> bytes:
         """Z with our long-term PDH private key and the peer's PDH/GODH public key (AMD ``ecdh.c``
         ``ecdh_key_agreement``)."""
-        return certs.ecdh_shared_secret(self._pdh_key, SevCert.from_bytes(peer_cert))
+        return certs.ecdh_shared_secret(self._provisioned().pdh_key, SevCert.from_bytes(peer_cert))

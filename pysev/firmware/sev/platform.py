@@ -38,10 +38,24 @@ from pysev.firmware.sev.abi import (
     SESSION_SIZE,
     SEV_CERT_SIZE,
     VMSA_SIZE,
+    ActivateBuf,
     Cmd,
+    DbgBuf,
+    GetIdBuf,
     GuestState,
+    GuestStatusBuf,
+    HandleBuf,
+    InitBuf,
+    LaunchMeasureBuf,
+    LaunchStartBuf,
+    LaunchUpdateBuf,
+    PdhCertExportBuf,
+    PekCertImportBuf,
+    PekCsrBuf,
     PlatformState,
+    PlatformStatusBuf,
     Policy,
+    TransportBuf,
 )
 from pysev.firmware.sev.transport import TransportCommands
 from pysev.firmware.status import SevStatus
@@ -134,13 +148,13 @@ class Platform(TransportCommands):
         )
 
     # -- platform commands (AMD sev_mcmd.c sev_mcmd_init … sev_mcmd_get_id) ------------------------------
-    def _cmd_init(self, buf) -> SevStatus:
+    def _cmd_init(self, buf: InitBuf) -> SevStatus:
         self.es_enabled = bool(buf.flags & INIT_FLAGS_SEV_ES)
         self._identity.ensure()
         self.state = PlatformState.INIT
         return SevStatus.SUCCESS
 
-    def _cmd_shutdown(self, buf) -> SevStatus:
+    def _cmd_shutdown(self, buf: None) -> SevStatus:
         for guest in self._guests.values():
             if guest.asid:
                 self.memctl.remove_key(guest.asid)
@@ -150,11 +164,11 @@ class Platform(TransportCommands):
         self.es_enabled = False
         return SevStatus.SUCCESS
 
-    def _cmd_platform_reset(self, buf) -> SevStatus:
+    def _cmd_platform_reset(self, buf: None) -> SevStatus:
         self._identity.wipe()
         return SevStatus.SUCCESS
 
-    def _cmd_platform_status(self, buf) -> SevStatus:
+    def _cmd_platform_status(self, buf: PlatformStatusBuf) -> SevStatus:
         up = self.state != PlatformState.UNINIT
         buf.api_major, buf.api_minor, buf.build = API_MAJOR, API_MINOR, BUILD
         buf.state = int(self.state)
@@ -163,11 +177,11 @@ class Platform(TransportCommands):
         buf.guest_count = len(self._guests) if up else 0
         return SevStatus.SUCCESS
 
-    def _cmd_pek_gen(self, buf) -> SevStatus:
+    def _cmd_pek_gen(self, buf: None) -> SevStatus:
         self._identity.pek_gen()
         return SevStatus.SUCCESS
 
-    def _cmd_pek_csr(self, buf) -> SevStatus:
+    def _cmd_pek_csr(self, buf: PekCsrBuf) -> SevStatus:
         if buf.len < SEV_CERT_SIZE:
             buf.len = SEV_CERT_SIZE
             return SevStatus.INVALID_LENGTH
@@ -176,7 +190,7 @@ class Platform(TransportCommands):
         buf.len = SEV_CERT_SIZE
         return SevStatus.SUCCESS
 
-    def _cmd_pek_cert_import(self, buf) -> SevStatus:
+    def _cmd_pek_cert_import(self, buf: PekCertImportBuf) -> SevStatus:
         if self._identity.owned:
             return SevStatus.ALREADY_OWNED
         if buf.pek_cert_len != SEV_CERT_SIZE or buf.oca_cert_len != SEV_CERT_SIZE:
@@ -185,11 +199,11 @@ class Platform(TransportCommands):
         oca = self._read(buf.oca_cert_address, SEV_CERT_SIZE)
         return self._identity.pek_cert_import(pek, oca)
 
-    def _cmd_pdh_gen(self, buf) -> SevStatus:
+    def _cmd_pdh_gen(self, buf: None) -> SevStatus:
         self._identity.pdh_gen()
         return SevStatus.SUCCESS
 
-    def _cmd_pdh_cert_export(self, buf) -> SevStatus:
+    def _cmd_pdh_cert_export(self, buf: PdhCertExportBuf) -> SevStatus:
         if buf.pdh_cert_len < SEV_CERT_SIZE or buf.cert_chain_len < PLAT_CERTS_SIZE:
             buf.pdh_cert_len, buf.cert_chain_len = SEV_CERT_SIZE, PLAT_CERTS_SIZE
             return SevStatus.INVALID_LENGTH
@@ -199,11 +213,11 @@ class Platform(TransportCommands):
         buf.pdh_cert_len, buf.cert_chain_len = SEV_CERT_SIZE, PLAT_CERTS_SIZE
         return SevStatus.SUCCESS
 
-    def _cmd_df_flush(self, buf) -> SevStatus:
+    def _cmd_df_flush(self, buf: None) -> SevStatus:
         self._dirty_asids.clear()
         return SevStatus.SUCCESS
 
-    def _cmd_get_id(self, buf) -> SevStatus:
+    def _cmd_get_id(self, buf: GetIdBuf) -> SevStatus:
         if buf.len < GET_ID_SIZE:
             buf.len = GET_ID_SIZE
             return SevStatus.INVALID_LENGTH
@@ -213,12 +227,12 @@ class Platform(TransportCommands):
         return SevStatus.SUCCESS
 
     # -- guest management (AMD sev_mcmd.c sev_mcmd_guest_status, mcmd_activate_common, …) -------------
-    def _cmd_guest_status(self, buf) -> SevStatus:
+    def _cmd_guest_status(self, buf: GuestStatusBuf) -> SevStatus:
         guest = self._guest(buf.handle)
         buf.policy, buf.asid, buf.state = guest.policy, guest.asid, int(guest.state)
         return SevStatus.SUCCESS
 
-    def _cmd_activate(self, buf) -> SevStatus:
+    def _cmd_activate(self, buf: ActivateBuf) -> SevStatus:
         guest = self._guest(buf.handle)
         self._require_guest_state(guest, Cmd.ACTIVATE)
         if not 0 < buf.asid <= self.max_asid:
@@ -233,7 +247,7 @@ class Platform(TransportCommands):
         self.memctl.install_key(buf.asid, guest.vek)
         return SevStatus.SUCCESS
 
-    def _cmd_deactivate(self, buf) -> SevStatus:
+    def _cmd_deactivate(self, buf: HandleBuf) -> SevStatus:
         guest = self._guest(buf.handle)
         if guest.asid:
             self.memctl.remove_key(guest.asid)
@@ -241,7 +255,7 @@ class Platform(TransportCommands):
             guest.asid = 0
         return SevStatus.SUCCESS
 
-    def _cmd_decommission(self, buf) -> SevStatus:
+    def _cmd_decommission(self, buf: HandleBuf) -> SevStatus:
         guest = self._guest(buf.handle)
         if guest.asid:
             return SevStatus.ACTIVE
@@ -252,7 +266,7 @@ class Platform(TransportCommands):
         return SevStatus.SUCCESS
 
     # -- launch (AMD sev_mcmd.c sev_mcmd_launch_start … sev_mcmd_launch_finish) --------------------------
-    def _cmd_launch_start(self, buf) -> SevStatus:
+    def _cmd_launch_start(self, buf: LaunchStartBuf) -> SevStatus:
         tek = tik = bytes(16)
         if buf.dh_cert_address:
             if buf.session_len != SESSION_SIZE or buf.dh_cert_len != SEV_CERT_SIZE:
@@ -263,7 +277,7 @@ class Platform(TransportCommands):
         buf.handle = self._add_guest(buf.policy, vek, Cmd.LAUNCH_START, tek, tik).handle
         return SevStatus.SUCCESS
 
-    def _launch_update(self, buf, cmd: Cmd) -> SevStatus:
+    def _launch_update(self, buf: LaunchUpdateBuf, cmd: Cmd) -> SevStatus:
         guest = self._guest(buf.handle)
         self._require_guest_state(guest, cmd)
         if cmd == Cmd.LAUNCH_UPDATE_VMSA and not guest.es:
@@ -281,13 +295,13 @@ class Platform(TransportCommands):
         self.memctl.write(guest.asid, paddr, plaintext)
         return SevStatus.SUCCESS
 
-    def _cmd_launch_update_data(self, buf) -> SevStatus:
+    def _cmd_launch_update_data(self, buf: LaunchUpdateBuf) -> SevStatus:
         return self._launch_update(buf, Cmd.LAUNCH_UPDATE_DATA)
 
-    def _cmd_launch_update_vmsa(self, buf) -> SevStatus:
+    def _cmd_launch_update_vmsa(self, buf: LaunchUpdateBuf) -> SevStatus:
         return self._launch_update(buf, Cmd.LAUNCH_UPDATE_VMSA)
 
-    def _cmd_launch_measure(self, buf) -> SevStatus:
+    def _cmd_launch_measure(self, buf: LaunchMeasureBuf) -> SevStatus:
         guest = self._guest(buf.handle)
         self._require_guest_state(guest, Cmd.LAUNCH_MEASURE)
         if buf.len < MEASURE_SIZE:
@@ -303,7 +317,7 @@ class Platform(TransportCommands):
         self._transition(guest, Cmd.LAUNCH_MEASURE)
         return SevStatus.SUCCESS
 
-    def _cmd_launch_secret(self, buf) -> SevStatus:
+    def _cmd_launch_secret(self, buf: TransportBuf) -> SevStatus:
         guest = self._guest(buf.handle)
         self._require_guest_state(guest, Cmd.LAUNCH_SECRET)
         self._require_active(guest)
@@ -323,7 +337,7 @@ class Platform(TransportCommands):
         self.memctl.write(guest.asid, paddr, plaintext)
         return SevStatus.SUCCESS
 
-    def _cmd_launch_finish(self, buf) -> SevStatus:
+    def _cmd_launch_finish(self, buf: HandleBuf) -> SevStatus:
         guest = self._guest(buf.handle)
         self._require_guest_state(guest, Cmd.LAUNCH_FINISH)
         guest.zeroize_channel()
@@ -331,7 +345,7 @@ class Platform(TransportCommands):
         return SevStatus.SUCCESS
 
     # -- debug (AMD sev_mcmd.c sev_mcmd_dbg_decrypt, sev_mcmd_dbg_encrypt; policy bit NODBG) -----------
-    def _dbg(self, buf, encrypt: bool) -> SevStatus:
+    def _dbg(self, buf: DbgBuf, encrypt: bool) -> SevStatus:
         guest = self._guest(buf.handle)
         if guest.policy & Policy.NODBG:
             return SevStatus.POLICY_FAILURE
@@ -348,10 +362,10 @@ class Platform(TransportCommands):
             self.dram.write(dst, self.memctl.read(guest.asid, src, buf.len))
         return SevStatus.SUCCESS
 
-    def _cmd_dbg_decrypt(self, buf) -> SevStatus:
+    def _cmd_dbg_decrypt(self, buf: DbgBuf) -> SevStatus:
         return self._dbg(buf, encrypt=False)
 
-    def _cmd_dbg_encrypt(self, buf) -> SevStatus:
+    def _cmd_dbg_encrypt(self, buf: DbgBuf) -> SevStatus:
         return self._dbg(buf, encrypt=True)
 
     # -- what the host may learn (no secrets) --------------------------------------------------------

@@ -36,8 +36,12 @@ from pysev.firmware.sev.abi import (
     SEV_CERT_SIZE,
     Cmd,
     GuestState,
+    HandleBuf,
     PlatformState,
     Policy,
+    ReceiveStartBuf,
+    SendStartBuf,
+    TransportBuf,
     policy_api,
 )
 from pysev.firmware.sev.guest import GuestContext, new_vek
@@ -120,7 +124,7 @@ class TransportCommands(Mailbox):
         return guest
 
     # -- packets ---------------------------------------------------------------------------------------
-    def _open_packet(self, guest: GuestContext, buf, ctx: int, measure: bytes = b"") -> bytes:
+    def _open_packet(self, guest: GuestContext, buf: TransportBuf, ctx: int, measure: bytes = b"") -> bytes:
         """Read a transport packet, check flags and MAC (constant time) before decrypting; → plaintext."""
         header = self._read(buf.hdr_address, PACKET_HEADER_SIZE)
         ciphertext = self._read(buf.trans_address, buf.trans_len)
@@ -133,7 +137,7 @@ class TransportCommands(Mailbox):
         return csev.aes128_ctr(guest.tek, iv, ciphertext)
 
     # -- send ----------------------------------------------------------------------------------------------
-    def _cmd_send_start(self, buf) -> SevStatus:
+    def _cmd_send_start(self, buf: SendStartBuf) -> SevStatus:
         guest = self._guest(buf.handle)
         if buf.session_len != SESSION_SIZE:
             buf.session_len = SESSION_SIZE
@@ -177,7 +181,7 @@ class TransportCommands(Mailbox):
         self._transition(guest, Cmd.SEND_START)
         return SevStatus.SUCCESS
 
-    def _send_update(self, buf, cmd: Cmd) -> SevStatus:
+    def _send_update(self, buf: TransportBuf, cmd: Cmd) -> SevStatus:
         if buf.hdr_len < PACKET_HEADER_SIZE:  # checked before the handle, as AMD's firmware does
             buf.hdr_len = PACKET_HEADER_SIZE
             return SevStatus.INVALID_LENGTH
@@ -209,27 +213,27 @@ class TransportCommands(Mailbox):
         buf.hdr_len = PACKET_HEADER_SIZE
         return SevStatus.SUCCESS
 
-    def _cmd_send_update_data(self, buf) -> SevStatus:
+    def _cmd_send_update_data(self, buf: TransportBuf) -> SevStatus:
         return self._send_update(buf, Cmd.SEND_UPDATE_DATA)
 
-    def _cmd_send_update_vmsa(self, buf) -> SevStatus:
+    def _cmd_send_update_vmsa(self, buf: TransportBuf) -> SevStatus:
         return self._send_update(buf, Cmd.SEND_UPDATE_VMSA)
 
-    def _end_channel(self, buf, cmd: Cmd) -> SevStatus:
+    def _end_channel(self, buf: HandleBuf, cmd: Cmd) -> SevStatus:
         guest = self._guest(buf.handle)
         self._require_guest_state(guest, cmd)
         guest.zeroize_channel()
         self._transition(guest, cmd)
         return SevStatus.SUCCESS
 
-    def _cmd_send_finish(self, buf) -> SevStatus:
+    def _cmd_send_finish(self, buf: HandleBuf) -> SevStatus:
         return self._end_channel(buf, Cmd.SEND_FINISH)
 
-    def _cmd_send_cancel(self, buf) -> SevStatus:
+    def _cmd_send_cancel(self, buf: HandleBuf) -> SevStatus:
         return self._end_channel(buf, Cmd.SEND_CANCEL)
 
     # -- receive -------------------------------------------------------------------------------------------
-    def _cmd_receive_start(self, buf) -> SevStatus:
+    def _cmd_receive_start(self, buf: ReceiveStartBuf) -> SevStatus:
         if buf.session_len != SESSION_SIZE or buf.pdh_cert_len != SEV_CERT_SIZE:
             return SevStatus.INVALID_LENGTH
         tek, tik = self._open_channel(buf.policy, buf.pdh_cert_address, buf.session_address)
@@ -237,7 +241,7 @@ class TransportCommands(Mailbox):
         buf.handle = self._add_guest(buf.policy, vek, Cmd.RECEIVE_START, tek, tik).handle
         return SevStatus.SUCCESS
 
-    def _receive_update(self, buf, cmd: Cmd) -> SevStatus:
+    def _receive_update(self, buf: TransportBuf, cmd: Cmd) -> SevStatus:
         guest = self._guest(buf.handle)
         self._require_guest_state(guest, cmd)
         if cmd == Cmd.RECEIVE_UPDATE_VMSA and not guest.es:
@@ -260,13 +264,13 @@ class TransportCommands(Mailbox):
         self.memctl.write(guest.asid, paddr, plaintext)
         return SevStatus.SUCCESS
 
-    def _cmd_receive_update_data(self, buf) -> SevStatus:
+    def _cmd_receive_update_data(self, buf: TransportBuf) -> SevStatus:
         return self._receive_update(buf, Cmd.RECEIVE_UPDATE_DATA)
 
-    def _cmd_receive_update_vmsa(self, buf) -> SevStatus:
+    def _cmd_receive_update_vmsa(self, buf: TransportBuf) -> SevStatus:
         return self._receive_update(buf, Cmd.RECEIVE_UPDATE_VMSA)
 
-    def _cmd_receive_finish(self, buf) -> SevStatus:
+    def _cmd_receive_finish(self, buf: HandleBuf) -> SevStatus:
         return self._end_channel(buf, Cmd.RECEIVE_FINISH)
 
     # -- batch forms: many whole pages per call through the csev pipelines ---------------------------
