@@ -647,9 +647,11 @@ def test_cli_verify_ok(capsys):
     assert run_cli(["certs", "verify", str(DATA / "naples")]) == 0
     out = capsys.readouterr().out
     assert "PEK<-CEK" in out and "OK" in out and "FAIL" not in out
+    assert "anchored by AMD Naples ARK (KEY_ID 1bb987c359494606b174945601c9ea5b)" in out
     assert run_cli(["certs", "verify", str(DATA / "rome"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["ok"] and len(report["links"]) == 7 and report["first_failure"] is None
+    assert report["ok"] and len(report["links"]) == 8 and report["first_failure"] is None
+    assert report["links"][-1]["link"] == "Trusted root" and report["anchor"]["generation"] == "rome"
 
 
 def test_cli_verify_failures(tmp_path, capsys):

@@ -1,7 +1,10 @@
 """``pysev certs``: verify an SEV certificate chain, or decode one certificate (``pysev.firmware.certs``).
 
-``verify DIR`` exits 0 when the whole chain verifies, 1 when a link fails, 2 when input is missing
-or malformed. ``show FILE`` decodes either format, chosen by size.
+``verify DIR`` exits 0 when the whole chain verifies and its ARK is a trusted root, 1 when a link fails or the
+root is not trusted, 2 when input is missing or malformed. It trusts AMD's published ARKs (shipped with pysev),
+this machine's simulated root (``$PYSEV_HOME``) and every ``--trust-root FILE``, as ``sevctl verify`` trusts its
+built-in roots and ``--ca``; the decision is the library's (``TrustStore``), this module only presents it.
+``show FILE`` decodes either format, chosen by size.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pysev.firmware.certs import (
     CertError,
     ChainReport,
     SevCert,
+    TrustStore,
     load_amd_cert,
     load_sev_cert,
     read_cert_file,
@@ -28,6 +32,13 @@ from pysev.firmware.certs import (
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 CHAIN_FILES = ("ark.cert", "ask.cert", "cek.cert", "oca.cert", "pek.cert", "pdh.cert")
+UNTRUSTED_HINT = "name it with --trust-root FILE to trust it"
+VERIFY_DESCRIPTION = (
+    "Verify every link of the chain in DIR, and that its ARK is a trusted root: AMD's published ARK of Naples, "
+    "Rome, Milan, Genoa or Turin (shipped with pysev), this machine's simulated root ($PYSEV_HOME/roots/default), "
+    "or one named with --trust-root. Exit status 0: valid under a trusted root; 1: a link fails, or the chain is "
+    "self-consistent but its root is not trusted; 2: bad input."
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,8 +46,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "certs", help="verify or decode SEV/AMD certificates", description=__doc__.splitlines()[0]
     )
     sub = parser.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
-    verify = sub.add_parser("verify", help="verify ARK→ASK→CEK, OCA→PEK←CEK, PEK→PDH in a directory")
+    verify = sub.add_parser(
+        "verify",
+        help="verify ARK→ASK→CEK, OCA→PEK←CEK, PEK→PDH in a directory, and that the ARK is a trusted root",
+        description=VERIFY_DESCRIPTION,
+    )
     verify.add_argument("directory", type=Path, metavar="DIR", help="holds " + " ".join(CHAIN_FILES))
+    verify.add_argument(
+        "--trust-root",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="also trust the ARK in FILE (an ARK, or an ASK‖ARK chain as AMD publishes it); repeatable",
+    )
     verify.add_argument("--json", action="store_true", help="print one JSON object")
     verify.set_defaults(func=run_verify)
     show = sub.add_parser("show", help="decode one certificate (SEV 2084 B, AMD ARK/ASK, or ASK‖ARK)")
@@ -72,15 +95,29 @@ def run_verify(args: argparse.Namespace) -> int:
         except (CertError, OSError) as exc:
             return _error(args, f"cannot read {path}: {exc}")
     (ark, ask), (cek, oca, pek, pdh) = amd, sev
-    report = verify_chain(ark, ask, cek, oca, pek, pdh)
+    try:
+        trust = TrustStore.builtin().with_simulated()
+    except (CertError, OSError) as exc:
+        return _error(args, f"cannot load the trusted roots: {exc}")
+    for path in args.trust_root:
+        if not path.is_file():
+            return _error(args, f"--trust-root {path}: " + ("not a file" if path.exists() else "no such file"))
+        try:
+            trust = trust.with_file(path)
+        except (CertError, OSError) as exc:
+            return _error(args, f"cannot use --trust-root {path}: {exc}")
+    report = verify_chain(ark, ask, cek, oca, pek, pdh, trust=trust)
+    message = report.message
+    if report.self_consistent and report.trusted is False:
+        message = f"{message}; {UNTRUSTED_HINT}"
     if args.json:
-        print(json.dumps(report.to_dict()))
+        print(json.dumps({**report.to_dict(), "message": message}))
     else:
-        _print_report(report, directory)
+        _print_report(report, directory, message)
     return EXIT_OK if report.ok else EXIT_FAIL
 
 
-def _print_report(report: ChainReport, directory: Path) -> None:
+def _print_report(report: ChainReport, directory: Path, message: str) -> None:
     console = Console()
     table = Table(title=f"SEV certificate chain in {directory}")
     table.add_column("Link")
@@ -91,7 +128,8 @@ def _print_report(report: ChainReport, directory: Path) -> None:
         result = "[green]OK[/]" if link.ok else "[bold red]FAIL[/]"
         table.add_row(link.link, result, link.status.name, escape(link.message))
     console.print(table)
-    console.print(("[green]" if report.ok else "[bold red]") + escape(report.message) + "[/]", highlight=False)
+    colour = "[green]" if report.ok else "[bold red]"
+    console.print(colour + escape(message) + "[/]", highlight=False, soft_wrap=True)  # one line, for grep
 
 
 def run_show(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from pysev.firmware.certs.keys import P384_N
 from pysev.firmware.kdf import kdf
 from pysev.firmware.status import SevStatus
 
-__all__ = ["GENERATIONS", "KeyServer", "SimulatedRoot", "default_root", "derive_cek", "pysev_home"]
+__all__ = ["GENERATIONS", "KeyServer", "SimulatedRoot", "default_root", "default_root_dir", "derive_cek", "pysev_home"]
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,12 @@ class SimulatedRoot:
 def pysev_home() -> Path:
     """``$PYSEV_HOME``, default ``~/.cache/pysev``."""
     return Path(os.environ.get("PYSEV_HOME") or Path.home() / ".cache" / "pysev")
+
+
+def default_root_dir() -> Path:
+    """Where :func:`default_root` keeps the machine-wide root, ``$PYSEV_HOME/roots/default``; the host-side verifier
+    trusts the ARK found there (``TrustStore.with_simulated``)."""
+    return pysev_home().resolve() / "roots" / "default"
 
 
 def default_root() -> SimulatedRoot:

@@ -10,9 +10,12 @@ the codes, keys and signature primitives both use are in ``keys.py``. Readers tr
 hostile and raise :class:`CertError` naming the field and its offset. ``validation.py`` holds the
 firmware's rules (AMD's ``sev_cert.c``, ``amd_cert.c``, ``sev_mcmd.c``), which return a
 :class:`~pysev.firmware.status.SevStatus` as the firmware does; ``chain.py`` is the host-side verifier
-that checks every link and names the first one that fails; ``files.py`` reads certificate files.
+that checks every link and names the first one that fails; ``trust.py`` holds the roots it trusts (AMD's
+published ARKs, shipped in ``roots/`` with their provenance, the machine's simulated root, roots the user names)
+and says which one anchored a chain; ``files.py`` reads certificate files.
 
-Everything is pure data: no globals, no I/O except the explicit ``load_*``/``read_cert_file`` helpers.
+Everything is pure data: no globals, no I/O except the explicit ``load_*``/``read_cert_file`` helpers and the
+``TrustStore`` constructors, which read the shipped roots and the named ARK files.
 This package serves every command set and imports none of them.
 """
 
@@ -25,7 +28,7 @@ from pysev.firmware.certs.amd_cert import (
     AmdCert,
     split_amd_chain,
 )
-from pysev.firmware.certs.chain import ChainReport, LinkResult, verify_chain
+from pysev.firmware.certs.chain import TRUST_LINK, ChainReport, LinkResult, verify_chain
 from pysev.firmware.certs.files import load_amd_cert, load_sev_cert, read_cert_file
 from pysev.firmware.certs.keys import Algo, CertError, CertPubkey, EcPublicKey, RsaPublicKey, Usage
 from pysev.firmware.certs.sev_cert import (
@@ -39,6 +42,7 @@ from pysev.firmware.certs.sev_cert import (
     join_plat_certs,
     split_plat_certs,
 )
+from pysev.firmware.certs.trust import RootKind, TrustedRoot, TrustStore, read_root_file
 from pysev.firmware.certs.validation import (
     TrustAnchor,
     amd_cert_validate,
@@ -58,6 +62,7 @@ __all__ = [
     "PLAT_CERTS_SIZE",
     "SEV_CERT_BODY_SIZE",
     "SEV_CERT_SIZE",
+    "TRUST_LINK",
     "Algo",
     "AmdCert",
     "CertError",
@@ -65,10 +70,13 @@ __all__ = [
     "ChainReport",
     "EcPublicKey",
     "LinkResult",
+    "RootKind",
     "RsaPublicKey",
     "SevCert",
     "Signature",
     "TrustAnchor",
+    "TrustStore",
+    "TrustedRoot",
     "Usage",
     "amd_cert_validate",
     "ecdh_shared_secret",
@@ -78,6 +86,7 @@ __all__ = [
     "load_sev_cert",
     "pdh_sanity_check",
     "read_cert_file",
+    "read_root_file",
     "require_valid",
     "sev_cert_validate",
     "split_amd_chain",
