@@ -45,7 +45,7 @@ from pysev.migration import (
     migrate_local,
     with_destination_certs,
 )
-from pysev.migration.transport import inproc_pairs
+from pysev.migration.transport import inproc_pairs, inproc_resume_pair
 
 MiB, GiB = 1 << 20, 1 << 30
 SECRET = b"TOP-SECRET-PLAINTEXT:do-not-leak:"
@@ -201,6 +201,13 @@ def run_local(
     incoming = IncomingMigration(dest, d, commit_timeout=params.commit_timeout, verify=True)
     thread = threading.Thread(target=incoming.run, daemon=True)
     thread.start()
+
+    def resume_connect(migration_id: bytes):
+        src_end, dst_end = inproc_resume_pair(migration_id)
+        threading.Thread(target=incoming.serve_resume, args=(dst_end,), daemon=True).start()
+        return src_end
+
+    out_kw.setdefault("resume_connect", resume_connect)
     outgoing = OutgoingMigration(src, s, params, caps, **out_kw)
     if during:
         runner = threading.Thread(target=outgoing.run, daemon=True)

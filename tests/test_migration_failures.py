@@ -32,7 +32,10 @@ from pysev.migration import (
     stream,
     with_destination_certs,
 )
-from pysev.migration.transport import _socket_connection, file_reader
+from pysev.migration.commit import Decision, Delivery, exchange_decision
+from pysev.migration.sev_ops import MigrationError
+from pysev.migration.stream import Outcome
+from pysev.migration.transport import _socket_connection, file_reader, inproc_resume_pair
 
 # the shared helpers and fixtures of test_migration.py (pytest runs with --import-mode=importlib)
 _spec = importlib.util.spec_from_file_location(
@@ -274,8 +277,22 @@ def _feed(data: bytes, answer: bytes | None = None):
     return _socket_connection("fake-source", b), t, got, a
 
 
+def _deliver(inc: IncomingMigration, migration_id: bytes, decision: Decision) -> Delivery:
+    """The source's side of a resume connection to ``inc``: deliver ``decision``, return the answer."""
+    src_end, dst_end = inproc_resume_pair(migration_id)
+    server = threading.Thread(target=inc.serve_resume, args=(dst_end,), daemon=True)
+    server.start()
+    try:
+        return exchange_decision(src_end, decision, 10.0)
+    finally:
+        src_end.close()
+        server.join(10)
+
+
 def test_commit_timeout_destination_side(hosts, monitor, sealed_stream):
-    """A source that sends everything and then never commits: the destination gives up, never runs."""
+    """A source that sends everything and then never decides: once it has answered RECEIVED the
+    destination keeps the verified guest prepared (x-commit-pending), neither runs nor discards it; a
+    decision that arrives later on a resume connection resolves it."""
     dest = monitor.watch(VirtualMachine(hosts["B"], 32 * MiB, incoming=True))
     conn, t, got, a = _feed(sealed_stream)
     inc = IncomingMigration(dest, [conn], commit_timeout=1.0)
@@ -285,16 +302,56 @@ def test_commit_timeout_destination_side(hosts, monitor, sealed_stream):
     a.close()
     try:
         assert time.monotonic() - t0 < 30
-        assert inc.status == "failed" and "no commit from the source" in inc.error_desc
+        assert inc.status == "x-commit-pending" and "no decision from the source" in inc.error_desc
         assert struct.unpack(">HH", bytes(got[:4]))[0] == 0x5001, "it had answered with its digest"
-        assert dest.state == RunState.INMIGRATE and H.fw_state(dest) != GuestState.RUNNING
+        assert dest.state == RunState.INMIGRATE and H.fw_state(dest) == GuestState.RUPDATE, "kept, not run"
+        # The source's COMMIT, delivered late on a resume connection: the guest runs, DONE(RUNNING).
+        assert _deliver(inc, conn.migration_id, Decision.COMMIT) == Delivery.RUNNING
+        assert inc.status == "completed" and dest.state == RunState.RUNNING
+        assert H.fw_state(dest) == GuestState.RUNNING
+        # Delivered again (the DONE was lost): the same answer, nothing changes.
+        assert _deliver(inc, conn.migration_id, Decision.COMMIT) == Delivery.RUNNING
+        # Another migration's resume: UNKNOWN.
+        assert _deliver(inc, b"\x01" * 16, Decision.COMMIT) == Delivery.UNKNOWN
     finally:
         dest.destroy()
 
 
-def test_failure_after_send_finish_never_resumes_source(hosts, monitor):
-    """Past SEND_FINISH the source guest is SENT: a failure then must not resume it (the destination
-    may already run it). Regression test for _rollback resuming a committed source."""
+def test_abort_delivered_late_discards_and_manual_resolution(hosts, monitor, sealed_stream):
+    """A late ABORT discards the kept guest; an operator may resolve a pending guest by hand, once."""
+    dest = monitor.watch(VirtualMachine(hosts["B"], 32 * MiB, incoming=True))
+    conn, t, _, a = _feed(sealed_stream)
+    inc = IncomingMigration(dest, [conn], commit_timeout=0.5)
+    inc.run()
+    t.join(30)
+    a.close()
+    try:
+        assert inc.status == "x-commit-pending"
+        assert _deliver(inc, conn.migration_id, Decision.ABORT) == Delivery.DISCARDED
+        assert inc.status == "failed" and dest.state != RunState.RUNNING
+        with pytest.raises(MigrationError, match="already resolved"):
+            inc.resolve(True, by_hand=True)
+    finally:
+        dest.destroy()
+    dest = monitor.watch(VirtualMachine(hosts["B"], 32 * MiB, incoming=True))
+    conn, t, _, a = _feed(sealed_stream)
+    inc = IncomingMigration(dest, [conn], commit_timeout=0.5)
+    inc.run()
+    t.join(30)
+    a.close()
+    try:
+        assert inc.status == "x-commit-pending"
+        assert inc.resolve(True, by_hand=True) == Outcome.RUNNING  # the source host is gone for good
+        assert inc.status == "completed" and dest.state == RunState.RUNNING
+        assert "by hand" in inc.error_desc
+    finally:
+        dest.destroy()
+
+
+def test_commit_lost_on_the_wire_is_delivered_again(hosts, monitor):
+    """The connection dies as the source sends COMMIT (the window that lost the guest before): the
+    source delivers COMMIT again on a resume connection, the destination runs the guest and confirms,
+    the source issues SEND_FINISH. Exactly one runner, with the source's switchover digest."""
     src = monitor.watch(H.new_vm(hosts["A"], 32 * MiB, dirty_rate=2e6))
 
     class FailCommitWrite(io.RawIOBase):
@@ -308,8 +365,8 @@ def test_failure_after_send_finish_never_resumes_source(hosts, monitor):
             return self.inner.write(data)
 
         def write_control(self, data):
-            if struct.unpack(">H", bytes(data[:2]))[0] == 0x5003:  # FWD_SEV_COMMIT
-                raise BrokenPipeError("connection cut right after SEND_FINISH")
+            if struct.unpack(">H", bytes(data[:2]))[0] == 0x5003:  # COMMIT
+                raise BrokenPipeError("connection cut as COMMIT left")
             return self.inner.write(data)
 
         def close(self):
@@ -320,9 +377,11 @@ def test_failure_after_send_finish_never_resumes_source(hosts, monitor):
 
     run = H.run_local(src, hosts["B"], monitor, wrap_src=wrap, commit_timeout=2.0)
     try:
-        assert run.info["status"] == "failed" and "SEND_FINISH" in run.info["error-desc"]
-        assert src.state != RunState.RUNNING and H.fw_state(src) == GuestState.SENT
-        assert_destination_discarded(run)  # never got COMMIT: discards (the one window: guest lost)
+        assert run.info["status"] == "completed", run.info
+        assert run.incoming.status == "completed"
+        assert src.state == RunState.POSTMIGRATE and H.fw_state(src) == GuestState.SENT
+        assert run.dest.state == RunState.RUNNING
+        assert run.info["x-guest-digest"] == run.incoming.guest_digest
     finally:
         H.finish(run)
         src.destroy()

@@ -11,6 +11,7 @@ from pysev.migration import stream
 from pysev.migration.stream import (
     DIGEST_SIZE,
     FAILED_REASON_MAX,
+    Outcome,
     ReturnMessage,
     ReturnPathMessage,
     StreamError,
@@ -22,8 +23,9 @@ DIGEST = bytes(range(32))
 
 
 def test_types_and_header_layout():
-    assert [int(k) for k in ReturnMessage] == [0x5001, 0x5002, 0x5003, 0x5004]
-    assert [k.name for k in ReturnMessage] == ["RECEIVED", "FAILED", "COMMIT", "ABORT"]
+    assert [int(k) for k in ReturnMessage] == [0x5001, 0x5002, 0x5003, 0x5004, 0x5005, 0x5006]
+    assert [k.name for k in ReturnMessage] == ["RECEIVED", "FAILED", "COMMIT", "ABORT", "DONE", "UNKNOWN"]
+    assert [(int(o), o.name) for o in Outcome] == [(1, "RUNNING"), (2, "DISCARDED")]
     assert stream.MESSAGE_HEAD.format == ">HH" and stream.MESSAGE_HEAD.size == 4
     assert (DIGEST_SIZE, FAILED_REASON_MAX) == (32, 4096)
 
@@ -36,6 +38,8 @@ def test_types_and_header_layout():
         (ReturnMessage.FAILED, b"", b"\x50\x02\x00\x00"),
         (ReturnMessage.COMMIT, b"", b"\x50\x03\x00\x00"),
         (ReturnMessage.ABORT, b"", b"\x50\x04\x00\x00"),
+        (ReturnMessage.DONE, b"\x01", b"\x50\x05\x00\x01\x01"),
+        (ReturnMessage.UNKNOWN, b"", b"\x50\x06\x00\x00"),
     ],
 )
 def test_bytes_and_round_trip(kind, data, wire):
@@ -167,11 +171,19 @@ def test_bad_lengths_are_refused_before_the_data_is_read(kind, length, fragment)
     assert src.asked == 4  # the header only
 
 
-@pytest.mark.parametrize("kind", [0x0000, 0x0001, 0x5000, 0x5005, 0xFFFF])
+@pytest.mark.parametrize("kind", [0x0000, 0x0001, 0x5000, 0x5007, 0xFFFF])
 def test_unknown_type_is_refused(kind):
     with pytest.raises(StreamError, match=f"unknown message type {kind:#06x}") as ei:
         read_return_message(io.BytesIO(struct.pack(">HH", kind, 0)))
     assert ei.value.offset == 0 and ei.value.record == "return-path message"
+
+
+@pytest.mark.parametrize("value", [0, 3, 255])
+def test_done_with_no_outcome_is_refused(value):
+    message = read_return_message(io.BytesIO(struct.pack(">HHB", 0x5005, 1, value)))
+    with pytest.raises(StreamError, match="outcome"):
+        _ = message.outcome
+    assert read_return_message(io.BytesIO(b"\x50\x05\x00\x01\x02")).outcome == Outcome.DISCARDED
 
 
 def test_the_error_is_a_value_error():
@@ -191,7 +203,10 @@ def test_writer_refuses_bad_messages_without_writing():
         with pytest.raises(ValueError, match=fragment):
             write_return_message(buf, kind, data)
     with pytest.raises(ValueError):
-        write_return_message(buf, 0x5005)
+        write_return_message(buf, 0x5007)
+    for data in (b"", b"\x01\x02"):
+        with pytest.raises(ValueError, match="must be 1"):
+            write_return_message(buf, ReturnMessage.DONE, data)
     assert buf.getvalue() == b""
 
 

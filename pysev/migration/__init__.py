@@ -18,16 +18,28 @@ file).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import threading
+import time
 from typing import BinaryIO, cast
 
 from pysev.hv.machine import Host, VirtualMachine
-from pysev.migration.incoming import IncomingMigration
+from pysev.migration.incoming import IncomingMigration, serve_unknown_resume
 from pysev.migration.outgoing import OutgoingMigration
 from pysev.migration.sev_ops import MigrationError
 from pysev.migration.state import MigrationCapabilities, MigrationParameters, MigrationStatus
-from pysev.migration.transport import Connection, TcpListener, file_reader, file_writer, inproc_pairs, tcp_connect
+from pysev.migration.transport import (
+    Connection,
+    TcpListener,
+    TransportError,
+    file_reader,
+    file_writer,
+    inproc_pairs,
+    inproc_resume_pair,
+    tcp_connect,
+    tcp_resume,
+)
 
 __all__ = [
     "MigrationCapabilities",
@@ -54,6 +66,9 @@ class MigrationResult:
     source_digest: str | None
     destination_digest: str | None
     passes: list[dict]
+    #: Both ends, for a commit left pending (``OutgoingMigration.resolve_here``, ``IncomingMigration.resolve``).
+    outgoing: OutgoingMigration | None = None
+    incoming: IncomingMigration | None = None
 
     @property
     def verified(self) -> bool:
@@ -133,8 +148,21 @@ def migrate_local(
     incoming = IncomingMigration(dest, dst_conns, commit_timeout=params.commit_timeout, verify=verify)
     thread = threading.Thread(target=incoming.run, name="mig-incoming", daemon=True)
     thread.start()
+
+    def resume_connect(migration_id: bytes) -> Connection:
+        src_end, dst_end = inproc_resume_pair(migration_id)
+        threading.Thread(target=incoming.serve_resume, args=(dst_end,), name="mig-resume", daemon=True).start()
+        return src_end
+
     outgoing = OutgoingMigration(
-        source, src_conns, params, caps, on_pass=on_pass, on_progress=on_progress, verify=verify
+        source,
+        src_conns,
+        params,
+        caps,
+        on_pass=on_pass,
+        on_progress=on_progress,
+        verify=verify,
+        resume_connect=resume_connect,
     )
     info = outgoing.run()
     thread.join(params.commit_timeout + 10)
@@ -143,11 +171,18 @@ def migrate_local(
         **({"error-desc": incoming.error_desc} if incoming.error_desc else {}),
     }
     received: VirtualMachine | None = dest
-    if incoming.status != MigrationStatus.COMPLETED:
+    if incoming.status == MigrationStatus.FAILED:
         dest.destroy()
         received = None
     return MigrationResult(
-        info, received, dest_status, outgoing.digest_at_switchover, incoming.guest_digest, outgoing.passes
+        info,
+        received,
+        dest_status,
+        outgoing.digest_at_switchover,
+        incoming.guest_digest,
+        outgoing.passes,
+        outgoing,
+        incoming,
     )
 
 
@@ -168,7 +203,16 @@ def migrate_tcp(
     params = with_destination_certs(params or MigrationParameters(), capabilities)
     conns = tcp_connect(uri, channels)
     _tee(conns, save_stream)
-    outgoing = OutgoingMigration(source, conns, params, caps, on_pass=on_pass, on_progress=on_progress, verify=verify)
+    outgoing = OutgoingMigration(
+        source,
+        conns,
+        params,
+        caps,
+        on_pass=on_pass,
+        on_progress=on_progress,
+        verify=verify,
+        resume_connect=functools.partial(tcp_resume, uri),
+    )
     outgoing.run()
     return outgoing
 
@@ -180,10 +224,31 @@ def receive_tcp(
     verify: bool = True,
     commit_timeout: float = 60.0,
     timeout: float | None = None,
+    resume_wait: float | None = None,
 ) -> IncomingMigration:
-    """The destination side: accept one migration on ``listener`` into ``dest`` (an incoming VM)."""
-    incoming = IncomingMigration(dest, listener.accept(timeout=timeout), commit_timeout=commit_timeout, verify=verify)
+    """The destination side: accept one migration on ``listener`` into ``dest`` (an incoming VM). When the
+    source's decision does not arrive on the migration connection, keep serving resume connections until
+    it does (at most ``resume_wait`` seconds; None: as long as it takes); new migrations are refused."""
+    conns = listener.accept(timeout=timeout)
+    while conns[0].resume:  # a resume for some earlier migration: not ours
+        serve_unknown_resume(conns[0])
+        conns = listener.accept(timeout=timeout)
+    incoming = IncomingMigration(dest, conns, commit_timeout=commit_timeout, verify=verify)
     incoming.run()
+    deadline = None if resume_wait is None else time.monotonic() + resume_wait
+    while incoming.status == MigrationStatus.COMMIT_PENDING:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        try:
+            conns = listener.accept(timeout=left)
+        except (OSError, TransportError):
+            continue
+        if conns[0].resume:
+            incoming.serve_resume(conns[0])
+        else:
+            for conn in conns:  # a guest is waiting for its decision here: no other migration
+                conn.close()
     return incoming
 
 

@@ -2,13 +2,16 @@
 ``migration/ram.c`` ``ram_load``): load and verify every record, answer with the record digest, and run
 the guest only when the source commits.
 
-Everything that can fail happens before the destination acknowledges: once the source has committed
-(SEND_FINISH) it can never run the guest again, so after COMMIT only RECEIVE_FINISH and starting the
-vCPUs remain (``docs/design.md``, "Commit").
+Everything that can fail happens before the destination acknowledges: after COMMIT only RECEIVE_FINISH
+and starting the vCPUs remain. Once it has answered RECEIVED, the destination never discards the
+verified guest on its own: without the source's decision it keeps it prepared (paused, RECEIVE_FINISH
+not issued) in ``x-commit-pending`` until the decision arrives on a resume connection (``serve_resume``)
+or an operator resolves it (``resolve``) (``docs/design.md``, "Commit").
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -46,6 +49,7 @@ class IncomingMigration:
         verify: bool = False,
     ) -> None:
         self.vm = vm
+        self.migration_id = conns[0].migration_id
         self.verify = verify
         self.guest_digest: str | None = None
         self.conns = conns
@@ -69,6 +73,9 @@ class IncomingMigration:
         # (a plain flag could already describe the main stream's *next* chunk).
         self.final_chunk: int | None = None
         self._apply_lock = threading.Lock()
+        self._decision_lock = threading.Lock()  # the source's decision is applied once
+        self.outcome: stream.Outcome | None = None  # RUNNING or DISCARDED once the decision is applied
+        self._prepared = False  # RECEIVED sent: a verified guest waits for the source's decision
 
     @property
     def status(self) -> MigrationStatus:
@@ -129,7 +136,7 @@ class IncomingMigration:
                 raise self._error
             digest = combined_digest([main_digest] + [r.digest for r in receivers])
             self._verdict(digest, trailer)
-        except BaseException as err:  # noqa: BLE001 — every failure discards the received guest
+        except BaseException as err:  # noqa: BLE001 — every failure before RECEIVED discards the guest
             self.fail(err)
             self._discard(err)
         finally:
@@ -192,17 +199,76 @@ class IncomingMigration:
                 raise MigrationError("the file's record digest does not match its contents (corrupted file)")
             self._run_guest()
             return
-        stream.write_return_message(main.output, stream.ReturnMessage.RECEIVED, digest)
-        main.set_timeout(self.commit_timeout)
+        # From the first byte of RECEIVED on, the guest is kept until the source's decision is known, however
+        # long that takes: the source may have read all of it even if this write fails.
+        self._prepared = True
         try:
+            stream.write_return_message(main.output, stream.ReturnMessage.RECEIVED, digest)
+            main.set_timeout(self.commit_timeout)
             message = stream.read_return_message(main.input)
-        except (TimeoutError, OSError, ValueError) as err:
-            # The source may or may not have committed; it never runs the guest again after SEND_FINISH,
-            # and we run it only on COMMIT. Without a verdict we keep nothing (README: the commit window).
-            raise MigrationError(f"no commit from the source: {err}") from None
-        if message.kind != stream.ReturnMessage.COMMIT:
-            raise MigrationError("the source aborted the migration")
-        self._run_guest()
+            if message.kind not in (stream.ReturnMessage.COMMIT, stream.ReturnMessage.ABORT):
+                raise ValueError(f"unexpected {message.kind.name} where the source's decision was due")
+        except (OSError, ValueError) as err:
+            with self._decision_lock:
+                if self.outcome is not None:  # a resume connection delivered the decision meanwhile
+                    return
+                self.error_desc = f"no decision from the source ({err}); the verified guest is kept, paused"
+                self._status.set(MigrationStatus.COMMIT_PENDING)
+            log.warning("incoming migration: %s", self.error_desc)
+            self._emit(MigrationStatus.COMMIT_PENDING)
+            return
+        outcome = self.resolve(message.kind == stream.ReturnMessage.COMMIT)
+        if outcome is not None:
+            with contextlib.suppress(OSError, ValueError):  # a lost DONE is answered again on a resume
+                stream.write_return_message(main.output, stream.ReturnMessage.DONE, bytes([outcome]))
+
+    def resolve(self, commit: bool, *, by_hand: bool = False) -> stream.Outcome | None:
+        """Apply the source's decision (COMMIT: run the guest; ABORT: discard it), once; later calls
+        return the outcome of the first. None: a COMMIT for a guest that was never verified here (no
+        source sends one), which the caller answers with UNKNOWN. ``by_hand``: an operator's decision
+        (QMP x-resolve-migration), refused unless a verified guest is waiting."""
+        with self._decision_lock:
+            if self.outcome is not None:
+                if by_hand:
+                    raise MigrationError(f"the migration is already resolved ({self.outcome.name.lower()})")
+                return self.outcome
+            if not self._prepared:
+                if by_hand:
+                    raise MigrationError("no verified guest is waiting for a decision")
+                if commit:
+                    return None
+                self.fail(MigrationError("the source aborted the migration"))  # run() discards it
+                return stream.Outcome.DISCARDED
+            if commit:
+                self._run_guest()
+                self.error_desc = "resolved by hand: the guest runs here" if by_hand else None
+            else:
+                why = "resolved by hand: the guest was discarded" if by_hand else "the source aborted the migration"
+                self._discard(MigrationError(why))
+            return self.outcome
+
+    def serve_resume(self, conn: Connection) -> None:
+        """A resume connection for this migration: read the source's decision, apply it, answer DONE (or
+        UNKNOWN when the connection names another migration)."""
+        try:
+            conn.set_timeout(self.commit_timeout)
+            if conn.migration_id != self.migration_id:
+                read_decision(conn)
+                stream.write_return_message(conn.output, stream.ReturnMessage.UNKNOWN)
+                return
+            outcome = self.resolve(read_decision(conn))
+            if outcome is None:
+                stream.write_return_message(conn.output, stream.ReturnMessage.UNKNOWN)
+            else:
+                stream.write_return_message(conn.output, stream.ReturnMessage.DONE, bytes([outcome]))
+        except (OSError, ValueError, MigrationError) as err:
+            log.warning("resume connection %s: %s", conn.name, err)
+        finally:
+            conn.close()
+
+    def _emit(self, status: MigrationStatus) -> None:
+        if self._on_event:
+            self._on_event("MIGRATION", {"status": status.value})
 
     def _run_guest(self) -> None:
         self.ops.finish()  # RECEIVE_FINISH
@@ -210,14 +276,34 @@ class IncomingMigration:
         if self.verify and self.ops.plaintext_readable:
             self.guest_digest = self.vm.digest()  # before its vCPUs change anything
         self.vm.incoming_complete()
+        self.outcome = stream.Outcome.RUNNING
         self._status.set(MigrationStatus.COMPLETED)
-        if self._on_event:
-            self._on_event("MIGRATION", {"status": MigrationStatus.COMPLETED.value})
+        self._emit(MigrationStatus.COMPLETED)
 
     def _discard(self, err: BaseException) -> None:
         self.error_desc = str(err)
+        self.outcome = stream.Outcome.DISCARDED
         self._status.set(MigrationStatus.FAILED)
         log.warning("incoming migration failed: %s", err)
         self.ops.abort()
-        if self._on_event:
-            self._on_event("MIGRATION", {"status": MigrationStatus.FAILED.value})
+        self._emit(MigrationStatus.FAILED)
+
+
+def read_decision(conn: Connection) -> bool:
+    """The source's decision on a connection: True for COMMIT, False for ABORT (ValueError otherwise)."""
+    message = stream.read_return_message(conn.input)
+    if message.kind not in (stream.ReturnMessage.COMMIT, stream.ReturnMessage.ABORT):
+        raise ValueError(f"expected COMMIT or ABORT, got {message.kind.name}")
+    return message.kind == stream.ReturnMessage.COMMIT
+
+
+def serve_unknown_resume(conn: Connection) -> None:
+    """A resume connection for a migration this destination does not hold: answer UNKNOWN."""
+    try:
+        conn.set_timeout(10.0)
+        read_decision(conn)
+        stream.write_return_message(conn.output, stream.ReturnMessage.UNKNOWN)
+    except (OSError, ValueError) as err:
+        log.warning("resume connection %s: %s", conn.name, err)
+    finally:
+        conn.close()

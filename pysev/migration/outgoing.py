@@ -10,9 +10,13 @@ rule in ``migration_iteration_run``); auto-converge throttles the vCPUs by QEMU'
 ``migration_trigger_throttle``; then stop-and-copy, the page-encryption map, EOF and the commit.
 
 Commit (never two runners, nothing lost): the destination verifies every record and answers on the
-return path with the digest of what it applied (``pysev.migration.commit``); the source commits
-(SEND_FINISH, then COMMIT on the wire) only if that digest equals the digest of what it sent. Any
-failure before that ends in SEND_CANCEL and the source guest resumes with its memory untouched.
+return path with the digest of what it applied (``pysev.migration.commit``); the source decides COMMIT
+only if that digest equals the digest of what it sent, and from then on never runs the guest again
+unless the destination proves it holds no copy. It sends COMMIT; the destination runs the guest and
+answers DONE; the source issues SEND_FINISH. A COMMIT that cannot be confirmed is delivered again on new
+connections (``commit.redeliver``); meanwhile both ends report ``x-commit-pending``. Any failure before
+the decision ends in SEND_CANCEL, the source guest resumes with its memory untouched, and the source
+tells the destination to discard what it holds (``docs/design.md``, "Commit").
 
 The engine is SEV-agnostic: everything SEV-specific is behind ``pysev.migration.sev_ops``.
 """
@@ -32,7 +36,7 @@ from csev.packet import PAGE_SIZE
 from pysev.hv.machine import RunState, VirtualMachine
 from pysev.migration import stream
 from pysev.migration.channels import BATCH_PAGES, ChannelSender, PageEncrypter
-from pysev.migration.commit import RecordDigest, combined_digest
+from pysev.migration.commit import Decision, Delivery, RecordDigest, combined_digest, exchange_decision, redeliver
 from pysev.migration.sev_ops import MigrationError, ops_for
 from pysev.migration.state import (
     MigrationCapabilities,
@@ -64,7 +68,9 @@ class OutgoingMigration:
     ``run()`` blocks until the migration has completed, failed or been cancelled and returns the final
     ``info()``; call it on a thread of its own for an asynchronous migration. ``on_event(name, data)`` is
     called for MIGRATION and MIGRATION_PASS (when the ``events`` capability is on), ``on_pass(record)``
-    after each pre-copy pass, ``on_progress(pass, sent, total)`` as pages go out.
+    after each pre-copy pass, ``on_progress(pass, sent, total)`` as pages go out. ``resume_connect(id)``
+    opens a resume connection to the destination (``transport.tcp_resume``); without it a decision that
+    cannot be confirmed on the main connection stays pending until ``redeliver`` or ``resolve_here``.
     """
 
     def __init__(
@@ -79,9 +85,12 @@ class OutgoingMigration:
         on_progress: Callable[[int, int, int], None] | None = None,
         file_mode: bool = False,
         verify: bool = True,
+        resume_connect: Callable[[bytes], Connection] | None = None,
     ) -> None:
         self.vm = vm
         self.conns = conns
+        self.migration_id = conns[0].migration_id
+        self._resume_connect = resume_connect
         self.params = params or MigrationParameters()
         self.caps = caps or MigrationCapabilities()
         self.ops = ops_for(vm)
@@ -109,7 +118,14 @@ class OutgoingMigration:
         self.record_digest = b""  # of everything sent, at switchover
         # Whether a failure resumes the guest (it was running when the migration started).
         self._resume_after_failure = True
-        self._committed = False  # past SEND_FINISH: the source can never run the guest again
+        #: COMMIT or ABORT, once taken (never changed); None before the end of the stream.
+        self.decision: Decision | None = None
+        # The whole stream went out: the destination may hold a verified guest waiting for the decision.
+        self._destination_may_hold = False
+        self._stop_delivery = threading.Event()
+        self._delivery_lock = threading.Lock()  # one delivery of the decision at a time
+        #: A background delivery of ABORT after a failure (joinable; None when not needed).
+        self.abort_delivery: threading.Thread | None = None
         self._downtime_start = 0.0
         # QEMU counters (qapi MigrationStats) and times (ms)
         self.start_time = time.monotonic()
@@ -453,6 +469,7 @@ class OutgoingMigration:
         if self.file_mode:
             vmdesc["pysev"] = {"record-sha256": self.record_digest.hex()}
         writer.write_vmdesc(vmdesc)
+        self._destination_may_hold = True  # from the first byte of the flush on, it may reach RECEIVED
         writer.flush()
         writer.check()
         self.remaining_pages = 0
@@ -478,8 +495,8 @@ class OutgoingMigration:
             main.sync()
             # The file now holds the guest: the source must not run it again (SEND_FINISH), as after a
             # network migration. The restoring side checks the record digest stored in the trailer.
+            self.decision = Decision.COMMIT
             self.ops.commit()
-            self._committed = True
             self._finish_ok()
             return
         main.set_timeout(self.params.commit_timeout)  # a silent peer is a failure, not a hang
@@ -492,6 +509,7 @@ class OutgoingMigration:
         except stream.StreamError as err:
             raise MigrationError(f"return path: {err}") from None
         if message.kind == stream.ReturnMessage.FAILED:
+            self._destination_may_hold = False  # it discarded what it received
             raise MigrationError(f"destination rejected the migration: {message.reason}")
         if message.kind != stream.ReturnMessage.RECEIVED:
             raise MigrationError(f"unexpected return-path message {message.kind.name}")
@@ -499,10 +517,93 @@ class OutgoingMigration:
             raise MigrationError(
                 "destination's digest of the received stream differs from what was sent (corrupted in transit)"
             )
-        self.ops.commit()  # SEND_FINISH: from here on the source cannot run the guest
-        self._committed = True
-        stream.write_return_message(main.output, stream.ReturnMessage.COMMIT)
-        self._finish_ok()
+        # The decision. From here on the guest runs here again only if the destination proves it holds
+        # no copy (UNKNOWN, DISCARDED) or an operator resolves it by hand.
+        self.decision = Decision.COMMIT
+        try:
+            delivery = exchange_decision(main, Decision.COMMIT, self.params.commit_timeout)
+        except (OSError, ValueError) as err:
+            self.error_desc = f"COMMIT not confirmed on the migration connection ({err}); delivering it again"
+            log.warning("migration: %s", self.error_desc)
+            self._set_status(MigrationStatus.COMMIT_PENDING)
+            delivery, why = self._redeliver_commit()
+            if delivery == Delivery.UNDELIVERED:
+                self.error_desc = (
+                    f"COMMIT not confirmed ({why}): the guest is paused here and may be prepared on the "
+                    "destination; retry with migrate resume=true, or resolve with x-resolve-migration"
+                )
+                log.warning("migration: %s", self.error_desc)
+                return
+        self._apply_delivery(delivery)
+
+    def _redeliver_commit(self, connect: Callable[[bytes], Connection] | None = None) -> tuple[Delivery, str]:
+        connect = connect or self._resume_connect
+        if connect is None:
+            return Delivery.UNDELIVERED, "no way to reconnect to the destination"
+        return redeliver(
+            connect,
+            self.migration_id,
+            Decision.COMMIT,
+            give_up_after=self.params.commit_resume_timeout,
+            timeout=min(self.params.commit_timeout, 10.0),
+            stop=self._stop_delivery,
+        )
+
+    def _apply_delivery(self, delivery: Delivery) -> None:
+        """The destination's answer to COMMIT decides where the guest runs."""
+        if delivery == Delivery.RUNNING:
+            self.ops.commit()  # SEND_FINISH: the destination runs the guest
+            self.error_desc = None
+            self._finish_ok()
+            return
+        # UNKNOWN or DISCARDED: the destination holds no copy (it restarted, or discarded it by hand), so
+        # the only copy of the guest is here: run it again rather than lose it.
+        what = "holds no such migration" if delivery == Delivery.UNKNOWN else "discarded the guest"
+        self.error_desc = f"the destination {what}; the guest resumed on the source"
+        log.warning("migration: %s", self.error_desc)
+        self._resume_here()
+        self._set_status(MigrationStatus.FAILED)
+
+    def redeliver(self, connect: Callable[[bytes], Connection]) -> MigrationStatus:
+        """Deliver a pending COMMIT again through ``connect`` (QMP ``migrate`` with ``resume=true``);
+        returns the status after the attempt."""
+        with self._delivery_lock:
+            if self.status != MigrationStatus.COMMIT_PENDING:
+                raise MigrationError(f"no commit is pending (migration status {self.status.value})")
+            self._stop_delivery.clear()
+            delivery, why = self._redeliver_commit(connect)
+            if delivery == Delivery.UNDELIVERED:
+                self.error_desc = f"COMMIT still not confirmed ({why})"
+            else:
+                self._apply_delivery(delivery)
+            return self.status
+
+    def resolve_here(self, run_here: bool) -> None:
+        """Resolve a pending commit by hand, when the destination host is gone for good (``run_here``:
+        SEND_CANCEL and run the guest here) or known to run the guest (SEND_FINISH). The operator's word
+        replaces the proof the protocol could not get; nothing checks it."""
+        with self._delivery_lock:
+            if self.status != MigrationStatus.COMMIT_PENDING:
+                raise MigrationError(f"no commit is pending (migration status {self.status.value})")
+            self._stop_delivery.set()
+            if run_here:
+                self.error_desc = "resolved by hand: the guest runs on the source"
+                self._resume_here()
+                self._set_status(MigrationStatus.FAILED)
+            else:
+                self.ops.commit()
+                self.error_desc = None
+                self._finish_ok()
+
+    def _resume_here(self) -> None:
+        self.ops.cancel()  # SEND_CANCEL: back to RUNNING, memory untouched
+        if self.vm.state == RunState.FINISH_MIGRATE:
+            if self._resume_after_failure:
+                self.vm.resume()
+            else:
+                self.vm.set_state(RunState.PAUSED)
+        if self.vm.workload:
+            self.vm.workload.set_throttle(0)
 
     def _finish_ok(self) -> None:
         self.downtime = int((time.monotonic() - self._downtime_start) * 1000)
@@ -517,20 +618,16 @@ class OutgoingMigration:
         self._set_status(MigrationStatus.COMPLETED)
 
     def _rollback(self, err: BaseException) -> None:
-        if self._committed:
-            # Past SEND_FINISH the guest is SENT: it must never run here again (the destination may
-            # already run it). Fail without resuming; nothing to cancel.
-            self.error_desc = f"failed after {self.ops.commit_name} (the source cannot resume the guest): {err}"
-            log.warning("migration failed after commit: %s", err)
-            if self.vm.state != RunState.POSTMIGRATE:
-                self.vm.set_state(RunState.POSTMIGRATE)
-            if self.vm.workload:
-                try:
-                    self.vm.workload.stop()
-                except RuntimeError:
-                    pass
-            self._set_status(MigrationStatus.FAILED)
+        if self.decision == Decision.COMMIT:
+            # Past the decision the guest must not run here unless the destination proves it holds no copy:
+            # a failure now leaves the commit pending (never resumed on a guess).
+            self.error_desc = f"failed after the commit decision ({err}); the guest stays paused here"
+            log.warning("migration: %s", self.error_desc, exc_info=not isinstance(err, (MigrationError, OSError)))
+            self._status.set_if(
+                frozenset({MigrationStatus.ACTIVE, MigrationStatus.CANCELLING}), MigrationStatus.COMMIT_PENDING
+            )
             return
+        self.decision = Decision.ABORT
         cancelled = isinstance(err, MigrationCancelledError) or self._cancel.is_set()
         self.error_desc = None if cancelled else str(err)
         if not cancelled and not self.file_mode and not str(err).startswith("destination rejected"):
@@ -539,26 +636,49 @@ class OutgoingMigration:
                 self.error_desc = f"destination rejected the migration: {reason} (source saw: {err})"
         if not cancelled:
             log.warning("migration failed: %s", err, exc_info=not isinstance(err, (MigrationError, OSError)))
-        try:
-            stream.write_return_message(self.conns[0].output, stream.ReturnMessage.ABORT)
-        except (OSError, ValueError, AttributeError):
-            pass
         for channel in self.channels:
             channel.error = channel.error or err
             channel.queue.put(None)
-        self.ops.cancel()  # SEND_CANCEL: back to RUNNING, memory untouched
-        if self.vm.state == RunState.FINISH_MIGRATE or (self.vm.state == RunState.RUNNING and self.vm.workload):
-            if self._resume_after_failure:
-                self.vm.resume()
-            else:
-                self.vm.set_state(RunState.PAUSED)
-        if self.vm.workload:
-            self.vm.workload.set_throttle(0)
+        self._resume_here()
+        self._tell_destination_abort()
         if cancelled:
             self._status.set_if(_CANCELLABLE, MigrationStatus.CANCELLING)
             self._set_status(MigrationStatus.CANCELLED)
         else:
             self._set_status(MigrationStatus.FAILED)
+
+    def _tell_destination_abort(self) -> None:
+        """ABORT on the main connection; when the destination may hold a verified guest and did not
+        confirm, deliver ABORT again in the background (it never runs the guest without COMMIT, so this
+        only frees it; the source guest already runs)."""
+        main = self.conns[0]
+        try:
+            if not self._destination_may_hold or self.file_mode:
+                stream.write_return_message(main.output, stream.ReturnMessage.ABORT)
+                return
+            delivery = exchange_decision(main, Decision.ABORT, min(self.params.commit_timeout, 5.0))
+            if delivery != Delivery.UNDELIVERED:
+                return
+        except (OSError, ValueError):
+            if not self._destination_may_hold or self.file_mode:
+                return
+        connect = self._resume_connect
+        if connect is None:
+            return
+
+        def deliver() -> None:
+            delivery, why = redeliver(
+                connect,
+                self.migration_id,
+                Decision.ABORT,
+                give_up_after=self.params.commit_resume_timeout,
+                timeout=min(self.params.commit_timeout, 10.0),
+                stop=self._stop_delivery,
+            )
+            log.info("ABORT delivery: %s %s", delivery.value, why)
+
+        self.abort_delivery = threading.Thread(target=deliver, name="migration-abort", daemon=True)
+        self.abort_delivery.start()
 
     def _peer_reason(self) -> str | None:
         """After a local failure (e.g. a broken pipe): the destination's FAILED reason, if it sent one."""

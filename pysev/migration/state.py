@@ -15,7 +15,10 @@ from typing import Any
 
 
 class MigrationStatus(str, enum.Enum):
-    """QEMU's MigrationStatus values that this engine enters (the string is what QMP shows)."""
+    """QEMU's MigrationStatus values that this engine enters (the string is what QMP shows), and one of
+    pysev's own: ``x-commit-pending``, the decision taken but not yet confirmed by both ends (the source
+    committed and the destination has not confirmed; or the destination holds a verified guest and has
+    not learned the source's decision). QEMU has no such state (``docs/design.md``, "Commit")."""
 
     NONE = "none"
     SETUP = "setup"
@@ -24,6 +27,7 @@ class MigrationStatus(str, enum.Enum):
     CANCELLED = "cancelled"
     COMPLETED = "completed"
     FAILED = "failed"
+    COMMIT_PENDING = "x-commit-pending"
 
     @property
     def finished(self) -> bool:
@@ -31,24 +35,29 @@ class MigrationStatus(str, enum.Enum):
 
     @property
     def in_progress(self) -> bool:
-        return self in (MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.CANCELLING)
+        return self in (
+            MigrationStatus.SETUP,
+            MigrationStatus.ACTIVE,
+            MigrationStatus.CANCELLING,
+            MigrationStatus.COMMIT_PENDING,
+        )
 
 
 FINAL_STATUSES = frozenset({MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED})
 
-#: status -> the statuses it may move to. CANCELLING -> COMPLETED: a cancel that arrives after the
-#: source committed (SEND_FINISH) cannot undo it; the migration completes.
+#: status -> the statuses it may move to. CANCELLING -> COMPLETED or COMMIT_PENDING: a cancel that
+#: arrives after the source decided to commit cannot undo the decision.
+_MS = MigrationStatus
 TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     # The destination starts ACTIVE, as QEMU's incoming side does.
-    MigrationStatus.NONE: frozenset({MigrationStatus.SETUP, MigrationStatus.ACTIVE}),
-    MigrationStatus.SETUP: frozenset({MigrationStatus.ACTIVE, MigrationStatus.CANCELLING, MigrationStatus.FAILED}),
-    MigrationStatus.ACTIVE: frozenset({MigrationStatus.CANCELLING, MigrationStatus.COMPLETED, MigrationStatus.FAILED}),
-    MigrationStatus.CANCELLING: frozenset(
-        {MigrationStatus.CANCELLED, MigrationStatus.COMPLETED, MigrationStatus.FAILED}
-    ),
-    MigrationStatus.COMPLETED: frozenset(),
-    MigrationStatus.FAILED: frozenset(),
-    MigrationStatus.CANCELLED: frozenset(),
+    _MS.NONE: frozenset({_MS.SETUP, _MS.ACTIVE}),
+    _MS.SETUP: frozenset({_MS.ACTIVE, _MS.CANCELLING, _MS.FAILED}),
+    _MS.ACTIVE: frozenset({_MS.CANCELLING, _MS.COMMIT_PENDING, _MS.COMPLETED, _MS.FAILED}),
+    _MS.CANCELLING: frozenset({_MS.CANCELLED, _MS.COMMIT_PENDING, _MS.COMPLETED, _MS.FAILED}),
+    _MS.COMMIT_PENDING: frozenset({_MS.COMPLETED, _MS.FAILED}),
+    _MS.COMPLETED: frozenset(),
+    _MS.FAILED: frozenset(),
+    _MS.CANCELLED: frozenset(),
 }
 
 
@@ -101,10 +110,13 @@ class MigrationParameters:
     sev_plat_cert: str = ""
     sev_amd_cert: str = ""
     commit_timeout: float = 60.0  # s: how long either side waits for the other's verdict
+    # s: how long the source keeps delivering its decision on new connections after the first failed
+    commit_resume_timeout: float = 30.0
 
     def qmp(self) -> dict[str, Any]:
         out = {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
         out.pop("commit-timeout")
+        out.pop("commit-resume-timeout")
         return out
 
 

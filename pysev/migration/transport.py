@@ -6,7 +6,9 @@ main connection (the QEMU stream) plus N page channels (multifd-like) for encryp
 
 TCP connections open with a hello (``HELLO``: magic, version, migration id, channel number, channel
 count) so the destination can tell the main stream from the channels of one migration, as QEMU's
-multifd initial packet does.
+multifd initial packet does. A hello whose channel number is ``RESUME_CHANNEL`` opens a resume
+connection: the source delivers its commit decision again for the migration the hello names
+(``docs/design.md``, "Commit"; ``docs/formats.md``, "Page channels").
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import BinaryIO, cast
 HELLO = struct.Struct(">II16sHH")  # magic, version, migration uuid, channel (0 = main), channel count
 HELLO_MAGIC = 0x50535631  # "PSV1"
 HELLO_VERSION = 1
+RESUME_CHANNEL = 0xFFFF  # a hello's channel number for a resume connection (channel count 0)
+MIGRATION_ID_SIZE = 16
 MAX_CHANNELS = 64
 # Fixed socket buffers (capped by net.core.[rw]mem_max). Fixed, not autotuned: Linux resizes an
 # autotuned receive buffer when SO_RCVLOWAT changes, and on 6.18 toggling it (as _SocketReader does)
@@ -126,8 +130,14 @@ class Connection:
         closer=None,
         sock: socket.socket | None = None,
         reader: _SocketReader | None = None,
+        migration_id: bytes = b"",
+        resume: bool = False,
     ) -> None:
         self.name = name
+        #: The migration this connection belongs to (the hello's uuid; in-process pairs share one).
+        self.migration_id = migration_id
+        #: A resume connection: the source delivers its commit decision again (no stream follows).
+        self.resume = resume
         self.wfile = wfile
         self.rfile = rfile
         self._closer = closer
@@ -181,7 +191,7 @@ class Connection:
             self._closer(shutdown=True)
 
 
-def _socket_connection(name: str, sock: socket.socket) -> Connection:
+def _socket_connection(name: str, sock: socket.socket, migration_id: bytes = b"", resume: bool = False) -> Connection:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -199,18 +209,29 @@ def _socket_connection(name: str, sock: socket.socket) -> Connection:
     reader = _SocketReader(sock)
     # The raw socket files implement the BinaryIO methods the stream uses (write, readinto, read, close).
     writer = cast(BinaryIO, _SocketWriter(sock))
-    return Connection(name, writer, cast(BinaryIO, io.BufferedReader(reader, 1 << 20)), closer, sock, reader)
+    rfile = cast(BinaryIO, io.BufferedReader(reader, 1 << 20))
+    return Connection(name, writer, rfile, closer, sock, reader, migration_id, resume)
 
 
 def inproc_pairs(channels: int) -> tuple[list[Connection], list[Connection]]:
     """Source and destination ends of 1 + ``channels`` in-process connections (socketpairs)."""
     src, dst = [], []
+    mig_id = uuid.uuid4().bytes
     for i in range(channels + 1):
         a, b = socket.socketpair()
         name = "main" if i == 0 else f"channel{i}"
-        src.append(_socket_connection(f"inproc:{name}", a))
-        dst.append(_socket_connection(f"inproc:{name}", b))
+        src.append(_socket_connection(f"inproc:{name}", a, mig_id))
+        dst.append(_socket_connection(f"inproc:{name}", b, mig_id))
     return src, dst
+
+
+def inproc_resume_pair(migration_id: bytes) -> tuple[Connection, Connection]:
+    """The source and destination ends of an in-process resume connection for ``migration_id``."""
+    a, b = socket.socketpair()
+    return (
+        _socket_connection("inproc:resume", a, migration_id, resume=True),
+        _socket_connection("inproc:resume", b, migration_id, resume=True),
+    )
 
 
 def parse_tcp(uri: str) -> tuple[str, int]:
@@ -233,12 +254,24 @@ def tcp_connect(uri: str, channels: int, *, timeout: float = 10.0) -> list[Conne
             sock = socket.create_connection((host, port), timeout=timeout)
             sock.settimeout(None)
             sock.sendall(HELLO.pack(HELLO_MAGIC, HELLO_VERSION, mig_id, i, channels))
-            conns.append(_socket_connection(f"tcp:{host}:{port}#{i}", sock))
+            conns.append(_socket_connection(f"tcp:{host}:{port}#{i}", sock, mig_id))
     except OSError as err:
         for c in conns:
             c.close()
         raise TransportError(f"cannot connect to {host}:{port}: {err}") from None
     return conns
+
+
+def tcp_resume(uri: str, migration_id: bytes, *, timeout: float = 10.0) -> Connection:
+    """A resume connection to the destination at ``uri`` for the migration ``migration_id``."""
+    host, port = parse_tcp(uri)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.settimeout(None)
+        sock.sendall(HELLO.pack(HELLO_MAGIC, HELLO_VERSION, migration_id, RESUME_CHANNEL, 0))
+    except OSError as err:
+        raise TransportError(f"cannot connect to {host}:{port}: {err}") from None
+    return _socket_connection(f"tcp:{host}:{port}#resume", sock, migration_id, resume=True)
 
 
 class TcpListener:
@@ -258,7 +291,8 @@ class TcpListener:
         return f"tcp:{self.host}:{self.port}"
 
     def accept(self, *, timeout: float | None = None) -> list[Connection]:
-        """Block until one migration's main connection and all its channels have connected."""
+        """Block until one migration's main connection and all its channels have connected, or until a
+        resume connection arrives (returned alone, with ``resume`` set)."""
         self._sock.settimeout(timeout)
         conns: dict[int, Connection] = {}
         expected, mig_id = None, None
@@ -268,6 +302,12 @@ class TcpListener:
                 sock.settimeout(10.0)
                 hello = _recv_exact(sock, HELLO.size)
                 magic, version, mid, index, count = HELLO.unpack(hello)
+                if magic == HELLO_MAGIC and version == HELLO_VERSION and index == RESUME_CHANNEL and count == 0:
+                    if mig_id is None:
+                        sock.settimeout(None)
+                        return [_socket_connection(f"tcp:{peer[0]}:{peer[1]}#resume", sock, mid, resume=True)]
+                    sock.close()  # in the middle of another migration's channels: the source retries
+                    continue
                 if magic != HELLO_MAGIC or version != HELLO_VERSION or count > MAX_CHANNELS or index > count:
                     sock.close()
                     raise TransportError(f"bad migration hello from {peer}")
@@ -277,7 +317,7 @@ class TcpListener:
                     sock.close()
                     raise TransportError(f"unexpected connection from {peer} (another migration?)")
                 sock.settimeout(None)
-                conns[index] = _socket_connection(f"tcp:{peer[0]}:{peer[1]}#{index}", sock)
+                conns[index] = _socket_connection(f"tcp:{peer[0]}:{peer[1]}#{index}", sock, mid)
         except (OSError, TransportError):
             for c in conns.values():
                 c.close()

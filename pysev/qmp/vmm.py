@@ -16,6 +16,7 @@ that the destination's plaintext equals the source's, through the firmware's deb
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -25,11 +26,11 @@ from typing import Any
 from pysev import kvm
 from pysev.firmware.sev.abi import Cmd, GuestState, PlatformStatusBuf, Policy
 from pysev.hv.machine import DEFAULT_POLICY, Host, RunState, VirtualMachine
-from pysev.migration import MigrationCapabilities, MigrationParameters
-from pysev.migration.incoming import IncomingMigration
+from pysev.migration import MigrationCapabilities, MigrationParameters, MigrationStatus
+from pysev.migration.incoming import IncomingMigration, serve_unknown_resume
 from pysev.migration.outgoing import OutgoingMigration
 from pysev.migration.sev_ops import MigrationError
-from pysev.migration.transport import MAX_CHANNELS, TcpListener, parse_tcp, tcp_connect
+from pysev.migration.transport import MAX_CHANNELS, Connection, TcpListener, parse_tcp, tcp_connect, tcp_resume
 from pysev.qmp.commands import ArgEnum, CommandTable, Session, generic_error
 from pysev.qmp.framing import DEFAULT_MAX_MESSAGE
 from pysev.qmp.server import QmpServer
@@ -41,7 +42,9 @@ log = logging.getLogger(__name__)
 #: Host DRAM beyond the guest's RAM: firmware and kernel buffers, bounce pages.
 HOST_OVERHEAD = 512 << 20
 
-IN_PROGRESS = frozenset({"setup", "cancelling", "active", "device", "pre-switchover", "wait-unplug"})
+IN_PROGRESS = frozenset(
+    {"setup", "cancelling", "active", "device", "pre-switchover", "wait-unplug", "x-commit-pending"}
+)
 
 # qapi/migration.json MigrationCapability (QEMU 8.2), in schema order.
 QEMU_CAPABILITIES = (
@@ -186,7 +189,14 @@ class _Outgoing:
             else:
                 self._end_before_engine("failed", f"Failed to connect to '{self.uri}': {err}")
             return
-        m = OutgoingMigration(self.vmm.vm, conns, self.params, self.caps, on_event=self._engine_event)
+        m = OutgoingMigration(
+            self.vmm.vm,
+            conns,
+            self.params,
+            self.caps,
+            on_event=self._engine_event,
+            resume_connect=functools.partial(tcp_resume, self.uri),
+        )
         with self._lock:
             self.migration = m
             cancelled = self._cancelled
@@ -355,8 +365,10 @@ class Vmm:
             listener.close()
 
     def _accept_loop(self, listener: TcpListener) -> None:
-        """Accept migrations on ``listener`` until one completes; after a failure, start over with an
-        empty guest (QEMU would exit; a VMM under test is more useful alive)."""
+        """Accept migrations on ``listener``; after a failure, start over with an empty guest (QEMU would
+        exit; a VMM under test is more useful alive). Resume connections deliver a source's decision for
+        the guest waiting here (``x-commit-pending``), or for one already resolved (answered again). While
+        a guest waits for its decision, or runs after a completed migration, no other migration is taken."""
         while True:
             try:
                 conns = listener.accept(timeout=None)
@@ -366,11 +378,23 @@ class Vmm:
                 log.warning("incoming migration on %s: %s", listener.uri, err)
                 time.sleep(0.05)
                 continue
+            if conns[0].resume:
+                self._serve_resume(conns[0])
+                continue
             with self._lock:
                 if self._closing or self._listener is not listener:
                     for c in conns:
                         c.close()
                     return
+                holding = self._incoming is not None and self._incoming.status in (
+                    MigrationStatus.COMMIT_PENDING,
+                    MigrationStatus.COMPLETED,
+                )
+                if holding:
+                    log.warning("incoming migration refused: a guest is already here (%s)", self._incoming_status)
+                    for c in conns:
+                        c.close()
+                    continue
                 incoming = IncomingMigration(
                     self.vm,
                     conns,
@@ -384,27 +408,42 @@ class Vmm:
             if self.caps.events:
                 self.emit("MIGRATION", {"status": "active"})
             incoming.run()
-            with self._lock:
-                self._incoming_status = incoming.status
-                self._incoming_error = incoming.error_desc
-                if incoming.status == "completed":
-                    if self._listener is listener:
-                        self._listener = None
-                    listener.close()
-                    if not self._autostart:
-                        self.vm.pause()
-                    log.info("incoming migration completed; guest %s", self.vm.state.value)
-                    return
-                if self._closing:
-                    return
-                # A fresh, empty guest for the next attempt: the failed one holds half a stream.
-                old = self.vm
-                try:
-                    old.destroy()
-                except Exception:  # noqa: BLE001
-                    log.exception("discarding the failed incoming guest")
-                self.vm = self._new_vm(incoming=True)
-            log.info("incoming migration failed (%s); waiting for another on %s", incoming.error_desc, listener.uri)
+            self._incoming_settled(incoming)
+
+    def _serve_resume(self, conn: Connection) -> None:
+        incoming = self._incoming
+        if incoming is None or incoming.migration_id != conn.migration_id:
+            serve_unknown_resume(conn)
+            return
+        incoming.serve_resume(conn)
+        self._incoming_settled(incoming)
+
+    def _incoming_settled(self, incoming: IncomingMigration) -> None:
+        """Record where an incoming migration stands, once per change: a completed guest runs (or waits
+        paused without autostart), a pending one is kept, a failed one is replaced by an empty guest."""
+        with self._lock:
+            if incoming is not self._incoming or self._incoming_status == incoming.status.value:
+                return
+            self._incoming_status = incoming.status.value
+            self._incoming_error = incoming.error_desc
+            if incoming.status == MigrationStatus.COMPLETED:
+                if not self._autostart:
+                    self.vm.pause()
+                log.info("incoming migration completed; guest %s", self.vm.state.value)
+                return
+            if incoming.status == MigrationStatus.COMMIT_PENDING:
+                log.warning("incoming migration: %s", incoming.error_desc)
+                return
+            if self._closing:
+                return
+            # A fresh, empty guest for the next attempt: the failed one holds half a stream.
+            old = self.vm
+            try:
+                old.destroy()
+            except Exception:  # noqa: BLE001
+                log.exception("discarding the failed incoming guest")
+            self.vm = self._new_vm(incoming=True)
+        log.info("incoming migration failed (%s); waiting for another", incoming.error_desc)
 
     def _incoming_event(self, name: str, data: dict) -> None:
         if self.caps.events:
@@ -454,6 +493,11 @@ class Vmm:
         reg("migrate_cancel", self.cmd_migrate_cancel)
         reg("query-migrate", self.cmd_query_migrate)
         reg("x-guest-digest", self.cmd_x_guest_digest)
+        reg(
+            "x-resolve-migration",
+            self.cmd_x_resolve_migration,
+            args={"action": (ArgEnum("run-here", "discard-here"), True)},
+        )
         return t
 
     # -- run state ------------------------------------------------------------------------------------
@@ -633,7 +677,8 @@ class Vmm:
 
     def cmd_migrate(self, args: dict, session: Session) -> None:
         if args.get("resume"):
-            raise generic_error("Cannot resume if there is no paused migration")
+            self._resume_commit(self._uri_from(args))
+            return
         if args.get("blk") or args.get("inc"):
             raise generic_error("Block migration is not supported by pysev")
         uri = self._uri_from(args)
@@ -654,13 +699,50 @@ class Vmm:
             job.thread.start()
         log.info("migration to %s started", uri)
 
+    def _resume_commit(self, uri: str) -> None:
+        """migrate resume=true: deliver a pending COMMIT again, to ``uri`` (QEMU resumes a paused
+        post-copy migration the same way; here it is the commit decision that waits)."""
+        job = self._outgoing
+        m = job.migration if job is not None else None
+        if m is None or m.status != MigrationStatus.COMMIT_PENDING:
+            raise generic_error("Cannot resume if there is no paused migration")
+        thread = threading.Thread(
+            target=self._redeliver, args=(m, functools.partial(tcp_resume, uri)), name="migration-resume", daemon=True
+        )
+        thread.start()
+
+    @staticmethod
+    def _redeliver(m: OutgoingMigration, connect: Callable[[bytes], Connection]) -> None:
+        try:
+            m.redeliver(connect)
+        except MigrationError as err:
+            log.warning("resume: %s", err)
+
+    def cmd_x_resolve_migration(self, args: dict, session: Session) -> dict:
+        """Resolve a pending commit by hand when the other host is gone: ``run-here`` or ``discard-here``."""
+        run_here = args["action"] == "run-here"
+        job = self._outgoing
+        m = job.migration if job is not None else None
+        try:
+            if m is not None and m.status == MigrationStatus.COMMIT_PENDING:
+                m.resolve_here(run_here)
+                return {"status": m.status.value}
+            incoming = self._incoming
+            if incoming is not None and incoming.status == MigrationStatus.COMMIT_PENDING:
+                incoming.resolve(run_here, by_hand=True)
+                self._incoming_settled(incoming)
+                return {"status": incoming.status.value}
+        except MigrationError as err:
+            raise generic_error(str(err)) from None
+        raise generic_error("No migration is waiting for a decision on this host")
+
     def cmd_migrate_incoming(self, args: dict, session: Session) -> None:
         uri = self._uri_from(args)
         with self._lock:
             self._check_alive()
             if self.incoming_setting is None:
                 raise generic_error("'-incoming' was not specified on the command line")
-            if self._incoming_status in ("setup", "active", "completed"):
+            if self._incoming_status in ("setup", "active", "completed", "x-commit-pending"):
                 raise generic_error("The incoming migration has already been started")
             self._close_listener()  # after a failure: the new URI replaces the old listener
             self._listen(uri)

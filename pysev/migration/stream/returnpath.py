@@ -3,7 +3,11 @@
 They use the framing of QEMU's return path (``migration/migration.c``, ``migrate_send_rp_message`` and
 ``source_return_path_thread``: ``be16 type, be16 length, data``) with pysev's own types, in both
 directions: the destination answers RECEIVED (the record digest) or FAILED (a reason), the source then
-sends COMMIT or ABORT. The byte-level description is ``docs/formats.md`` ("Return path").
+sends its decision, COMMIT or ABORT, and the destination confirms it applied the decision with DONE.
+When the connection breaks before DONE, the source delivers the decision again on a resume connection
+(a transport hello that names the migration), where a destination that holds no such migration answers
+UNKNOWN. The byte-level description is ``docs/formats.md`` ("Return path"); the protocol is in
+``docs/design.md`` ("Commit").
 
 They are not part of the QEMU stream: the writer uses the file object's ``write_control`` when it has
 one, so that a ``--save-stream`` copy stays readable by ``scripts/analyze-migration.py``. The reader
@@ -28,8 +32,17 @@ class ReturnMessage(enum.IntEnum):
 
     RECEIVED = 0x5001  # destination → source: the digest of every record applied (DIGEST_SIZE bytes)
     FAILED = 0x5002  # destination → source: why it failed, UTF-8
-    COMMIT = 0x5003  # source → destination: SEND_FINISH done, run the guest (no data)
+    COMMIT = 0x5003  # source → destination: the source committed, run the guest (no data)
     ABORT = 0x5004  # source → destination: discard the guest (no data)
+    DONE = 0x5005  # destination → source: the decision is applied (one byte: an Outcome)
+    UNKNOWN = 0x5006  # destination → source, on a resume connection: no such migration here (no data)
+
+
+class Outcome(enum.IntEnum):
+    """What a destination did with a migration's guest, as DONE reports it."""
+
+    RUNNING = 1  # committed: the guest runs on the destination
+    DISCARDED = 2  # aborted: the destination discarded what it received
 
 
 # Allowed data length per type: (min, max)
@@ -38,12 +51,24 @@ _LENGTHS = {
     ReturnMessage.FAILED: (0, FAILED_REASON_MAX),
     ReturnMessage.COMMIT: (0, 0),
     ReturnMessage.ABORT: (0, 0),
+    ReturnMessage.DONE: (1, 1),
+    ReturnMessage.UNKNOWN: (0, 0),
 }
 
 
 class ReturnPathMessage(NamedTuple):
     kind: ReturnMessage
     data: bytes = b""
+
+    @property
+    def outcome(self) -> Outcome:
+        """A DONE message's outcome; StreamError for a value that names none."""
+        try:
+            return Outcome(self.data[0])
+        except (IndexError, ValueError):
+            raise StreamError(
+                f"DONE message with outcome {self.data!r}", offset=MESSAGE_HEAD.size, record="return-path message"
+            ) from None
 
     @property
     def reason(self) -> str:
@@ -109,6 +134,7 @@ __all__ = [
     "DIGEST_SIZE",
     "FAILED_REASON_MAX",
     "MESSAGE_HEAD",
+    "Outcome",
     "ReturnMessage",
     "ReturnPathMessage",
     "read_return_message",
