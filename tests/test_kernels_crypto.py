@@ -598,7 +598,7 @@ def test_empty_batches(k):
     assert status.shape == (0,) and status.dtype == np.uint32
 
 
-def test_native_transport_refuses_another_packet_layout():
+def test_native_transport_refuses_another_packet_layout(tmp_path):
     """csev._transport sizes C arrays at compile time, so it must not load beside another csev.packet."""
     _native()
     code = (
@@ -610,7 +610,11 @@ def test_native_transport_refuses_another_packet_layout():
         "    print('refused:', exc)\n"
     )
     env = {**os.environ, "CSEV_PURE": "1"}  # so that importing csev loads no native kernel first
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    # Run from elsewhere: ``python -c`` puts the working directory first on sys.path, and the repository
+    # root holds an unbuilt csev beside the installed one.
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=tmp_path
+    )
     assert out.stdout.startswith("refused: csev._transport was compiled for other packet field sizes")
 
 
