@@ -30,9 +30,19 @@ from pysev.migration import MigrationCapabilities, MigrationParameters, Migratio
 from pysev.migration.incoming import IncomingMigration, serve_unknown_resume
 from pysev.migration.outgoing import OutgoingMigration
 from pysev.migration.sev_ops import MigrationError
-from pysev.migration.transport import MAX_CHANNELS, Connection, TcpListener, parse_tcp, tcp_connect, tcp_resume
+from pysev.migration.transport import Connection, TcpListener, parse_tcp, tcp_resume
 from pysev.qmp.commands import ArgEnum, CommandTable, Session, generic_error
 from pysev.qmp.framing import DEFAULT_MAX_MESSAGE
+from pysev.qmp.migration_jobs import (
+    ENGINE_CAPABILITIES,
+    LIVE_PARAMS,
+    PARAM_RANGES,
+    PARAM_SCHEMA,
+    QEMU_CAPABILITIES,
+    SUPPORTED_CAPABILITIES,
+    OutgoingJob,
+    uri_from,
+)
 from pysev.qmp.server import QmpServer
 
 __all__ = ["Vmm", "HOST_OVERHEAD"]
@@ -41,41 +51,6 @@ log = logging.getLogger(__name__)
 
 #: Host DRAM beyond the guest's RAM: firmware and kernel buffers, bounce pages.
 HOST_OVERHEAD = 512 << 20
-
-IN_PROGRESS = frozenset(
-    {"setup", "cancelling", "active", "device", "pre-switchover", "wait-unplug", "x-commit-pending"}
-)
-
-# qapi/migration.json MigrationCapability (QEMU 8.2), in schema order.
-QEMU_CAPABILITIES = (
-    "xbzrle",
-    "rdma-pin-all",
-    "auto-converge",
-    "zero-blocks",
-    "compress",
-    "events",
-    "postcopy-ram",
-    "x-colo",
-    "release-ram",
-    "block",
-    "return-path",
-    "pause-before-switchover",
-    "multifd",
-    "dirty-bitmaps",
-    "postcopy-blocktime",
-    "late-block-activate",
-    "x-ignore-shared",
-    "validate-uuid",
-    "background-snapshot",
-    "zero-copy-send",
-    "postcopy-preempt",
-    "switchover-ack",
-    "dirty-limit",
-)
-_ENGINE_CAPS = {f.name.replace("_", "-") for f in dataclasses.fields(MigrationCapabilities)}
-# What the engine implements; every other capability may be set to false only. return-path is always on:
-# the commit protocol answers on it.
-SUPPORTED_CAPABILITIES = frozenset(_ENGINE_CAPS | {"return-path"})
 
 # QEMU's SevState (qapi/misc-target.json) by firmware guest state; SENT has no QEMU name.
 _SEV_STATE = {
@@ -87,131 +62,6 @@ _SEV_STATE = {
     GuestState.RUPDATE: "receive-update",
     GuestState.SENT: "sent",
 }
-
-# migrate-set-parameters: QMP name -> (min, max, QEMU's wording of the range).
-_PARAM_RANGES: dict[str, tuple[int, int, str]] = {
-    "downtime-limit": (0, 2_000_000, "an integer in the range of 0 to 2000000 ms"),
-    "max-bandwidth": (0, 18446744073709, "an integer in the range of 0 to 18446744073709 bytes/second"),
-    # QEMU allows 1..255; the transport's hello bounds the channels of one migration (the destination
-    # refuses more), so the limit is checked here, where the mistake is made.
-    "multifd-channels": (1, MAX_CHANNELS, f"a value between 1 and {MAX_CHANNELS}"),
-    "throttle-trigger-threshold": (1, 100, "an integer in the range of 1 to 100"),
-    "cpu-throttle-initial": (1, 99, "an integer in the range of 1 to 99"),
-    "cpu-throttle-increment": (1, 99, "an integer in the range of 1 to 99"),
-    "max-cpu-throttle": (1, 99, "an integer in the range of 1 to 99"),
-}
-_PARAM_SCHEMA: dict[str, tuple[Any, bool]] = {
-    **{name: ("uint", False) for name in _PARAM_RANGES},
-    "cpu-throttle-tailslow": ("bool", False),
-    "sev-pdh": ("strornull", False),
-    "sev-plat-cert": ("strornull", False),
-    "sev-amd-cert": ("strornull", False),
-    # libvirt resets these to "" on every migration; TLS itself is not offered (see _set_parameters).
-    "tls-creds": ("strornull", False),
-    "tls-hostname": ("strornull", False),
-    "tls-authz": ("strornull", False),
-}
-# Parameters a running migration picks up at once (QEMU applies these live too).
-_LIVE_PARAMS = (
-    "downtime_limit",
-    "max_bandwidth",
-    "throttle_trigger_threshold",
-    "cpu_throttle_initial",
-    "cpu_throttle_increment",
-    "cpu_throttle_tailslow",
-    "max_cpu_throttle",
-)
-
-
-class _Outgoing:
-    """One ``migrate``: connecting, then the engine's ``OutgoingMigration`` on a thread of its own."""
-
-    def __init__(self, vmm: Vmm, uri: str, params: MigrationParameters, caps: MigrationCapabilities) -> None:
-        self.vmm = vmm
-        self.uri = uri
-        self.params = params
-        self.caps = caps
-        self.migration: OutgoingMigration | None = None
-        self._status = "setup"  # until the engine takes over
-        self._error_desc: str | None = None
-        self._lock = threading.Lock()
-        self._cancelled = False
-        self.thread = threading.Thread(target=self._run, name="migration", daemon=True)
-
-    @property
-    def status(self) -> str:
-        m = self.migration
-        if m is not None and m.status != "none":
-            return m.status
-        return self._status
-
-    @property
-    def in_progress(self) -> bool:
-        return self.status in IN_PROGRESS
-
-    def info(self) -> dict:
-        m = self.migration
-        if m is not None and m.status != "none":
-            return m.info()
-        info = {"status": self._status}
-        if self._error_desc:
-            info["error-desc"] = self._error_desc
-        return info
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._cancelled = True
-            m = self.migration
-            if m is None and self._status == "setup":
-                self._status = "cancelling"
-                self._event("cancelling")
-        if m is not None:
-            m.cancel()
-
-    def _event(self, status: str) -> None:
-        if self.caps.events:
-            self.vmm.emit("MIGRATION", {"status": status})
-
-    def _end_before_engine(self, status: str, desc: str | None) -> None:
-        with self._lock:
-            self._status, self._error_desc = status, desc
-        self._event(status)
-
-    def _run(self) -> None:
-        self._event("setup")
-        channels = self.params.multifd_channels if self.caps.multifd else 0
-        try:
-            conns = tcp_connect(self.uri, channels)
-        except (OSError, ValueError) as err:
-            log.warning("migration to %s: %s", self.uri, err)
-            if self._cancelled:
-                self._end_before_engine("cancelled", None)
-            else:
-                self._end_before_engine("failed", f"Failed to connect to '{self.uri}': {err}")
-            return
-        m = OutgoingMigration(
-            self.vmm.vm,
-            conns,
-            self.params,
-            self.caps,
-            on_event=self._engine_event,
-            resume_connect=functools.partial(tcp_resume, self.uri),
-        )
-        with self._lock:
-            self.migration = m
-            cancelled = self._cancelled
-        if cancelled:
-            m.cancel()
-        m.run()
-        log.info(
-            "outgoing migration to %s: %s%s", self.uri, m.status.value, f" ({m.error_desc})" if m.error_desc else ""
-        )
-
-    def _engine_event(self, name: str, data: dict) -> None:
-        # The engine announces "setup" again when it starts; the client has seen it already.
-        if name == "MIGRATION" and data.get("status") == "setup":
-            return
-        self.vmm.emit(name, data)
 
 
 class Vmm:
@@ -252,7 +102,7 @@ class Vmm:
         self._closing = False
         self._shutdown_requested = threading.Event()
         self._shutdown_reason = "host-signal"
-        self._outgoing: _Outgoing | None = None
+        self._outgoing: OutgoingJob | None = None
         # Incoming side: the command-line setting, the listener and its thread, and the last attempt.
         self.incoming_setting = incoming
         self._listener: TcpListener | None = None
@@ -460,7 +310,7 @@ class Vmm:
         reg("quit", self.cmd_quit)
         reg("query-sev", self.cmd_query_sev)
         reg("query-sev-capabilities", self.cmd_query_sev_capabilities)
-        reg("migrate-set-parameters", self.cmd_migrate_set_parameters, args=_PARAM_SCHEMA)
+        reg("migrate-set-parameters", self.cmd_migrate_set_parameters, args=PARAM_SCHEMA)
         reg("query-migrate-parameters", self.cmd_query_migrate_parameters)
         reg(
             "migrate-set-capabilities",
@@ -593,8 +443,8 @@ class Vmm:
     def cmd_migrate_set_parameters(self, args: dict, session: Session) -> None:
         updates: dict[str, Any] = {}
         for name, value in args.items():
-            if name in _PARAM_RANGES:
-                lo, hi, words = _PARAM_RANGES[name]
+            if name in PARAM_RANGES:
+                lo, hi, words = PARAM_RANGES[name]
                 if not lo <= value <= hi:
                     raise generic_error(f"Parameter '{name.replace('-', '_')}' expects {words}")
             elif name.startswith("tls-"):
@@ -611,7 +461,7 @@ class Vmm:
             self.params = dataclasses.replace(self.params, **updates)
             job = self._outgoing
             if job is not None and job.in_progress:
-                for field in _LIVE_PARAMS:
+                for field in LIVE_PARAMS:
                     if field in updates:
                         setattr(job.params, field, updates[field])
 
@@ -631,7 +481,7 @@ class Vmm:
                     )
                 if state and name not in SUPPORTED_CAPABILITIES:
                     raise generic_error(f"Migration capability '{name}' is not supported by pysev")
-                if name in _ENGINE_CAPS:
+                if name in ENGINE_CAPABILITIES:
                     updates[name.replace("-", "_")] = state
             self.caps = dataclasses.replace(self.caps, **updates)
 
@@ -641,47 +491,13 @@ class Vmm:
         return [{"capability": name, "state": bool(current.get(name, False))} for name in QEMU_CAPABILITIES]
 
     # -- migration ------------------------------------------------------------------------------------
-    @staticmethod
-    def _uri_from(args: dict) -> str:
-        uri: str | None = args.get("uri")
-        channels = args.get("channels")
-        if uri is not None and channels is not None:
-            raise generic_error("need either 'uri' or 'channels' argument")
-        if uri is None and channels is None:
-            raise generic_error("need either 'uri' or 'channels' argument")
-        if channels is not None:
-            if len(channels) != 1:
-                raise generic_error("Channel list has more than one entries")
-            addr = channels[0]["addr"]
-            if addr.get("transport") != "socket" or addr.get("type") != "inet":
-                raise generic_error(
-                    "pysev migrates over TCP only: 'addr' must be "
-                    '{"transport": "socket", "type": "inet", "host": …, "port": …}'
-                )
-            host, port = addr.get("host"), addr.get("port")
-            if not isinstance(host, str) or not isinstance(port, str):
-                raise generic_error("Parameter 'addr' needs string members 'host' and 'port'")
-            uri = f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
-        if uri is None:  # unreachable: one of the two was given
-            raise generic_error("need either 'uri' or 'channels' argument")
-        scheme = uri.split(":", 1)[0]
-        if scheme != "tcp":
-            if scheme in ("unix", "exec", "fd", "file", "rdma", "vsock"):
-                raise generic_error(f"pysev migrates over tcp: only; '{scheme}:' is not supported")
-            raise generic_error(f"unknown migration protocol: {uri}")
-        try:
-            parse_tcp(uri)
-        except ValueError as err:
-            raise generic_error(str(err)) from None
-        return uri
-
     def cmd_migrate(self, args: dict, session: Session) -> None:
         if args.get("resume"):
-            self._resume_commit(self._uri_from(args))
+            self._resume_commit(uri_from(args))
             return
         if args.get("blk") or args.get("inc"):
             raise generic_error("Block migration is not supported by pysev")
-        uri = self._uri_from(args)
+        uri = uri_from(args)
         with self._lock:
             self._check_alive()
             if self._outgoing is not None and self._outgoing.in_progress:
@@ -694,7 +510,7 @@ class Vmm:
                     f"The guest cannot be migrated in state '{state.value}'"
                     + (" (it has migrated away: SEND_FINISH)" if state == RunState.POSTMIGRATE else "")
                 )
-            job = _Outgoing(self, uri, dataclasses.replace(self.params), dataclasses.replace(self.caps))
+            job = OutgoingJob(self.vm, self.emit, uri, dataclasses.replace(self.params), dataclasses.replace(self.caps))
             self._outgoing = job
             job.thread.start()
         log.info("migration to %s started", uri)
@@ -737,7 +553,7 @@ class Vmm:
         raise generic_error("No migration is waiting for a decision on this host")
 
     def cmd_migrate_incoming(self, args: dict, session: Session) -> None:
-        uri = self._uri_from(args)
+        uri = uri_from(args)
         with self._lock:
             self._check_alive()
             if self.incoming_setting is None:

@@ -1,0 +1,224 @@
+"""The migration side of the ``pysev vm`` VMM: QEMU's migration parameters and capabilities as QMP
+exposes them (``qapi/migration.json``), the URI forms of ``migrate``/``migrate-incoming``, and the job
+that runs one outgoing migration on a thread of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pysev.hv.machine import VirtualMachine
+from pysev.migration import MigrationCapabilities, MigrationParameters
+from pysev.migration.outgoing import OutgoingMigration
+from pysev.migration.transport import MAX_CHANNELS, parse_tcp, tcp_connect, tcp_resume
+from pysev.qmp.commands import generic_error
+
+log = logging.getLogger(__name__)
+
+IN_PROGRESS = frozenset(
+    {"setup", "cancelling", "active", "device", "pre-switchover", "wait-unplug", "x-commit-pending"}
+)
+
+# qapi/migration.json MigrationCapability (QEMU 8.2), in schema order.
+QEMU_CAPABILITIES = (
+    "xbzrle",
+    "rdma-pin-all",
+    "auto-converge",
+    "zero-blocks",
+    "compress",
+    "events",
+    "postcopy-ram",
+    "x-colo",
+    "release-ram",
+    "block",
+    "return-path",
+    "pause-before-switchover",
+    "multifd",
+    "dirty-bitmaps",
+    "postcopy-blocktime",
+    "late-block-activate",
+    "x-ignore-shared",
+    "validate-uuid",
+    "background-snapshot",
+    "zero-copy-send",
+    "postcopy-preempt",
+    "switchover-ack",
+    "dirty-limit",
+)
+ENGINE_CAPABILITIES = {f.name.replace("_", "-") for f in dataclasses.fields(MigrationCapabilities)}
+# What the engine implements; every other capability may be set to false only. return-path is always on:
+# the commit protocol answers on it.
+SUPPORTED_CAPABILITIES = frozenset(ENGINE_CAPABILITIES | {"return-path"})
+
+# migrate-set-parameters: QMP name -> (min, max, QEMU's wording of the range).
+PARAM_RANGES: dict[str, tuple[int, int, str]] = {
+    "downtime-limit": (0, 2_000_000, "an integer in the range of 0 to 2000000 ms"),
+    "max-bandwidth": (0, 18446744073709, "an integer in the range of 0 to 18446744073709 bytes/second"),
+    # QEMU allows 1..255; the transport's hello bounds the channels of one migration (the destination
+    # refuses more), so the limit is checked here, where the mistake is made.
+    "multifd-channels": (1, MAX_CHANNELS, f"a value between 1 and {MAX_CHANNELS}"),
+    "throttle-trigger-threshold": (1, 100, "an integer in the range of 1 to 100"),
+    "cpu-throttle-initial": (1, 99, "an integer in the range of 1 to 99"),
+    "cpu-throttle-increment": (1, 99, "an integer in the range of 1 to 99"),
+    "max-cpu-throttle": (1, 99, "an integer in the range of 1 to 99"),
+}
+PARAM_SCHEMA: dict[str, tuple[Any, bool]] = {
+    **{name: ("uint", False) for name in PARAM_RANGES},
+    "cpu-throttle-tailslow": ("bool", False),
+    "sev-pdh": ("strornull", False),
+    "sev-plat-cert": ("strornull", False),
+    "sev-amd-cert": ("strornull", False),
+    # libvirt resets these to "" on every migration; TLS itself is not offered (see _set_parameters).
+    "tls-creds": ("strornull", False),
+    "tls-hostname": ("strornull", False),
+    "tls-authz": ("strornull", False),
+}
+# Parameters a running migration picks up at once (QEMU applies these live too).
+LIVE_PARAMS = (
+    "downtime_limit",
+    "max_bandwidth",
+    "throttle_trigger_threshold",
+    "cpu_throttle_initial",
+    "cpu_throttle_increment",
+    "cpu_throttle_tailslow",
+    "max_cpu_throttle",
+)
+
+
+class OutgoingJob:
+    """One ``migrate``: connecting, then the engine's ``OutgoingMigration`` on a thread of its own."""
+
+    def __init__(
+        self,
+        vm: VirtualMachine,
+        emit: Callable[[str, dict[str, Any]], None],
+        uri: str,
+        params: MigrationParameters,
+        caps: MigrationCapabilities,
+    ) -> None:
+        self.vm = vm
+        self._emit = emit
+        self.uri = uri
+        self.params = params
+        self.caps = caps
+        self.migration: OutgoingMigration | None = None
+        self._status = "setup"  # until the engine takes over
+        self._error_desc: str | None = None
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self.thread = threading.Thread(target=self._run, name="migration", daemon=True)
+
+    @property
+    def status(self) -> str:
+        m = self.migration
+        if m is not None and m.status != "none":
+            return m.status
+        return self._status
+
+    @property
+    def in_progress(self) -> bool:
+        return self.status in IN_PROGRESS
+
+    def info(self) -> dict:
+        m = self.migration
+        if m is not None and m.status != "none":
+            return m.info()
+        info = {"status": self._status}
+        if self._error_desc:
+            info["error-desc"] = self._error_desc
+        return info
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            m = self.migration
+            if m is None and self._status == "setup":
+                self._status = "cancelling"
+                self._event("cancelling")
+        if m is not None:
+            m.cancel()
+
+    def _event(self, status: str) -> None:
+        if self.caps.events:
+            self._emit("MIGRATION", {"status": status})
+
+    def _end_before_engine(self, status: str, desc: str | None) -> None:
+        with self._lock:
+            self._status, self._error_desc = status, desc
+        self._event(status)
+
+    def _run(self) -> None:
+        self._event("setup")
+        channels = self.params.multifd_channels if self.caps.multifd else 0
+        try:
+            conns = tcp_connect(self.uri, channels)
+        except (OSError, ValueError) as err:
+            log.warning("migration to %s: %s", self.uri, err)
+            if self._cancelled:
+                self._end_before_engine("cancelled", None)
+            else:
+                self._end_before_engine("failed", f"Failed to connect to '{self.uri}': {err}")
+            return
+        m = OutgoingMigration(
+            self.vm,
+            conns,
+            self.params,
+            self.caps,
+            on_event=self._engine_event,
+            resume_connect=functools.partial(tcp_resume, self.uri),
+        )
+        with self._lock:
+            self.migration = m
+            cancelled = self._cancelled
+        if cancelled:
+            m.cancel()
+        m.run()
+        log.info(
+            "outgoing migration to %s: %s%s", self.uri, m.status.value, f" ({m.error_desc})" if m.error_desc else ""
+        )
+
+    def _engine_event(self, name: str, data: dict) -> None:
+        # The engine announces "setup" again when it starts; the client has seen it already.
+        if name == "MIGRATION" and data.get("status") == "setup":
+            return
+        self._emit(name, data)
+
+
+def uri_from(args: dict) -> str:
+    """The migration URI of a migrate/migrate-incoming command: ``uri`` or QEMU's ``channels`` form."""
+    uri: str | None = args.get("uri")
+    channels = args.get("channels")
+    if uri is not None and channels is not None:
+        raise generic_error("need either 'uri' or 'channels' argument")
+    if uri is None and channels is None:
+        raise generic_error("need either 'uri' or 'channels' argument")
+    if channels is not None:
+        if len(channels) != 1:
+            raise generic_error("Channel list has more than one entries")
+        addr = channels[0]["addr"]
+        if addr.get("transport") != "socket" or addr.get("type") != "inet":
+            raise generic_error(
+                "pysev migrates over TCP only: 'addr' must be "
+                '{"transport": "socket", "type": "inet", "host": …, "port": …}'
+            )
+        host, port = addr.get("host"), addr.get("port")
+        if not isinstance(host, str) or not isinstance(port, str):
+            raise generic_error("Parameter 'addr' needs string members 'host' and 'port'")
+        uri = f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+    if uri is None:  # unreachable: one of the two was given
+        raise generic_error("need either 'uri' or 'channels' argument")
+    scheme = uri.split(":", 1)[0]
+    if scheme != "tcp":
+        if scheme in ("unix", "exec", "fd", "file", "rdma", "vsock"):
+            raise generic_error(f"pysev migrates over tcp: only; '{scheme}:' is not supported")
+        raise generic_error(f"unknown migration protocol: {uri}")
+    try:
+        parse_tcp(uri)
+    except ValueError as err:
+        raise generic_error(str(err)) from None
+    return uri
