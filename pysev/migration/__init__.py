@@ -249,7 +249,24 @@ def receive_tcp(
         else:
             for conn in conns:  # a guest is waiting for its decision here: no other migration
                 conn.close()
+    # Answer a source that delivers its decision again (its DONE was lost) for as long as the listener lives.
+    threading.Thread(target=_answer_resumes, args=(listener, incoming), name="mig-resumes", daemon=True).start()
     return incoming
+
+
+def _answer_resumes(listener: TcpListener, incoming: IncomingMigration) -> None:
+    while True:
+        try:
+            conns = listener.accept(timeout=None)
+        except (TransportError, TimeoutError):
+            continue  # one bad or silent client
+        except OSError:
+            return  # the listener was closed
+        if conns[0].resume:
+            incoming.serve_resume(conns[0])
+        else:
+            for conn in conns:
+                conn.close()
 
 
 def save_to_file(

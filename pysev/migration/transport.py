@@ -300,7 +300,11 @@ class TcpListener:
             while expected is None or len(conns) < expected + 1:
                 sock, peer = self._sock.accept()
                 sock.settimeout(10.0)
-                hello = _recv_exact(sock, HELLO.size)
+                try:
+                    hello = _recv_exact(sock, HELLO.size)
+                except OSError:
+                    sock.close()
+                    raise
                 magic, version, mid, index, count = HELLO.unpack(hello)
                 if magic == HELLO_MAGIC and version == HELLO_VERSION and index == RESUME_CHANNEL and count == 0:
                     if mig_id is None:
