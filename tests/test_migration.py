@@ -708,3 +708,22 @@ def test_precopy_switchover_follows_qemu_formula(hosts, monitor):
     finally:
         finish(run)
         src.destroy()
+
+
+def test_nodbg_guest_verified_from_inside(hosts, monitor):
+    """NODBG forbids DBG_DECRYPT, so the host cannot digest the guest; its agent does, from inside, on
+    both ends: the verdict is a real comparison, not a guess (a wrong page would differ)."""
+    src = monitor.watch(new_vm(hosts["A"], 32 * MiB, policy=0x11000021, dirty_rate=4e6))
+    with pytest.raises(Exception, match="POLICY_FAILURE"):
+        src.digest()  # the host's debug path is refused
+    run = run_local(src, hosts["B"], monitor)
+    try:
+        assert run.info["status"] == "completed" and run.verified
+        assert run.info["x-guest-digest"] == run.incoming.guest_digest
+        run.dest.workload.pause()
+        before = run.dest.agent_digest()
+        run.dest.guest.plant(np.array([5]), b"one page changed")
+        assert run.dest.agent_digest() != before
+    finally:
+        finish(run)
+        src.destroy()

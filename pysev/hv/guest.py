@@ -107,6 +107,11 @@ class Guest:
         with self._lock:
             self._cbit = {b.idstr: b.enc.copy() for b in self.memory.blocks}
 
+    def cbit_map(self, block: RamBlock) -> np.ndarray:
+        """The guest's own private/shared map of ``block`` (its page tables' C-bits), a copy."""
+        with self._lock:
+            return self._cbit[block.idstr].copy()
+
     def is_private(self, gpa_pages: np.ndarray) -> np.ndarray:
         """C-bit of each guest page, as bool."""
         gfns = np.asarray(gpa_pages, dtype=np.int64)

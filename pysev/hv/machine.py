@@ -298,6 +298,27 @@ class VirtualMachine:
                 out[:count][private] = plain  # (boolean indexing copies: decrypt first, then scatter)
         return out[:count]
 
+    def agent_digest(self) -> str:
+        """The digest a guest agent computes from inside the guest: every block's plaintext as the guest
+        reads it (through its own key) and its own private/shared map, in block order. For a guest whose
+        policy forbids the host's debug path (NODBG). The guest cannot read its VMSAs, so they are not
+        covered; the prefix keeps it from ever equalling a host-side ``digest()``."""
+        guest, _ = self._attached()
+        h = hashlib.sha256(b"guest-agent\0")
+        for block in self.memory.blocks:
+            h.update(block.idstr.encode() + b"\0")
+            h.update(guest.cbit_map(block).tobytes())
+            base = block.gpa // PAGE_SIZE
+            for first in range(0, block.npages, 4096):
+                gfns = np.arange(first, min(first + 4096, block.npages), dtype=np.int64) + base
+                h.update(guest.read_pages(gfns).tobytes())
+        return h.hexdigest()
+
+    def verification_digest(self, host_can_read: bool) -> str:
+        """``digest()`` through the firmware's debug path when the policy allows it, else the guest
+        agent's ``agent_digest()``: the same on both ends of a migration, so the two can be compared."""
+        return self.digest() if host_can_read else self.agent_digest()
+
     def digest(self) -> str:
         """SHA-256 over every block's plaintext (in block order) and its private/shared map, and for
         SEV-ES guests the plaintext of every vCPU's VMSA."""

@@ -272,9 +272,9 @@ class IncomingMigration:
 
     def _run_guest(self) -> None:
         self.ops.finish()  # RECEIVE_FINISH
-        # Past COMMIT nothing may fail: under NODBG (policy from the stream) there is no debug path to hash.
-        if self.verify and self.ops.plaintext_readable:
-            self.guest_digest = self.vm.digest()  # before its vCPUs change anything
+        # Before its vCPUs change anything; under NODBG (policy from the stream) from inside, as on the source.
+        if self.verify:
+            self.guest_digest = self.vm.verification_digest(self.ops.plaintext_readable)
         self.vm.incoming_complete()
         self.outcome = stream.Outcome.RUNNING
         self._status.set(MigrationStatus.COMPLETED)
