@@ -14,10 +14,12 @@ own. An attacker who rewrites the stream alone is caught: the source aborts, SEN
 on, the destination discards. But the digest is a plain SHA-256 on an unauthenticated return path: an
 attacker who also answers the source with the digest of the stream it sent (computed from the bytes it
 intercepted) makes both ends report "completed" while the destination's guest holds stale or wrong
-memory, and nothing detects it. These tests assert exactly that gap. A network attacker is shut out by
-TLS between the hosts (it can neither rewrite nor replay a TLS connection's bytes); a malicious host
-(the source's or the destination's hypervisor, which produces or consumes the stream itself) can always
-mount them: that is SEV's threat model, which SEV-SNP's migration agent changes.
+memory, and nothing detects it. These tests assert exactly that gap. It is closed for a network attacker
+by an authenticated channel between the hosts (QEMU's TLS migration, ``tls-creds``; pysev offers none), which
+makes rewriting or replaying the connection's bytes impossible; a malicious host, the source's or the
+destination's hypervisor, which produces or consumes the stream itself, can always mount these attacks:
+under SEV the hypervisor is not trusted with the guest's plaintext, but it is trusted with its availability
+and its freshness.
 """
 
 from __future__ import annotations
