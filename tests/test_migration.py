@@ -727,3 +727,34 @@ def test_nodbg_guest_verified_from_inside(hosts, monitor):
     finally:
         finish(run)
         src.destroy()
+
+
+def test_live_progress_during_the_first_pass(hosts, monitor):
+    """query-migrate during the bulk pass: remaining falls, mbps over the last interval, expected-downtime
+    from it, dirty-pages-rate from the dirty log (QEMU's migration_update_counters), not totals and zeros."""
+    src = monitor.watch(new_vm(hosts["A"], 64 * MiB, dirty_rate=8e6))
+    samples = []
+
+    def during(out):
+        deadline = time.monotonic() + 20
+        while out.status != "active" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for _ in range(8):
+            time.sleep(0.25)
+            info = out.info()
+            if info.get("status") == "active" and not out.passes:
+                samples.append(info)
+
+    run = run_local(src, hosts["B"], monitor, params=fast_params(hosts["B"], max_bandwidth=24 << 20), during=during)
+    try:
+        assert run.info["status"] == "completed"
+        assert len(samples) >= 3, "sampled during the first pass"
+        total = samples[0]["ram"]["total"]
+        remaining = [s["ram"]["remaining"] for s in samples]
+        assert remaining[-1] < remaining[0] <= total, remaining
+        assert all(s["ram"]["mbps"] > 0 for s in samples[1:])
+        assert all(s["expected-downtime"] > 0 for s in samples[1:])
+        assert any(s["ram"]["dirty-pages-rate"] > 0 for s in samples)
+    finally:
+        finish(run)
+        src.destroy()

@@ -250,6 +250,11 @@ class GuestMemory:
         with self._lock:
             return csev.bitmap_sync(b.dirty_log, dest_words)
 
+    def dirty_pending(self) -> int:
+        """Pages dirtied since each block's log was last fetched (the log is not cleared)."""
+        with self._lock:
+            return sum(csev.bitmap_count(b.dirty_log, b.npages) for b in self.blocks)
+
     def mark_dirty(self, block: RamBlock | str, first_page: int, npages: int) -> None:
         b = self._resolve(block)
         with self._lock:

@@ -145,6 +145,8 @@ class OutgoingMigration:
         self.precopy_bytes = 0
         self.downtime_bytes = 0
         self.throttle = 0
+        self._live_at = self._synced_at = time.monotonic()  # the live counters' last update, the last sync
+        self._live_bytes = 0
 
     # -- QMP view ----------------------------------------------------------------------------------------
     @property
@@ -318,12 +320,30 @@ class OutgoingMigration:
                 sent += self._send_shared(block, shared_pages[first : first + BATCH_PAGES])
                 progress(pass_no, sent, total)
                 self._rate_limit(window)
+                self._live_counters(total - sent)
             for first in range(0, len(private_pages), BATCH_PAGES):
                 self._check_cancel()
                 sent += self._send_private(block, private_pages[first : first + BATCH_PAGES])
                 progress(pass_no, sent, total)
                 self._rate_limit(window)
+                self._live_counters(total - sent)
         return sent
+
+    def _live_counters(self, left_in_pass: int) -> None:
+        """query-migrate's live figures, every BUFFER_DELAY as QEMU's ``migration_update_counters``:
+        remaining = pages of the migration bitmap not sent yet, mbps over the last interval,
+        expected-downtime from it, dirty-pages-rate from the dirty log since the last sync."""
+        now = time.monotonic()
+        elapsed = now - self._live_at
+        if elapsed < BUFFER_DELAY or self.vm.state == RunState.FINISH_MIGRATE:  # stop-and-copy: pass figures
+            return
+        moved = self.transferred - self._live_bytes
+        self.mbps = moved * 8 / elapsed / 1e6
+        bandwidth = moved / (elapsed * 1000)  # bytes/ms
+        self.remaining_pages = left_in_pass
+        self.expected_downtime = int(left_in_pass * PAGE_SIZE / bandwidth) if bandwidth else 0
+        self.dirty_pages_rate = int(self.vm.memory.dirty_pending() / max(now - self._synced_at, 1e-6))
+        self._live_at, self._live_bytes = now, self.transferred
 
     def _send_shared(self, block, pages: np.ndarray) -> int:
         """Shared pages in the clear on the main stream; all-zero ones as ZERO records."""
@@ -370,6 +390,7 @@ class OutgoingMigration:
 
     def _sync(self) -> int:
         """migration_bitmap_sync: dirty log first (fetch-and-clear), encryption state after (classify)."""
+        self._synced_at = time.monotonic()
         newly = 0
         for block in self.vm.memory.blocks:
             newly += self.vm.memory.sync_dirty(block, self._bitmaps[block.idstr])
