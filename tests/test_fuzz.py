@@ -5,7 +5,7 @@ no example database: the same inputs on every CI run): mutations of each target'
 truncations, splices, length-field edits) and raw bytes. A target raises on a finding, so a failing example
 here is a bug or a broken invariant; the long campaign is ``python benchmarks/fuzz_campaign.py``.
 
-The strict-xfail tests at the end pin the findings (``KNOWN_ISSUES`` in the targets module): each fails
+The tests at the end pin the findings of the campaign; each was a strict xfail until the library was fixed
 today, and passes, failing the run, once the library is fixed; then drop its marker and its ``known:`` outcome.
 """
 
@@ -197,18 +197,13 @@ def test_secret_scan_finds_every_encoding():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# findings (KNOWN_ISSUES): strict xfail until the library is fixed
+# findings: each was a strict xfail until the library was fixed; they stay as regression tests
 # ---------------------------------------------------------------------------------------------------------
 def test_known_issues_name_tests_of_this_file():
     for outcome, test in T.KNOWN_ISSUES.items():
         assert outcome.startswith("known:") and callable(globals()[test]), outcome
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StreamReader grows its read buffer to a declared length before the bytes arrive: a 16-byte stream "
-    "(header, EOF, vmdesc length 10 MiB - 16) makes it allocate 10 MiB (max_vmdesc) on top of read_chunk",
-)
 def test_stream_reader_allocation_follows_arrival():
     data = struct.pack(">IIB", stream.QEMU_VM_FILE_MAGIC, 3, stream.QEMU_VM_EOF)
     data += struct.pack(">BI", stream.QEMU_VM_VMDESCRIPTION, stream.VMDESC_MAX) + b"{}"
@@ -226,23 +221,12 @@ def test_stream_reader_allocation_follows_arrival():
     assert peak <= limits.read_chunk + 64 * len(data) + (256 << 10), f"{peak} bytes for a {len(data)}-byte stream"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="JsonStreamer decodes a number beyond the double range (1e400) as Infinity, which QMP framing "
-    "documents as rejected (docs/formats.md, QMP framing; framing.py: no NaN/Infinity)",
-)
 def test_qmp_framing_rejects_numbers_that_overflow_to_infinity():
     got = JsonStreamer().feed(b'{"execute": "query-version", "id": 1e400} [-1E999]')
     assert [value for value, err in got] == [None, None]
     assert all(err is not None and not err.fatal for _, err in got)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request whose id overflows to Infinity (1e400) makes QmpServer._dispatch raise ValueError while "
-    "encoding the reply: the client is disconnected without an answer and the server logs a traceback "
-    "('internal error'), after first logging the command as having 'returned a value that is not JSON'",
-)
 def test_qmp_server_answers_a_request_whose_id_overflows(tmp_path):
     server = QmpServer(CommandTable())
     path = server.run_in_thread(str(tmp_path / "qmp.sock"))

@@ -8,6 +8,7 @@ QMP input is *not* line-framed: ``JsonStreamer`` counts braces outside strings, 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +43,19 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"invalid keyword '{name}'")
 
 
-# Stricter than json.loads: JSON has no NaN/Infinity, and QEMU's parser rejects duplicate keys.
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+def _finite_float(text: str) -> float:
+    # 1e400 is valid JSON text but no double: Python would make it Infinity, which JSON cannot carry back.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
+# Stricter than json.loads: JSON has no NaN/Infinity (not even through an overflowing number), and QEMU's
+# parser rejects duplicate keys.
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants, parse_float=_finite_float
+)
 
 
 @dataclass(frozen=True)

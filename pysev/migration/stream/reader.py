@@ -219,10 +219,20 @@ class StreamReader:
         """``n`` bytes, refused before reading when ``n`` exceeds ``cap`` (error at ``len_at``, the length field)."""
         if n > cap:
             raise self._fail(f"{what} length {n} exceeds the limit of {cap}", len_at)
-        self._need(n, what)
-        v = self._mv[self._pos : self._pos + n].tobytes()
-        self._pos += n
-        return v
+        if n <= self.limits.read_chunk:
+            self._need(n, what)
+            v = self._mv[self._pos : self._pos + n].tobytes()
+            self._pos += n
+            return v
+        # Longer than the read-ahead: collected piece by piece, so memory follows what arrives rather
+        # than what a length field announces.
+        out = bytearray()
+        while len(out) < n:
+            take = min(n - len(out), self.limits.read_chunk)
+            self._need(take, what)
+            out += self._mv[self._pos : self._pos + take]
+            self._pos += take
+        return bytes(out)
 
     def _unpack(self, st: struct.Struct, what: str) -> tuple[int, ...]:
         self._need(st.size, what)
