@@ -5,8 +5,9 @@ no example database: the same inputs on every CI run): mutations of each target'
 truncations, splices, length-field edits) and raw bytes. A target raises on a finding, so a failing example
 here is a bug or a broken invariant; the long campaign is ``python benchmarks/fuzz_campaign.py``.
 
-The tests at the end pin the findings of the campaign; each was a strict xfail until the library was fixed
-today, and passes, failing the run, once the library is fixed; then drop its marker and its ``known:`` outcome.
+The tests at the end pin the findings of the campaign: each was a strict xfail until the library was
+fixed, and stays as a regression test. A new finding gets the same treatment (a strict xfail and a
+``known:`` outcome in ``KNOWN_ISSUES``) until it is fixed.
 """
 
 from __future__ import annotations
