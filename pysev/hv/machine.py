@@ -14,6 +14,7 @@ import enum
 import hashlib
 import logging
 import threading
+import weakref
 from typing import TypedDict
 
 import numpy as np
@@ -57,9 +58,23 @@ class Host:
         if self.platform.issue(Cmd.INIT, InitBuf(flags=INIT_FLAGS_SEV_ES)) != 0:
             raise RuntimeError(f"{name}: SEV firmware INIT failed")
         self.kvm = kvm.KvmHost(self.platform)
+        self._vms: weakref.WeakSet[VirtualMachine] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return f"Host({self.name!r}, {self.platform!r})"
+
+    def __enter__(self) -> Host:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Destroy every VM still on this host (their vCPU threads stop) and give its DRAM back to the
+        operating system. Idempotent; the host is unusable afterwards."""
+        for vm in list(self._vms):
+            vm.close()
+        self.dram.release()
 
     def sev_capabilities(self) -> dict:
         """query-sev-capabilities (QEMU SevCapability): base64 certificates and platform facts.
@@ -113,6 +128,7 @@ class VirtualMachine:
                 "(KVM_HC_MAP_GPA_RANGE changes the encryption state of SEV guest pages)"
             )
         self.host = host
+        host._vms.add(self)
         self.sev_enabled = sev
         self.policy = policy if sev else 0
         self.memory = GuestMemory(host.dram, memory_size, encrypted=sev)
@@ -257,6 +273,17 @@ class VirtualMachine:
             self.workload.reset()
         else:
             self.memory.reset_encryption_state()
+
+    def __enter__(self) -> VirtualMachine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """``destroy()`` unless already done."""
+        if self.state != RunState.SHUTDOWN:
+            self.destroy()
 
     def destroy(self) -> None:
         """Tear down: stop vCPUs, decommission the SEV context, give the frames back to the host."""

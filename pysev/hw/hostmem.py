@@ -136,6 +136,11 @@ class HostMemory:
         start, length = first_frame * PAGE_SIZE, n * PAGE_SIZE
         self._map.madvise(mmap.MADV_DONTNEED, self._base + start, length)
 
+    def release(self) -> None:
+        """Discard every byte of this host's memory (the mapping stays, unbacked): what a host that is
+        shut down gives back."""
+        self._map.madvise(mmap.MADV_DONTNEED, 0, len(self._map))
+
     def resident_bytes(self) -> int:
         """Bytes of host memory actually backed by RAM (mincore(2) over exactly this mapping, so an
         adjacent mapping that the kernel merged into the same VMA is not counted), for memory tests."""

@@ -26,9 +26,10 @@ from typing import BinaryIO, cast
 
 from pysev.hv.machine import Host, VirtualMachine
 from pysev.migration.incoming import IncomingMigration, serve_unknown_resume
-from pysev.migration.outgoing import OutgoingMigration
+from pysev.migration.outgoing import MAX_PASSES, OutgoingMigration
 from pysev.migration.sev_ops import MigrationError
 from pysev.migration.state import MigrationCapabilities, MigrationParameters, MigrationStatus
+from pysev.migration.tls import TlsCredsX509
 from pysev.migration.transport import (
     Connection,
     TcpListener,
@@ -69,6 +70,17 @@ class MigrationResult:
     #: Both ends, for a commit left pending (``OutgoingMigration.resolve_here``, ``IncomingMigration.resolve``).
     outgoing: OutgoingMigration | None = None
     incoming: IncomingMigration | None = None
+
+    def __enter__(self) -> MigrationResult:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Destroy the destination VM (its vCPU threads stop, its frames go back to the host)."""
+        if self.destination is not None:
+            self.destination.close()
 
     @property
     def verified(self) -> bool:
@@ -132,8 +144,14 @@ def migrate_local(
     save_stream: str | None = None,
     on_pass=None,
     on_progress=None,
+    timeout: float | None = None,
+    max_passes: int | None = None,
 ) -> MigrationResult:
-    """Migrate ``source`` to a new VM on ``destination_host``, both in this process (socketpairs)."""
+    """Migrate ``source`` to a new VM on ``destination_host``, both in this process (socketpairs).
+
+    Blocks until the migration ends: ``timeout`` seconds cancel it (the source keeps running), and
+    ``max_passes`` bounds the pre-copy passes (a guest that never converges fails instead of looping).
+    Use the result as a context manager (or call ``close()``) to destroy the destination VM."""
     params = with_destination_certs(params or MigrationParameters(), destination_host.sev_capabilities())
     dest = VirtualMachine(
         destination_host,
@@ -163,8 +181,17 @@ def migrate_local(
         on_progress=on_progress,
         verify=verify,
         resume_connect=resume_connect,
+        max_passes=max_passes if max_passes is not None else MAX_PASSES,
     )
-    info = outgoing.run()
+    timer = threading.Timer(timeout, outgoing.cancel) if timeout is not None else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        info = outgoing.run()
+    finally:
+        if timer is not None:
+            timer.cancel()
     thread.join(params.commit_timeout + 10)
     dest_status = {
         "status": incoming.status.value,
@@ -198,10 +225,14 @@ def migrate_tcp(
     save_stream: str | None = None,
     on_pass=None,
     on_progress=None,
+    tls: TlsCredsX509 | None = None,
+    tls_hostname: str | None = None,
 ) -> OutgoingMigration:
-    """The source side of a migration to a ``pysev`` destination listening at ``tcp:HOST:PORT``."""
+    """The source side of a migration to a ``pysev`` destination listening at ``tcp:HOST:PORT``. With
+    ``tls`` (client credentials, ``pysev.migration.tls``) every connection, resume ones included, is TLS
+    and the destination's certificate must match ``tls_hostname`` (default: the host of ``uri``)."""
     params = with_destination_certs(params or MigrationParameters(), capabilities)
-    conns = tcp_connect(uri, channels)
+    conns = tcp_connect(uri, channels, tls=tls, tls_hostname=tls_hostname)
     _tee(conns, save_stream)
     outgoing = OutgoingMigration(
         source,
@@ -211,7 +242,7 @@ def migrate_tcp(
         on_pass=on_pass,
         on_progress=on_progress,
         verify=verify,
-        resume_connect=functools.partial(tcp_resume, uri),
+        resume_connect=functools.partial(tcp_resume, uri, tls=tls, tls_hostname=tls_hostname),
     )
     outgoing.run()
     return outgoing
@@ -226,9 +257,10 @@ def receive_tcp(
     timeout: float | None = None,
     resume_wait: float | None = None,
 ) -> IncomingMigration:
-    """The destination side: accept one migration on ``listener`` into ``dest`` (an incoming VM). When the
-    source's decision does not arrive on the migration connection, keep serving resume connections until
-    it does (at most ``resume_wait`` seconds; None: as long as it takes); new migrations are refused."""
+    """The destination side: accept one migration on ``listener`` (``TcpListener(uri, tls=…)`` for TLS)
+    into ``dest`` (an incoming VM). When the source's decision does not arrive on the migration
+    connection, keep serving resume connections until it does (at most ``resume_wait`` seconds; None: as
+    long as it takes); new migrations are refused."""
     conns = listener.accept(timeout=timeout)
     while conns[0].resume:  # a resume for some earlier migration: not ours
         serve_unknown_resume(conns[0])

@@ -12,6 +12,7 @@ or an operator resolves it (``resolve``) (``docs/design.md``, "Commit").
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -217,20 +218,23 @@ class IncomingMigration:
             log.warning("incoming migration: %s", self.error_desc)
             self._emit(MigrationStatus.COMMIT_PENDING)
             return
-        outcome = self.resolve(message.kind == stream.ReturnMessage.COMMIT)
-        if outcome is not None:
-            with contextlib.suppress(OSError, ValueError):  # a lost DONE is answered again on a resume
-                stream.write_return_message(main.output, stream.ReturnMessage.DONE, bytes([outcome]))
+        self.resolve(message.kind == stream.ReturnMessage.COMMIT, answer=functools.partial(_answer_done, main))
 
-    def resolve(self, commit: bool, *, by_hand: bool = False) -> stream.Outcome | None:
+    def resolve(
+        self, commit: bool, *, by_hand: bool = False, answer: Callable[[stream.Outcome], None] | None = None
+    ) -> stream.Outcome | None:
         """Apply the source's decision (COMMIT: run the guest; ABORT: discard it), once; later calls
         return the outcome of the first. None: a COMMIT for a guest that was never verified here (no
         source sends one), which the caller answers with UNKNOWN. ``by_hand``: an operator's decision
-        (QMP x-resolve-migration), refused unless a verified guest is waiting."""
+        (QMP x-resolve-migration), refused unless a verified guest is waiting. ``answer(outcome)`` tells
+        the source as soon as the decision is applied: after RECEIVE_FINISH, before the verification
+        digest, so that verifying does not lengthen the downtime the source measures."""
         with self._decision_lock:
             if self.outcome is not None:
                 if by_hand:
                     raise MigrationError(f"the migration is already resolved ({self.outcome.name.lower()})")
+                if answer is not None:
+                    answer(self.outcome)
                 return self.outcome
             if not self._prepared:
                 if by_hand:
@@ -238,13 +242,17 @@ class IncomingMigration:
                 if commit:
                     return None
                 self.fail(MigrationError("the source aborted the migration"))  # run() discards it
+                if answer is not None:
+                    answer(stream.Outcome.DISCARDED)
                 return stream.Outcome.DISCARDED
             if commit:
-                self._run_guest()
+                self._run_guest(answer)
                 self.error_desc = "resolved by hand: the guest runs here" if by_hand else None
             else:
                 why = "resolved by hand: the guest was discarded" if by_hand else "the source aborted the migration"
                 self._discard(MigrationError(why))
+                if answer is not None:
+                    answer(stream.Outcome.DISCARDED)
             return self.outcome
 
     def serve_resume(self, conn: Connection) -> None:
@@ -256,11 +264,8 @@ class IncomingMigration:
                 read_decision(conn)
                 stream.write_return_message(conn.output, stream.ReturnMessage.UNKNOWN)
                 return
-            outcome = self.resolve(read_decision(conn))
-            if outcome is None:
+            if self.resolve(read_decision(conn), answer=functools.partial(_answer_done, conn)) is None:
                 stream.write_return_message(conn.output, stream.ReturnMessage.UNKNOWN)
-            else:
-                stream.write_return_message(conn.output, stream.ReturnMessage.DONE, bytes([outcome]))
         except (OSError, ValueError, MigrationError) as err:
             log.warning("resume connection %s: %s", conn.name, err)
         finally:
@@ -270,13 +275,15 @@ class IncomingMigration:
         if self._on_event:
             self._on_event("MIGRATION", {"status": status.value})
 
-    def _run_guest(self) -> None:
+    def _run_guest(self, answer: Callable[[stream.Outcome], None] | None = None) -> None:
         self.ops.finish()  # RECEIVE_FINISH
+        self.outcome = stream.Outcome.RUNNING
+        if answer is not None:
+            answer(self.outcome)
         # Before its vCPUs change anything; under NODBG (policy from the stream) from inside, as on the source.
         if self.verify:
             self.guest_digest = self.vm.verification_digest(self.ops.plaintext_readable)
         self.vm.incoming_complete()
-        self.outcome = stream.Outcome.RUNNING
         self._status.set(MigrationStatus.COMPLETED)
         self._emit(MigrationStatus.COMPLETED)
 
@@ -287,6 +294,12 @@ class IncomingMigration:
         log.warning("incoming migration failed: %s", err)
         self.ops.abort()
         self._emit(MigrationStatus.FAILED)
+
+
+def _answer_done(conn: Connection, outcome: stream.Outcome) -> None:
+    """DONE(outcome) to the source; a lost one is answered again when the source resumes."""
+    with contextlib.suppress(OSError, ValueError):
+        stream.write_return_message(conn.output, stream.ReturnMessage.DONE, bytes([outcome]))
 
 
 def read_decision(conn: Connection) -> bool:

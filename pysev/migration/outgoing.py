@@ -86,7 +86,9 @@ class OutgoingMigration:
         file_mode: bool = False,
         verify: bool = True,
         resume_connect: Callable[[bytes], Connection] | None = None,
+        max_passes: int = MAX_PASSES,
     ) -> None:
+        self.max_passes = max_passes
         self.vm = vm
         self.conns = conns
         self.migration_id = conns[0].migration_id
@@ -401,7 +403,7 @@ class OutgoingMigration:
     # -- pre-copy --------------------------------------------------------------------------------------
     def _precopy(self) -> None:
         throttle_hits = 0
-        for pass_no in range(1, MAX_PASSES + 1):
+        for pass_no in range(1, self.max_passes + 1):
             self._check_cancel()
             t0, bytes0 = time.monotonic(), self.transferred
             self.writer.section_part(RAM_SECTION_ID)
@@ -438,7 +440,7 @@ class OutgoingMigration:
                 return
             if self.caps.auto_converge:
                 throttle_hits = self._auto_converge(newly * PAGE_SIZE, pass_bytes, throttle_hits)
-        raise MigrationError(f"did not converge in {MAX_PASSES} passes")
+        raise MigrationError(f"did not converge in {self.max_passes} passes")
 
     def _auto_converge(self, bytes_dirty: int, bytes_xfer: int, hits: int) -> int:
         """migration_trigger_throttle: dirtying > threshold% of transfer on two syncs → throttle up."""
@@ -508,6 +510,8 @@ class OutgoingMigration:
                 "stop_and_copy": True,
             }
         )
+        if self._on_pass:
+            self._on_pass(self.passes[-1])
 
     # -- commit ------------------------------------------------------------------------------------------
     def _commit(self) -> None:
