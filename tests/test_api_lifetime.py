@@ -48,3 +48,36 @@ def test_pass_limit_ends_a_migration_that_cannot_converge():
                 assert result.info["status"] == "failed"
                 assert "did not converge in 2 passes" in result.info["error-desc"]
             assert vm.state == RunState.RUNNING
+
+
+def test_bad_arguments_raise_before_anything_starts():
+    """One failure model: bad arguments raise (TypeError/ValueError naming the argument) before anything
+    is created or sent; a migration that starts returns its outcome (status, error-desc) and never raises."""
+    import pytest
+
+    with Host("a", 512 * MiB) as a:
+        for bad, kind, fragment in [
+            ("256M", TypeError, "memory_size"),
+            (0, ValueError, "memory_size"),
+            (1000, ValueError, "multiple of 4096"),
+        ]:
+            with pytest.raises(kind, match=fragment):
+                VirtualMachine(a, bad)
+        for policy in (-1, 1 << 32, 0x40):
+            with pytest.raises(ValueError, match="policy"):
+                VirtualMachine(a, 32 * MiB, policy=policy)
+        with pytest.raises(ValueError, match="dirty_rate"):
+            VirtualMachine(a, 32 * MiB, dirty_rate=-1)
+        for kw, fragment in [
+            ({"downtime_limit": -5}, "downtime-limit"),
+            ({"max_bandwidth": -1}, "max-bandwidth"),
+            ({"multifd_channels": 0}, "multifd-channels"),
+            ({"multifd_channels": 100_000}, "multifd-channels"),
+            ({"commit_timeout": 0}, "commit-timeout"),
+        ]:
+            with pytest.raises(ValueError, match=fragment):
+                MigrationParameters(**kw)
+        from pysev.migration import migrate_tcp
+
+        with VirtualMachine(a, 32 * MiB) as vm, pytest.raises(ValueError, match="pdh, cert-chain, amd-cert-chain"):
+            migrate_tcp(vm, "tcp:127.0.0.1:1", {})

@@ -22,7 +22,7 @@ import numpy as np
 from csev.packet import PAGE_SIZE
 from pysev import kvm
 from pysev.firmware.sev import CBITPOS, REDUCED_PHYS_BITS, Platform, Policy, make_policy
-from pysev.firmware.sev.abi import INIT_FLAGS_SEV_ES, MEASURE_SIZE, Cmd, InitBuf
+from pysev.firmware.sev.abi import INIT_FLAGS_SEV_ES, MEASURE_SIZE, POLICY_RESERVED_MASK, Cmd, InitBuf
 from pysev.hv.guest import Guest, Workload, page_pattern
 from pysev.hv.memory import GuestMemory
 from pysev.hw.hostmem import HostMemory
@@ -122,6 +122,17 @@ class VirtualMachine:
         vga_fps: float = 0.0,
         seed: int | None = None,
     ) -> None:
+        if isinstance(memory_size, bool) or not isinstance(memory_size, int):
+            raise TypeError(f"memory_size: bytes as an int (e.g. 256 << 20), not {memory_size!r}")
+        if memory_size <= 0 or memory_size % PAGE_SIZE:
+            raise ValueError(f"memory_size: a positive multiple of {PAGE_SIZE} bytes, not {memory_size}")
+        if isinstance(policy, bool) or not isinstance(policy, int) or not 0 <= policy <= 0xFFFFFFFF:
+            raise ValueError(f"policy: a 32-bit guest policy (AMD SEV API), not {policy!r}")
+        if policy & POLICY_RESERVED_MASK:
+            raise ValueError(f"policy {policy:#x}: reserved bits {policy & POLICY_RESERVED_MASK:#x} are set")
+        for name, rate in (("dirty_rate", dirty_rate), ("convert_rate", convert_rate), ("vga_fps", vga_fps)):
+            if not rate >= 0:
+                raise ValueError(f"{name}: must be >= 0, not {rate!r}")
         if convert_rate and not sev:
             raise ValueError(
                 "convert_rate: a guest without SEV has no private pages to convert "

@@ -94,11 +94,17 @@ class MigrationResult:
 
 def with_destination_certs(params: MigrationParameters, capabilities: dict) -> MigrationParameters:
     """Fill sev-pdh/sev-plat-cert/sev-amd-cert from a destination's query-sev-capabilities."""
+    have = {"pdh": params.sev_pdh, "cert-chain": params.sev_plat_cert, "amd-cert-chain": params.sev_amd_cert}
+    missing = [k for k, v in have.items() if not v and not isinstance(capabilities.get(k), str)]
+    if missing:
+        raise ValueError(
+            f"destination capabilities lack {', '.join(missing)}: pass the destination's query-sev-capabilities"
+        )
     return dataclasses.replace(
         params,
-        sev_pdh=params.sev_pdh or capabilities["pdh"],
-        sev_plat_cert=params.sev_plat_cert or capabilities["cert-chain"],
-        sev_amd_cert=params.sev_amd_cert or capabilities["amd-cert-chain"],
+        sev_pdh=params.sev_pdh or capabilities.get("pdh", ""),
+        sev_plat_cert=params.sev_plat_cert or capabilities.get("cert-chain", ""),
+        sev_amd_cert=params.sev_amd_cert or capabilities.get("amd-cert-chain", ""),
     )
 
 

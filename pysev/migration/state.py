@@ -13,6 +13,8 @@ import enum
 import threading
 from typing import Any
 
+from pysev.migration.transport import MAX_CHANNELS
+
 
 class MigrationStatus(str, enum.Enum):
     """QEMU's MigrationStatus values that this engine enters (the string is what QMP shows), and one of
@@ -94,6 +96,19 @@ class StatusCell:
             return True
 
 
+#: (field, low, high) of the integer parameters: QEMU's ranges (migration/options.c
+#: migrate_params_check), the channels bounded by what the transport's hello carries.
+_PARAMETER_RANGES = (
+    ("downtime_limit", 0, 2_000_000),
+    ("max_bandwidth", 0, 18_446_744_073_709),
+    ("multifd_channels", 1, MAX_CHANNELS),
+    ("throttle_trigger_threshold", 1, 100),
+    ("cpu_throttle_initial", 1, 99),
+    ("cpu_throttle_increment", 1, 99),
+    ("max_cpu_throttle", 1, 99),
+)
+
+
 @dataclasses.dataclass
 class MigrationParameters:
     """QEMU's migration parameters (qapi MigrationParameters) that this engine honours."""
@@ -112,6 +127,20 @@ class MigrationParameters:
     commit_timeout: float = 60.0  # s: how long either side waits for the other's verdict
     # s: how long the source keeps delivering its decision on new connections after the first failed
     commit_resume_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        """Bad values are refused here, as QMP's migrate-set-parameters refuses them, naming the parameter."""
+        for name, low, high in _PARAMETER_RANGES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name.replace('_', '-')}: an integer from {low} to {high}, not {value!r}")
+        for name in ("commit_timeout", "commit_resume_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name.replace('_', '-')}: seconds > 0, not {value!r}")
+        for name in ("sev_pdh", "sev_plat_cert", "sev_amd_cert"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name.replace('_', '-')}: base64 text, not {getattr(self, name)!r}")
 
     def qmp(self) -> dict[str, Any]:
         out = {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
