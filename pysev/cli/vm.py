@@ -2,7 +2,9 @@
 
 Prints one JSON line to stdout once listening: ``{"qmp": ADDRESS, "incoming": URI|"defer"|null, "pid": N}``
 (the real ports when port 0 was asked for); logs go to stderr. SIGTERM, SIGINT and ``quit`` shut it down
-cleanly (SHUTDOWN event, guest destroyed, exit status 0).
+cleanly (SHUTDOWN event, guest destroyed, exit status 0). ``--object`` creates objects as QEMU's
+``-object`` does (TLS credentials and authz for TLS migration, named by the migration parameters
+``tls-creds`` and ``tls-authz``); a bad one ends with one line that names it and exit status 2.
 """
 
 from __future__ import annotations
@@ -35,18 +37,39 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="tcp:HOST:PORT|defer",
         help="wait for an incoming migration (listen now, or after migrate-incoming with 'defer')",
     )
+    p.add_argument(
+        "--object",
+        action="append",
+        default=[],
+        metavar="TYPE,id=ID,...",
+        help="create an object as QEMU's -object does: tls-creds-x509,id=ID,dir=DIR,endpoint=client|server"
+        "[,verify-peer=on|off] or authz-simple,id=ID,identity=DN (repeatable; named by the migration "
+        "parameters tls-creds and tls-authz)",
+    )
     add_guest_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pysev.hv.machine import DEFAULT_POLICY
+    from pysev.qmp.commands import QmpError
+    from pysev.qmp.objects import UserObjects, parse_object_option
     from pysev.qmp.vmm import Vmm
 
     incoming = args.incoming
     if incoming is not None and incoming != "defer" and not incoming.startswith("tcp:"):
         print(f"pysev vm: --incoming takes tcp:HOST:PORT or defer, not {incoming!r}", file=sys.stderr)
         return 2
+    objects = UserObjects()
+    for option in args.object:
+        try:
+            objects.add(parse_object_option(option))
+        except ValueError as err:
+            print(f"pysev vm: --object {option}: {err}", file=sys.stderr)
+            return 2
+        except QmpError as err:
+            print(f"pysev vm: --object {option}: {err.desc}", file=sys.stderr)
+            return 2
     try:
         vmm = Vmm(
             parse_size(args.memory),
@@ -58,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
             convert_rate=convert_rate_of(args),
             vga_fps=args.vga_fps,
             seed=args.seed,
+            objects=objects,
         )
         addresses = vmm.start(args.qmp)
     except (OSError, ValueError, RuntimeError) as err:

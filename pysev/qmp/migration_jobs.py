@@ -15,8 +15,10 @@ from typing import Any
 from pysev.hv.machine import VirtualMachine
 from pysev.migration import MigrationCapabilities, MigrationParameters
 from pysev.migration.outgoing import OutgoingMigration
-from pysev.migration.transport import MAX_CHANNELS, parse_tcp, tcp_connect, tcp_resume
+from pysev.migration.tls import AuthzSimple, TlsCredsX509, TlsError
+from pysev.migration.transport import MAX_CHANNELS, Connection, parse_tcp, tcp_connect, tcp_resume
 from pysev.qmp.commands import generic_error
+from pysev.qmp.objects import UserObjects
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ PARAM_SCHEMA: dict[str, tuple[Any, bool]] = {
     "sev-pdh": ("strornull", False),
     "sev-plat-cert": ("strornull", False),
     "sev-amd-cert": ("strornull", False),
-    # libvirt resets these to "" on every migration; TLS itself is not offered (see _set_parameters).
+    # Names of objects (object-add / -object); "" or null: no TLS (see TlsParameters).
     "tls-creds": ("strornull", False),
     "tls-hostname": ("strornull", False),
     "tls-authz": ("strornull", False),
@@ -90,6 +92,54 @@ LIVE_PARAMS = (
 )
 
 
+@dataclasses.dataclass
+class TlsParameters:
+    """The migration parameters ``tls-creds`` (a tls-creds-x509 object: TLS on every connection),
+    ``tls-hostname`` (source: the name the destination's certificate must match; default: the host of
+    the URI) and ``tls-authz`` (destination: an authz object the client certificate's distinguished name
+    must satisfy). "" means unset, as QEMU shows it."""
+
+    creds: str = ""
+    hostname: str = ""
+    authz: str = ""
+
+    def qmp(self) -> dict[str, str]:
+        return {"tls-creds": self.creds, "tls-hostname": self.hostname, "tls-authz": self.authz}
+
+    def updated(self, args: dict[str, Any], objects: UserObjects) -> TlsParameters:
+        """The parameters after migrate-set-parameters ``args`` (null resets); the objects must exist."""
+        new = dataclasses.replace(
+            self,
+            creds=args.get("tls-creds", self.creds) or "",
+            hostname=args.get("tls-hostname", self.hostname) or "",
+            authz=args.get("tls-authz", self.authz) or "",
+        )
+        if new.creds:
+            objects.tls_creds(new.creds)
+        if new.authz:
+            objects.authz(new.authz)
+        return new
+
+    def client(self, objects: UserObjects, uri: str) -> TlsCredsX509 | None:
+        """The source's credentials for ``migrate`` to ``uri`` (None: no TLS); QEMU's errors."""
+        if not self.creds:
+            return None
+        creds = objects.tls_creds(self.creds)
+        try:
+            creds.check_endpoint("client")
+        except TlsError as err:
+            raise generic_error(str(err)) from None
+        if not self.hostname and uri[4:].startswith(":"):  # tcp::PORT names no host
+            raise generic_error("No hostname available for TLS")
+        return creds
+
+    def server(self, objects: UserObjects) -> tuple[TlsCredsX509 | None, AuthzSimple | None]:
+        """The destination's credentials and authz object (QEMU ignores tls-authz without TLS)."""
+        if not self.creds:
+            return None, None
+        return objects.tls_creds(self.creds), objects.authz(self.authz) if self.authz else None
+
+
 class OutgoingJob:
     """One ``migrate``: connecting, then the engine's ``OutgoingMigration`` on a thread of its own."""
 
@@ -100,12 +150,17 @@ class OutgoingJob:
         uri: str,
         params: MigrationParameters,
         caps: MigrationCapabilities,
+        *,
+        tls: TlsCredsX509 | None = None,
+        tls_hostname: str | None = None,
     ) -> None:
         self.vm = vm
         self._emit = emit
         self.uri = uri
         self.params = params
         self.caps = caps
+        self.tls = tls
+        self.tls_hostname = tls_hostname
         self.migration: OutgoingMigration | None = None
         self._status = "setup"  # until the engine takes over
         self._error_desc: str | None = None
@@ -156,7 +211,7 @@ class OutgoingJob:
         self._event("setup")
         channels = self.params.multifd_channels if self.caps.multifd else 0
         try:
-            conns = tcp_connect(self.uri, channels)
+            conns = tcp_connect(self.uri, channels, tls=self.tls, tls_hostname=self.tls_hostname)
         except (OSError, ValueError) as err:
             log.warning("migration to %s: %s", self.uri, err)
             if self._cancelled:
@@ -170,7 +225,7 @@ class OutgoingJob:
             self.params,
             self.caps,
             on_event=self._engine_event,
-            resume_connect=functools.partial(tcp_resume, self.uri),
+            resume_connect=self.resume_connect(self.uri),
         )
         with self._lock:
             self.migration = m
@@ -181,6 +236,10 @@ class OutgoingJob:
         log.info(
             "outgoing migration to %s: %s%s", self.uri, m.status.value, f" ({m.error_desc})" if m.error_desc else ""
         )
+
+    def resume_connect(self, uri: str) -> Callable[[bytes], Connection]:
+        """Resume connections to ``uri``, in TLS when this migration is (QMP ``migrate resume=true``)."""
+        return functools.partial(tcp_resume, uri, tls=self.tls, tls_hostname=self.tls_hostname)
 
     def _engine_event(self, name: str, data: dict) -> None:
         # The engine announces "setup" again when it starts; the client has seen it already.

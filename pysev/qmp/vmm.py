@@ -10,13 +10,14 @@ waiting in ``inmigrate`` with a fresh, empty guest, still listening, and ready f
 
 Commands, argument schemas, error classes and messages follow QEMU where QEMU has them; the extension
 ``x-guest-digest`` (and ``x-guest-digest`` in query-migrate, taken at switchover) lets a client verify
-that the destination's plaintext equals the source's, through the firmware's debug path.
+that the destination's plaintext equals the source's, through the firmware's debug path. TLS migration
+is QEMU's: ``object-add`` a ``tls-creds-x509`` (and an ``authz-simple``), then the migration parameters
+``tls-creds``, ``tls-hostname``, ``tls-authz`` (``pysev.qmp.objects``, ``pysev.migration.tls``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import threading
 import time
@@ -30,7 +31,8 @@ from pysev.migration import MigrationCapabilities, MigrationParameters, Migratio
 from pysev.migration.incoming import IncomingMigration, serve_unknown_resume
 from pysev.migration.outgoing import OutgoingMigration
 from pysev.migration.sev_ops import MigrationError
-from pysev.migration.transport import Connection, TcpListener, parse_tcp, tcp_resume
+from pysev.migration.tls import TlsError
+from pysev.migration.transport import Connection, TcpListener, parse_tcp
 from pysev.qmp.commands import ArgEnum, CommandTable, Session, generic_error
 from pysev.qmp.framing import DEFAULT_MAX_MESSAGE
 from pysev.qmp.migration_jobs import (
@@ -41,8 +43,11 @@ from pysev.qmp.migration_jobs import (
     QEMU_CAPABILITIES,
     SUPPORTED_CAPABILITIES,
     OutgoingJob,
+    TlsParameters,
     uri_from,
 )
+from pysev.qmp.objects import UserObjects
+from pysev.qmp.objects import register_commands as register_object_commands
 from pysev.qmp.server import QmpServer
 
 __all__ = ["Vmm", "HOST_OVERHEAD"]
@@ -82,6 +87,7 @@ class Vmm:
         name: str = "pysev-vm",
         host_memory: int | None = None,
         max_message: int | None = None,
+        objects: UserObjects | None = None,
     ) -> None:
         if incoming is not None and incoming != "defer":
             parse_tcp(incoming)  # ValueError names the problem
@@ -98,6 +104,8 @@ class Vmm:
         )
         self.params = MigrationParameters()
         self.caps = MigrationCapabilities()
+        self.objects = objects or UserObjects()  # -object / object-add: TLS credentials, authz
+        self.tls = TlsParameters()
         self._lock = threading.RLock()
         self._closing = False
         self._shutdown_requested = threading.Event()
@@ -194,8 +202,9 @@ class Vmm:
     # -- incoming -------------------------------------------------------------------------------------
     def _listen(self, uri: str) -> None:
         try:
-            listener = TcpListener(uri)
-        except ValueError as err:
+            tls, authz = self.tls.server(self.objects)
+            listener = TcpListener(uri, tls=tls, tls_authz=authz)
+        except ValueError as err:  # incl. TlsError
             raise generic_error(str(err)) from None
         except OSError as err:
             raise generic_error(f"Failed to bind socket for '{uri}': {err.strerror or err}") from None
@@ -206,7 +215,13 @@ class Vmm:
         t = threading.Thread(target=self._accept_loop, args=(listener,), name="migration-incoming", daemon=True)
         self._incoming_threads = [x for x in self._incoming_threads if x.is_alive()] + [t]
         t.start()
-        log.info("waiting for an incoming migration on %s", listener.uri)
+        log.info("waiting for an incoming migration on %s%s", listener.uri, " (TLS)" if tls else "")
+
+    def _waiting_listener(self) -> TcpListener | None:
+        """The listener while it waits for a migration (its TLS follows the parameters until one arrives)."""
+        with self._lock:
+            waiting = self._incoming_status in ("setup", "failed")
+            return self._listener if waiting else None
 
     def _close_listener(self) -> None:
         with self._lock:
@@ -343,6 +358,7 @@ class Vmm:
         reg("migrate_cancel", self.cmd_migrate_cancel)
         reg("query-migrate", self.cmd_query_migrate)
         reg("x-guest-digest", self.cmd_x_guest_digest)
+        register_object_commands(t, self.objects, self._objects_in_use)
         reg(
             "x-resolve-migration",
             self.cmd_x_resolve_migration,
@@ -448,16 +464,19 @@ class Vmm:
                 if not lo <= value <= hi:
                     raise generic_error(f"Parameter '{name.replace('-', '_')}' expects {words}")
             elif name.startswith("tls-"):
-                if value:
-                    raise generic_error(
-                        f"Parameter '{name}': TLS is not supported by pysev (private pages travel "
-                        "encrypted and authenticated by the SEV transport keys)"
-                    )
-                continue
+                continue  # TlsParameters
             elif name.startswith("sev-"):
                 value = value or ""  # StrOrNull: null resets
             updates[name.replace("-", "_")] = value
         with self._lock:
+            tls = self.tls.updated(args, self.objects)
+            listener = self._waiting_listener()
+            if listener is not None and tls != self.tls:
+                try:  # a destination waiting for its migration takes TLS from the next connection on
+                    listener.set_tls(*tls.server(self.objects))
+                except TlsError as err:
+                    raise generic_error(str(err)) from None
+            self.tls = tls
             self.params = dataclasses.replace(self.params, **updates)
             job = self._outgoing
             if job is not None and job.in_progress:
@@ -466,7 +485,7 @@ class Vmm:
                         setattr(job.params, field, updates[field])
 
     def cmd_query_migrate_parameters(self, args: dict, session: Session) -> dict:
-        return {**self.params.qmp(), "tls-creds": "", "tls-hostname": "", "tls-authz": ""}
+        return {**self.params.qmp(), **self.tls.qmp()}
 
     def cmd_migrate_set_capabilities(self, args: dict, session: Session) -> None:
         with self._lock:
@@ -510,7 +529,15 @@ class Vmm:
                     f"The guest cannot be migrated in state '{state.value}'"
                     + (" (it has migrated away: SEND_FINISH)" if state == RunState.POSTMIGRATE else "")
                 )
-            job = OutgoingJob(self.vm, self.emit, uri, dataclasses.replace(self.params), dataclasses.replace(self.caps))
+            job = OutgoingJob(
+                self.vm,
+                self.emit,
+                uri,
+                dataclasses.replace(self.params),
+                dataclasses.replace(self.caps),
+                tls=self.tls.client(self.objects, uri),
+                tls_hostname=self.tls.hostname or None,
+            )
             self._outgoing = job
             job.thread.start()
         log.info("migration to %s started", uri)
@@ -520,10 +547,10 @@ class Vmm:
         post-copy migration the same way; here it is the commit decision that waits)."""
         job = self._outgoing
         m = job.migration if job is not None else None
-        if m is None or m.status != MigrationStatus.COMMIT_PENDING:
+        if job is None or m is None or m.status != MigrationStatus.COMMIT_PENDING:
             raise generic_error("Cannot resume if there is no paused migration")
         thread = threading.Thread(
-            target=self._redeliver, args=(m, functools.partial(tcp_resume, uri)), name="migration-resume", daemon=True
+            target=self._redeliver, args=(m, job.resume_connect(uri)), name="migration-resume", daemon=True
         )
         thread.start()
 
@@ -587,6 +614,16 @@ class Vmm:
             info["socket-address"] = [{"type": "inet", "host": str(listener.host), "port": str(listener.port)}]
         if error:
             info["error-desc"] = error
+        if incoming is not None:  # pages applied: RECEIVE_UPDATE_DATA accepted / written in the clear
+            info["sev"] = {"pages-encrypted": incoming.pages_private, "pages-shared": incoming.pages_shared}
         if status == "completed" and incoming is not None and incoming.guest_digest:
             info["x-guest-digest"] = incoming.guest_digest
         return info
+
+    def _objects_in_use(self) -> set[str]:
+        """What object-del must not delete: objects the parameters name, the listener or a migration holds."""
+        with self._lock:
+            listener, job = self._listener, self._outgoing
+            held = [listener.tls, listener.tls_authz] if listener is not None else []
+            held += [job.tls] if job is not None and job.in_progress else []
+            return {self.tls.creds, self.tls.authz} | {obj.id for obj in held if obj is not None}
