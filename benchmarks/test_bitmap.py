@@ -1,7 +1,9 @@
 """Bitmap kernels on a 64 GiB guest: 16 Mi pages = 262 144 uint64 words (docs/performance.md).
 
-Run: python -m pytest benchmarks/test_bitmap.py --benchmark-enable
-The limits are ratios against numpy measured in the same run, plus the issue's absolute ceiling.
+Run: pytest benchmarks/test_bitmap.py --benchmark-enable
+The limits are ratios against numpy measured in the same run, plus the issue's absolute ceiling. Each
+native benchmark keeps its speedup over the numpy twin, measured beside it, in ``extra_info`` for the
+regression gate (``benchmarks/compare.py``).
 """
 
 import time
@@ -11,6 +13,7 @@ import pytest
 
 import csev._bitmap as native
 import csev._fallback_bitmap as twin
+from pysev import benchmarking
 
 NPAGES = 1 << 24
 DENSITIES = [pytest.param(0.01, id="1%"), pytest.param(0.5, id="50%")]
@@ -40,10 +43,18 @@ def _best(fn, *args, repeat: int = 7) -> float:
     return best
 
 
+def _gate(benchmark, native_fn, numpy_fn, *, repeats: int, calls: int = 1, setup=None) -> None:
+    """Keep the speedup over the numpy twin, the two timed in turn now, for the regression gate."""
+    ours, theirs = benchmarking.interleaved_best([native_fn, numpy_fn], repeats, calls=calls, setup=setup)
+    benchmark.extra_info.update(native_seconds=ours, numpy_seconds=theirs, speedup_vs_numpy=theirs / ours)
+    benchmark.extra_info["gate"] = {"speedup_vs_numpy": "higher"}
+
+
 @pytest.mark.benchmark(group="extract")
 def test_extract_native(benchmark, words):
     out = benchmark(native.bitmap_extract, words)
     assert out.size == native.bitmap_count(words)
+    _gate(benchmark, lambda: native.bitmap_extract(words), lambda: numpy_extract(words), repeats=7)
 
 
 @pytest.mark.benchmark(group="extract")
@@ -61,12 +72,16 @@ def test_sync(benchmark, words, impl):
         return (words.copy(), dest.copy()), {}
 
     benchmark.pedantic(impl.bitmap_sync, setup=fresh, rounds=30)
+    if impl is native:
+        _gate(benchmark, native.bitmap_sync, twin.bitmap_sync, repeats=30, setup=lambda: fresh()[0])
 
 
 @pytest.mark.benchmark(group="count")
 @pytest.mark.parametrize("impl", [native, twin], ids=["native", "numpy"])
 def test_count(benchmark, words, impl):
     assert benchmark(impl.bitmap_count, words) == int(np.bitwise_count(words).sum())
+    if impl is native:
+        _gate(benchmark, lambda: native.bitmap_count(words), lambda: twin.bitmap_count(words), repeats=300)
 
 
 @pytest.mark.benchmark(group="find-next")
@@ -76,6 +91,14 @@ def test_find_next(benchmark, words, impl):
     got = benchmark(impl.bitmap_find_next, words, start, NPAGES)
     pages = numpy_extract(words)
     assert got == pages[np.searchsorted(pages, start)]
+    if impl is native:
+        _gate(
+            benchmark,
+            lambda: native.bitmap_find_next(words, start, NPAGES),
+            lambda: twin.bitmap_find_next(words, start, NPAGES),
+            repeats=50,
+            calls=100,
+        )
 
 
 def test_extract_target():

@@ -18,7 +18,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypedDict
 
 import numpy as np
@@ -40,6 +40,47 @@ TARGETS = {
 }
 
 
+#: Every key of ``measure_kernels()``, i.e. of ``pysev bench kernels --json``: the machine and the limit
+#: (``backend`` … ``hmac_mbps``), the pipelines (MB/s), the ratios the targets apply to, the plain-Python
+#: baseline, bitmap extraction, and the targets with their verdicts (``pass``: figure -> bool).
+RESULT_KEYS = (
+    "backend",
+    "threads",
+    "mib",
+    "openssl_version",
+    "limit_mbps",
+    "limit_source",
+    "xts_mbps",
+    "ctr_mbps",
+    "hmac_mbps",
+    "send_mbps_1t",
+    "recv_mbps_1t",
+    "send_mbps_nt",
+    "recv_mbps_nt",
+    "ratio_send_1t",
+    "ratio_recv_1t",
+    "scaling_send",
+    "scaling_recv",
+    "python_baseline_mbps",
+    "speedup_vs_python",
+    "extract_ms",
+    "numpy_extract_ms",
+    "extract_speedup",
+    "targets",
+    "pass",
+)
+
+
+def fallback_reason() -> str:
+    """Why some csev kernels run their plain-Python twins ("" when all are native). Figures measured on
+    the twins are not the kernels' figures: benchmarks refuse them (``benchmarks/conftest.py``)."""
+    if csev.BACKEND == "python" or csev.bitmap_extract.__module__ == "csev._fallback_bitmap":
+        from csev import _dispatch
+
+        return f"{_dispatch.FALLBACK_REASON or 'plain-Python kernels'} (csev from {os.path.dirname(csev.__file__)})"
+    return ""
+
+
 def best_of(fn: Callable[[], object], repeats: int) -> float:
     """Shortest wall time of ``repeats`` calls (the machine is a noisy shared VM)."""
     best = float("inf")
@@ -47,6 +88,27 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def interleaved_best(
+    fns: Sequence[Callable[..., object]],
+    repeats: int,
+    *,
+    calls: int = 1,
+    setup: Callable[[], tuple] | None = None,
+) -> list[float]:
+    """Shortest time per call of each of ``fns``, called in turn ``repeats`` times (``calls`` calls per
+    timing, for calls too short for the clock; ``setup()`` gives each call's arguments, untimed). Taking
+    turns puts the machine's load on every function alike, so their ratios hold when the load moves."""
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            args = setup() if setup else ()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn(*args)
+            best[i] = min(best[i], (time.perf_counter() - t0) / calls)
     return best
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 
 import pytest
 
-from pysev.cli import main
+from pysev.cli import installation, main, python_command
 
 
 def _run(capsys, *argv) -> tuple[int, dict]:
@@ -74,7 +75,7 @@ def test_cli_migrate_default_guest_is_running_a_workload_and_nothing_keeps_runni
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--memory", "12Q"], "not a size: '12Q'"),
+        (["--memory", "12Q"], "argument --memory: not a size: '12Q'"),
         (["--no-sev", "--convert-rate", "3"], "a guest without SEV has no private pages to convert"),
     ],
 )
@@ -83,3 +84,27 @@ def test_cli_migrate_bad_input_is_one_clear_line(capsys, argv, message):
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("pysev migrate: error: ") and message in err and "Traceback" not in err
+
+
+@pytest.fixture
+def source_tree_trap(tmp_path, monkeypatch):
+    """A working directory like an unbuilt checkout: ``pysev`` and ``csev`` packages there fail on import."""
+    for name in ("pysev", "csev"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('imported the working directory's {name}')\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_child_process_imports_this_installation_not_the_working_directory(source_tree_trap):
+    code = "import json, csev, pysev\nprint(json.dumps([pysev.__file__, csev.__file__, csev.BACKEND]))\n"
+    res = subprocess.run(python_command(code), capture_output=True, text=True, timeout=120, check=True)
+    where = installation()
+    assert json.loads(res.stdout) == [where["pysev"], where["csev"], where["backend"]]
+
+
+def test_cli_tcp_destination_runs_this_installation_from_a_source_tree(capsys, source_tree_trap):
+    """``--transport tcp`` started in a source tree: the destination process imports the installed pysev
+    and csev (the same kernels as the source), not the tree's unbuilt ones."""
+    rc, s = _run(capsys, "--transport", "tcp", "--dirty-rate", "0", "--vga-fps", "0", "--convert-rate", "0")
+    assert rc == 0 and s["status"] == "completed" and s["verified"] is True, s

@@ -1,13 +1,15 @@
 """``pysev bench kernels``: measure the csev kernels against this machine's limits.
 
-Prints one table (figure, target, PASS/FAIL) or, with ``--json``, one JSON object. It is a
-measurement, so the exit code is 0 whatever the verdicts; FAIL rows are marked.
+Prints one table (figure, target, PASS/FAIL) or, with ``--json``, one JSON object (keys:
+``pysev.benchmarking.RESULT_KEYS``). Exit status 0 when every target is met, 1 when one is not (the
+figures below target are named on stderr), so a CI job can gate on it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from rich.console import Console
 from rich.table import Table
@@ -52,7 +54,7 @@ def run_kernels(args: argparse.Namespace) -> int:
     if args.json:
         result = benchmarking.measure_kernels(mib=args.mib, seconds=args.seconds)
         print(json.dumps(result, indent=2, sort_keys=True))
-        return 0
+        return _exit_status(result)
     with console.status("measuring kernels (openssl speed, pipelines, Python baseline) …"):
         result = benchmarking.measure_kernels(mib=args.mib, seconds=args.seconds)
     verdicts = benchmarking.verdicts(result)
@@ -72,4 +74,19 @@ def run_kernels(args: argparse.Namespace) -> int:
         table.add_row(label, f"{value:,.2f} {unit}".rstrip(), target, verdict)
     console.print(table)
     console.print(f"limit from {result['limit_source']}")
-    return 0
+    return _exit_status(result)
+
+
+def _exit_status(result: dict) -> int:
+    """1 (and one line on stderr naming them) when figures miss their targets, else 0."""
+    failed = [name for name, ok in benchmarking.verdicts(result).items() if not ok]
+    if not failed:
+        return 0
+    figures = ", ".join(
+        f"{name} {result[name]:.3g} (target {'<=' if name == 'extract_ms' else '>='} {benchmarking.TARGETS[name]:g})"
+        for name in failed
+    )
+    fallback = benchmarking.fallback_reason()
+    why = f"; csev runs the plain-Python kernels: {fallback}" if fallback else ""
+    print(f"pysev bench: below target: {figures}{why}", file=sys.stderr)
+    return 1

@@ -4,6 +4,7 @@ with a progress bar per pass and a summary (or one JSON object with QEMU's query
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -12,7 +13,21 @@ import sys
 import tempfile
 import time
 
-from pysev.cli.units import add_guest_arguments, convert_rate_of, parse_size
+from pysev.cli import child_command, installation
+from pysev.cli.units import (
+    add_guest_arguments,
+    bounded_int,
+    check_guest_arguments,
+    convert_rate_of,
+    format_size,
+    host_ram,
+    option_error,
+    parse_memory,
+    parse_size,
+    writable_file,
+)
+from pysev.migration.transport import MAX_CHANNELS
+from pysev.qmp.migration_jobs import PARAM_RANGES
 
 log = logging.getLogger(__name__)
 
@@ -21,35 +36,94 @@ DEFAULT_MEMORY = "1G"
 # benchmark uses), redraws its framebuffer and flips DMA bounce buffers between private and shared, so
 # the summary shows dirty pages re-sent, shared pages in the clear and state changes tracked.
 DEFAULT_DIRTY_RATE, DEFAULT_VGA_FPS, DEFAULT_CONVERT_RATE = "100M", 30.0, 20.0
+#: DRAM a simulated host has besides its guest (firmware and KVM buffers, VMSA pages).
+HOST_OVERHEAD = 512 << 20
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "migrate", help="live-migrate a running SEV guest between two simulated hosts", description=__doc__
     )
-    p.add_argument("--memory", default=DEFAULT_MEMORY, help="guest RAM size (K/M/G suffix; default 1G)")
+    p.add_argument(
+        "--memory", type=parse_memory, default=DEFAULT_MEMORY, help="guest RAM size (K/M/G suffix; default 1G)"
+    )
     add_guest_arguments(p, dirty_rate=DEFAULT_DIRTY_RATE, vga_fps=DEFAULT_VGA_FPS, convert_rate=DEFAULT_CONVERT_RATE)
     p.add_argument(
-        "--transport", default="inproc", help="inproc (default), tcp (a second process over loopback) or file:PATH"
+        "--transport",
+        type=parse_transport,
+        default="inproc",
+        help="inproc (default), tcp (a second process over loopback) or file:PATH",
     )
-    p.add_argument("--channels", type=int, default=0, help="parallel page channels for encrypted pages")
-    p.add_argument("--downtime-limit", type=int, default=300, help="ms (QEMU default 300)")
-    p.add_argument("--max-bandwidth", default="0", help="bytes/s (K/M/G); 0 = unlimited (default)")
+    p.add_argument(
+        "--channels",
+        type=bounded_int(0, MAX_CHANNELS, " (the transport's MAX_CHANNELS)"),
+        default=0,
+        help=f"parallel page channels for encrypted pages (0..{MAX_CHANNELS})",
+    )
+    low, high, _ = PARAM_RANGES["downtime-limit"]
+    p.add_argument("--downtime-limit", type=bounded_int(low, high, " ms"), default=300, help="ms (QEMU default 300)")
+    p.add_argument(
+        "--max-bandwidth", type=parse_bandwidth, default="0", help="bytes/s (K/M/G); 0 = unlimited (default)"
+    )
     p.add_argument("--auto-converge", action="store_true", help="throttle the vCPUs as QEMU's auto-converge")
     p.add_argument("--no-verify", action="store_true", help="skip the plaintext comparison after migration")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--plot", metavar="FILE", help="PNG with dirty pages and throughput per pass")
-    p.add_argument("--save-stream", metavar="FILE", help="keep a copy of the migration stream")
+    p.add_argument("--plot", metavar="FILE", type=writable_file, help="PNG with dirty pages and throughput per pass")
+    p.add_argument("--save-stream", metavar="FILE", type=writable_file, help="keep a copy of the migration stream")
     p.add_argument("--serve", metavar="URI", help=argparse.SUPPRESS)  # the destination process of --transport tcp
     p.set_defaults(func=run)
 
 
+def parse_transport(text: str) -> str:
+    """inproc, tcp or file:PATH (PATH checked writable now; empty: a file in the temporary directory)."""
+    if text in ("inproc", "tcp"):
+        return text
+    if text.startswith("file:"):
+        return "file:" + writable_file(text[5:] or os.path.join(tempfile.gettempdir(), "pysev-guest.mig"))
+    raise argparse.ArgumentTypeError(f"{text!r} is not inproc, tcp or file:PATH")
+
+
+def parse_bandwidth(text: str) -> int:
+    value = parse_size(text)
+    _, high, _ = PARAM_RANGES["max-bandwidth"]
+    if value > high:
+        raise argparse.ArgumentTypeError(f"{text} exceeds {high} bytes/s (QEMU's max-bandwidth)")
+    return value
+
+
 def _hosts_size(memory: int) -> int:
-    return memory + (512 << 20)
+    return memory + HOST_OVERHEAD
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """What argument parsing cannot see: options against each other and against this machine."""
+    check_guest_arguments(args)
+    hosts = 1 if args.serve else 2  # both hosts run on this machine, whatever the transport
+    need, have = hosts * _hosts_size(args.memory), host_ram()
+    if need > have:
+        raise option_error(
+            "--memory",
+            f"a {format_size(args.memory)} guest needs {format_size(need)} of RAM for {hosts} simulated "
+            f"host{'s' * (hosts > 1)} (guest + {format_size(HOST_OVERHEAD)} each); "
+            f"this machine has {format_size(have)}",
+        )
+    if args.transport.startswith("file:"):
+        for option, given in (("--channels", args.channels), ("--save-stream", args.save_stream)):
+            if given:
+                raise option_error(option, "a file migration writes one stream, into the file:PATH itself")
+        if args.auto_converge:
+            raise option_error("--auto-converge", "a file migration takes no capabilities (use inproc or tcp)")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise option_error("--plot", "needs matplotlib: pip install 'pysev[plot]'")
+
+
+class _DestinationError(Exception):
+    """The destination process could not be started or is not this installation."""
 
 
 def run(args: argparse.Namespace) -> int:
-    memory = parse_size(args.memory)
+    check_arguments(args)
+    memory = args.memory
     if args.serve:
         return _serve(args, memory)
     from pysev.cli.report import MigrationView
@@ -57,19 +131,20 @@ def run(args: argparse.Namespace) -> int:
     from pysev.migration import MigrationCapabilities, MigrationParameters
 
     policy = DEFAULT_POLICY if args.policy is None else args.policy
-    params = MigrationParameters(
-        downtime_limit=args.downtime_limit, max_bandwidth=parse_size(args.max_bandwidth), multifd_channels=args.channels
-    )
+    # multifd-channels counts the channels when the multifd capability is on (1..MAX_CHANNELS); 0 channels
+    # is the capability off, and the parameter keeps its default.
+    channels = {"multifd_channels": args.channels} if args.channels else {}
+    params = MigrationParameters(downtime_limit=args.downtime_limit, max_bandwidth=args.max_bandwidth, **channels)
     caps = MigrationCapabilities(auto_converge=args.auto_converge, multifd=args.channels > 0)
     view = MigrationView(quiet=args.json)
-    with view.status(f"booting two hosts and a {args.memory} guest"):
+    with view.status(f"booting two hosts and a {format_size(memory)} guest"):
         source_host = Host("source", _hosts_size(memory), seed=1)
         vm = VirtualMachine(
             source_host,
             memory,
             sev=not args.no_sev,
             policy=policy,
-            dirty_rate=parse_size(args.dirty_rate),
+            dirty_rate=args.dirty_rate,
             workload=args.workload,
             convert_rate=convert_rate_of(args),
             vga_fps=args.vga_fps,
@@ -101,12 +176,13 @@ def run(args: argparse.Namespace) -> int:
                 result.info, result.passes, result.verified if verify else None, result.destination_status
             )
         elif args.transport == "tcp":
-            summary = _run_tcp(args, vm, memory, policy, params, caps, view, verify)
-        elif args.transport.startswith("file:"):
-            summary = _run_file(args, vm, memory, policy, params, view, verify, vms)
+            try:
+                summary = _run_tcp(args, vm, memory, policy, params, caps, view, verify)
+            except _DestinationError as err:
+                print(f"pysev migrate: error: {err}", file=sys.stderr)
+                return 1
         else:
-            print(f"pysev migrate: unknown transport {args.transport!r} (inproc, tcp, file:PATH)", file=sys.stderr)
-            return 2
+            summary = _run_file(args, vm, memory, params, view, verify, vms)
         summary["wall-seconds"] = round(time.monotonic() - start, 3)
         if args.plot:
             from pysev.cli.report import plot_passes
@@ -139,31 +215,27 @@ def _summary(info: dict, passes: list[dict], verified: bool | None, dest: dict) 
 
 
 def _run_tcp(args, vm, memory, policy, params, caps, view, verify) -> dict:
-    """Destination in a second process over loopback: it prints its capabilities, we migrate to it."""
+    """Destination in a second process over loopback: it prints its capabilities, we migrate to it. The
+    child runs this installation of pysev and csev wherever it is started (``child_command``), and its
+    hello says so: a destination on other kernels would measure, and verify, something else."""
     from pysev.migration import migrate_tcp
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "pysev.cli",
-        "migrate",
-        "--serve",
-        "tcp:127.0.0.1:0",
-        "--memory",
-        args.memory,
-        "--policy",
-        hex(policy),
-    ]
+    argv = ["migrate", "--serve", "tcp:127.0.0.1:0", "--memory", str(memory), "--policy", hex(policy)]
     if args.no_sev:
-        cmd.append("--no-sev")
+        argv.append("--no-sev")
     if args.no_verify:
-        cmd.append("--no-verify")
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        argv.append("--no-verify")
+    child = subprocess.Popen(child_command(*argv), stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None  # stdout=PIPE
     try:
         hello = json.loads(child.stdout.readline() or "{}")
         if "uri" not in hello:
-            raise RuntimeError("the destination process did not start")
+            raise _DestinationError(f"the destination process did not start (exit status {child.wait(timeout=60)})")
+        if hello.get("installation") != installation():
+            child.kill()
+            raise _DestinationError(
+                f"the destination process runs {hello.get('installation')}, not this process's {installation()}"
+            )
         with view.progress() as progress:
             outgoing = migrate_tcp(
                 vm,
@@ -195,7 +267,8 @@ def _serve(args, memory) -> int:
     host = Host("destination", _hosts_size(memory), seed=2)
     dest = VirtualMachine(host, memory, sev=not args.no_sev, policy=args.policy or 0, incoming=True)
     listener = TcpListener(args.serve)
-    print(json.dumps({"uri": listener.uri, "capabilities": host.sev_capabilities()}), flush=True)
+    hello = {"uri": listener.uri, "capabilities": host.sev_capabilities(), "installation": installation()}
+    print(json.dumps(hello), flush=True)
     incoming = receive_tcp(listener, dest, verify=not args.no_verify)
     listener.close()
     print(
@@ -213,12 +286,12 @@ def _serve(args, memory) -> int:
     return 0 if incoming.status == "completed" else 1
 
 
-def _run_file(args, vm, memory, policy, params, view, verify, vms: list) -> dict:
+def _run_file(args, vm, memory, params, view, verify, vms: list) -> dict:
     """Save the guest into a file, then restore it on the second host (the file is sealed for it)."""
     from pysev.hv.machine import Host
     from pysev.migration import restore_from_file, save_to_file, with_destination_certs
 
-    path = args.transport[5:] or os.path.join(tempfile.gettempdir(), "pysev-guest.mig")
+    path = args.transport[5:]  # parse_transport filled in a default and checked it
     dest_host = Host("destination", _hosts_size(memory), seed=2)
     params = with_destination_certs(params, dest_host.sev_capabilities())
     with view.progress() as progress:
