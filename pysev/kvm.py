@@ -241,11 +241,67 @@ class _IoctlError(Exception):
 
 
 class KvmHost:
-    """The host kernel's SEV side: one per platform, owning the ASID allocator (``sev_asid_bitmap``)."""
+    """The host kernel's SEV side: one per platform, owning the ASID allocator (``sev_asid_bitmap``).
+
+    As Linux: the PSP driver INITs the platform (with a 1 MiB SEV-ES TMR) and then flushes (WBINVD on all
+    CPUs, DF_FLUSH), because INIT leaves every ASID dirty (``drivers/crypto/ccp/sev-dev.c``
+    ``__sev_platform_init_locked``); SEV-ES guests take ASIDs 1..min_sev_asid-1 and SEV guests
+    min_sev_asid..max_asid (``arch/x86/kvm/svm/sev.c`` ``sev_asid_new``); a freed ASID waits in the
+    reclaim set until the allocator runs out and flushes them all (``__sev_recycle_asids``,
+    ``sev_flush_asids``).
+    """
 
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
         self.asids_in_use: set[int] = set()
+        self.asids_reclaim: set[int] = set()
+        self._bitmap_lock = threading.Lock()  # sev_bitmap_lock
+        self._deactivate_lock = threading.Lock()  # sev_deactivate_lock (taken for write by the flush)
+        self.platform_init()
+
+    def platform_init(self) -> None:
+        """``__sev_platform_init_locked``: INIT with SEV-ES and a TMR if the platform is UNINIT, then flush."""
+        p = self.platform
+        if p.state == abi.PlatformState.UNINIT:
+            status = p.issue(abi.Cmd.INIT, self._init_buf())
+            if status != SevStatus.SUCCESS:
+                raise KvmError("SEV INIT", errno.EIO, int(status))
+        self.flush_asids()
+
+    def _init_buf(self) -> abi.InitBuf:
+        # sev_es_tmr: 1 MiB, 1 MiB-aligned, owned by the firmware from INIT on (never freed here).
+        raw = self.platform.dram.alloc_kernel(2 * abi.SEV_ES_TMR_SIZE)
+        tmr = -(-raw // abi.SEV_ES_TMR_SIZE) * abi.SEV_ES_TMR_SIZE
+        return abi.InitBuf(flags=abi.INIT_FLAGS_SEV_ES, tmr_address=tmr, tmr_len=abi.SEV_ES_TMR_SIZE)
+
+    def flush_asids(self) -> int:
+        """``sev_flush_asids``: WBINVD on all CPUs, then DF_FLUSH; returns the firmware status."""
+        with self._deactivate_lock:
+            self.platform.wbinvd_on_all_cpus()
+            return int(self.platform.issue(abi.Cmd.DF_FLUSH))
+
+    def asid_new(self, es: bool) -> int:
+        """``sev_asid_new``: the lowest free ASID of the guest type's range, recycling once (flush) if none."""
+        p = self.platform
+        lo, hi = (1, p.min_sev_asid - 1) if es else (p.min_sev_asid, p.max_asid)
+        with self._bitmap_lock:
+            for retry in (True, False):
+                free = [a for a in range(lo, hi + 1) if a not in self.asids_in_use]
+                if free:
+                    self.asids_in_use.add(free[0])
+                    return free[0]
+                if not (retry and self.asids_reclaim & set(range(lo, hi + 1))):
+                    break
+                if self.flush_asids() != SevStatus.SUCCESS:  # __sev_recycle_asids
+                    break
+                self.asids_in_use -= self.asids_reclaim
+                self.asids_reclaim.clear()
+        return 0
+
+    def asid_free(self, asid: int) -> None:
+        """``sev_asid_free``: the ASID is reusable only after the next flush."""
+        with self._bitmap_lock:
+            self.asids_reclaim.add(asid)
 
     def create_vm(self) -> SevKvm:
         return SevKvm(self)
@@ -362,24 +418,24 @@ class SevKvm:
     def _init(self, cmd: kvm_sev_cmd, arg: None, es: bool = False) -> None:
         if self.asid:
             raise _IoctlError(-errno.EBUSY)
-        if self.platform.state == abi.PlatformState.UNINIT:
-            self._fw(abi.Cmd.INIT, abi.InitBuf(flags=abi.INIT_FLAGS_SEV_ES), cmd)
-        used = self.host.asids_in_use
-        free = [a for a in range(1, self.platform.max_asid + 1) if a not in used]
-        if not free:
+        if self.platform.state == abi.PlatformState.UNINIT:  # after a SHUTDOWN: sev_platform_init again
+            self._fw(abi.Cmd.INIT, self.host._init_buf(), cmd)
+            self.host.flush_asids()
+        asid = self.host.asid_new(es)
+        if not asid:
             raise _IoctlError(-errno.EBUSY)
-        self.asid = free[0]
-        used.add(self.asid)
+        self.asid = asid
         self.es = es
 
     def _es_init(self, cmd: kvm_sev_cmd, arg: None) -> None:
         self._init(cmd, arg, es=True)
 
     def _bind_asid(self, cmd: kvm_sev_cmd) -> None:
-        # sev_bind_asid: a recycled ASID needs DF_FLUSH first, which KVM does on recycling.
+        # sev_bind_asid: ASIDs are flushed when recycled (asid_new); an ASID still dirty (the platform was
+        # used behind KVM's back) gets one more flush — WBINVD on all CPUs, then DF_FLUSH — and a retry.
         status = self.platform.issue(abi.Cmd.ACTIVATE, abi.ActivateBuf(handle=self.handle, asid=self.asid))
         if status == SevStatus.DF_FLUSH_REQUIRED:
-            self.platform.issue(abi.Cmd.DF_FLUSH)
+            self.host.flush_asids()
             status = self.platform.issue(abi.Cmd.ACTIVATE, abi.ActivateBuf(handle=self.handle, asid=self.asid))
         cmd.error = int(status)
         if status != SevStatus.SUCCESS:
@@ -582,11 +638,12 @@ class SevKvm:
 
     def _destroy(self) -> None:
         if self.handle:
-            self.platform.issue(abi.Cmd.DEACTIVATE, abi.HandleBuf(handle=self.handle))
+            with self.host._deactivate_lock:  # sev_unbind_asid: DEACTIVATE under sev_deactivate_lock
+                self.platform.issue(abi.Cmd.DEACTIVATE, abi.HandleBuf(handle=self.handle))
             self.platform.issue(abi.Cmd.DECOMMISSION, abi.HandleBuf(handle=self.handle))
             self.handle = 0
         if self.asid:
-            self.host.asids_in_use.discard(self.asid)
+            self.host.asid_free(self.asid)
             self.asid = 0
         self.active = False
 

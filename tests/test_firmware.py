@@ -81,6 +81,12 @@ class Host:
         self._off = 0
         if init:
             assert self.issue(Cmd.INIT, abi.InitBuf(flags=abi.INIT_FLAGS_SEV_ES if es else 0)) == SevStatus.SUCCESS
+            self.flush()
+
+    def flush(self):
+        """What the PSP driver does after INIT (Linux sev-dev.c): WBINVD on all CPUs, then DF_FLUSH."""
+        self.p.wbinvd_on_all_cpus()
+        assert self.issue(Cmd.DF_FLUSH) == SevStatus.SUCCESS
 
     def k(self, n: int) -> int:
         n = (max(n, 1) + 63) & ~63
@@ -102,9 +108,11 @@ class Host:
     def issue(self, cmd, buf=None):
         return self.p.issue(cmd, buf)
 
-    def free_asid(self) -> int:
+    def free_asid(self, es: bool = False) -> int:
+        """A free ASID of the guest type's range: SEV-ES 1..MIN_SEV_ASID-1, SEV MIN_SEV_ASID..MAX_ASID."""
         used = {self.gstatus(h).asid for h in self.p.guest_handles}
-        return next(a for a in range(1, self.p.max_asid + 1) if a not in used)
+        lo, hi = (1, self.p.min_sev_asid - 1) if es else (self.p.min_sev_asid, self.p.max_asid)
+        return next(a for a in range(lo, hi + 1) if a not in used)
 
     def gstatus(self, handle):
         buf = abi.GuestStatusBuf(handle=handle)
@@ -142,7 +150,10 @@ class Guest:
         return int(self.frames[0]) * PAGE_SIZE
 
     def activate(self, asid=None) -> SevStatus:
-        return self.host.issue(Cmd.ACTIVATE, abi.ActivateBuf(handle=self.handle, asid=asid or self.host.free_asid()))
+        return self.host.issue(
+            Cmd.ACTIVATE,
+            abi.ActivateBuf(handle=self.handle, asid=asid or self.host.free_asid(bool(self.policy & Policy.ES))),
+        )
 
     def state(self) -> GuestState:
         return GuestState(self.host.gstatus(self.handle).state)
@@ -159,7 +170,7 @@ class Guest:
         h = self.host
         h.issue(Cmd.DEACTIVATE, abi.HandleBuf(handle=self.handle))
         assert h.issue(Cmd.DECOMMISSION, abi.HandleBuf(handle=self.handle)) == SevStatus.SUCCESS
-        h.issue(Cmd.DF_FLUSH)
+        h.flush()
         h.dram.free_ram(self.frames)
 
 
@@ -281,8 +292,8 @@ SPEC_PLATFORM = {
     Cmd.GUEST_STATUS: IW,
     Cmd.LAUNCH_START: IW,
     Cmd.RECEIVE_START: IW,
-    # not in the state table: Linux issues DF_FLUSH right after INIT and GET_ID without INIT
-    Cmd.DF_FLUSH: IW,
+    # no platform-state check in AMD's handlers (mcmd_df_flush_common, sev_mcmd_get_id)
+    Cmd.DF_FLUSH: frozenset(PlatformState),
     Cmd.GET_ID: ALL_P,
 }
 for _cmd in Cmd:
@@ -374,6 +385,7 @@ def enter_platform_state(host: Host, state: PlatformState) -> Guest | None:
     if state == PlatformState.UNINIT:
         return None
     assert host.issue(Cmd.INIT, abi.InitBuf(flags=abi.INIT_FLAGS_SEV_ES)) == SevStatus.SUCCESS
+    host.flush()
     if state == PlatformState.INIT:
         return None
     return running(host)
@@ -461,7 +473,9 @@ def test_guest_state_table(table_host, state):
             refused = (SevStatus.INVALID_GUEST_STATE, SevStatus.INVALID_PLATFORM_STATE, SevStatus.INVALID_GUEST)
             assert st not in refused, (cmd.name, st.name)
         else:
-            assert st == SevStatus.INVALID_GUEST_STATE, (cmd.name, st.name)
+            # ACTIVATE checks ASID_OWNED/ACTIVE before the guest state (mcmd_activate_common)
+            held = cmd == Cmd.ACTIVATE and host.gstatus(g.handle).asid
+            assert st == (SevStatus.ACTIVE if held else SevStatus.INVALID_GUEST_STATE), (cmd.name, st.name)
             assert g.state() == state
         if g.handle in host.p.guest_handles:
             g.destroy()
@@ -474,6 +488,10 @@ def test_bad_handle_is_invalid_guest(table_host):
     host = table_host
     keep = running(host)  # platform WORKING
     for cmd in SPEC_GUEST:
+        if cmd == Cmd.GUEST_STATUS:  # SUCCESS with state INVALID (0) (sev_mcmd_guest_status)
+            buf = wellformed(host, cmd, keep, handle=0x777)
+            assert host.issue(cmd, buf) == SevStatus.SUCCESS and buf.state == 0
+            continue
         assert host.issue(cmd, wellformed(host, cmd, keep, handle=0x777)) == SevStatus.INVALID_GUEST, cmd.name
     # key sharing with a handle that does not exist
     assert host.issue(Cmd.LAUNCH_START, abi.LaunchStartBuf(handle=0x777, policy=0)) == SevStatus.INVALID_GUEST
@@ -486,13 +504,14 @@ def test_bad_handle_is_invalid_guest(table_host):
 def test_sent_only_decommission(table_host):
     host = table_host
     g = make_guest(host, GuestState.SENT)
-    assert g.activate(g.host.gstatus(g.handle).asid) == SevStatus.INVALID_GUEST_STATE
+    # its own ASID is held (ASID_OWNED, before ACTIVE and SENT: mcmd_activate_common)
+    assert g.activate(g.host.gstatus(g.handle).asid) == SevStatus.ASID_OWNED
     assert host.issue(Cmd.DEACTIVATE, abi.HandleBuf(handle=g.handle)) == SevStatus.SUCCESS
     assert g.activate() == SevStatus.INVALID_GUEST_STATE  # cannot run again (AMD sev_mcmd.c activate_common)
     for cmd in (Cmd.SEND_START, Cmd.LAUNCH_FINISH, Cmd.RECEIVE_FINISH, Cmd.SEND_CANCEL, Cmd.SEND_FINISH):
         assert host.issue(cmd, wellformed(host, cmd, g)) == SevStatus.INVALID_GUEST_STATE
     assert host.issue(Cmd.DECOMMISSION, abi.HandleBuf(handle=g.handle)) == SevStatus.SUCCESS
-    host.issue(Cmd.DF_FLUSH)
+    host.flush()
 
 
 def test_send_cancel_returns_to_running_and_send_again(table_host):
@@ -661,7 +680,8 @@ def test_launch_measure_length_query(target):
     buf = abi.LaunchMeasureBuf(handle=g2.handle, len=0)
     assert target.issue(Cmd.LAUNCH_MEASURE, buf) == SevStatus.INVALID_GUEST_STATE  # state before length
     buf = abi.LaunchMeasureBuf(handle=g.handle, address=target.k(64), len=64)
-    assert target.issue(Cmd.LAUNCH_MEASURE, buf) == SevStatus.SUCCESS and buf.len == 48
+    # LEN is written back only with INVALID_LENGTH (sev_mcmd_launch_measure; CMD_BUF_INPUT_AND_OUTPUT_ERROR)
+    assert target.issue(Cmd.LAUNCH_MEASURE, buf) == SevStatus.SUCCESS and buf.len == 64
     g.destroy()
     g2.destroy()
 
@@ -704,6 +724,7 @@ def test_platform_status_fields():
         0,
     )
     assert host.issue(Cmd.INIT, abi.InitBuf(flags=abi.INIT_FLAGS_SEV_ES)) == SevStatus.SUCCESS
+    host.flush()
     assert (host.pstatus().state, host.pstatus().config) == (PlatformState.INIT, 1)
     g = running(host)
     assert (host.pstatus().state, host.pstatus().guest_count) == (PlatformState.WORKING, 1)
@@ -713,27 +734,37 @@ def test_platform_status_fields():
 
 
 def test_activate_rules():
+    """AMD mcmd_activate_common, activate_common, sev_guest_activate, sev_mcmd_deactivate, mcmd_df_flush_common."""
     host = Host(seed=6)
     a, b = launch(host, activate=False), launch(host, activate=False)
     act = lambda g, asid: host.issue(Cmd.ACTIVATE, abi.ActivateBuf(handle=g.handle, asid=asid))  # noqa: E731
+    sev_asid = host.p.min_sev_asid
     assert act(a, 0) == SevStatus.INVALID_ASID
     assert act(a, host.p.max_asid + 1) == SevStatus.INVALID_ASID
-    assert act(a, 3) == SevStatus.SUCCESS
-    assert act(b, 3) == SevStatus.ASID_OWNED
-    assert act(a, 3) == SevStatus.ACTIVE
-    assert act(a, 4) == SevStatus.ACTIVE
+    assert act(a, 1) == SevStatus.INVALID_ASID  # an SEV-ES ASID for an SEV guest (sev_es_validate_asid)
+    assert act(a, sev_asid) == SevStatus.SUCCESS
+    assert act(b, sev_asid) == SevStatus.ASID_OWNED
+    assert act(a, sev_asid) == SevStatus.ASID_OWNED  # its own ASID, too: before ACTIVE
+    assert act(a, sev_asid + 1) == SevStatus.ACTIVE
     assert host.issue(Cmd.DECOMMISSION, abi.HandleBuf(handle=a.handle)) == SevStatus.ACTIVE
+    # never ran (LUPDATE: pending): DEACTIVATE returns the ASID clean
     assert host.issue(Cmd.DEACTIVATE, abi.HandleBuf(handle=a.handle)) == SevStatus.SUCCESS
-    assert act(b, 3) == SevStatus.DF_FLUSH_REQUIRED
-    assert act(a, 3) == SevStatus.DF_FLUSH_REQUIRED
-    assert act(b, 4) == SevStatus.SUCCESS  # another, clean ASID is fine
+    assert host.issue(Cmd.DEACTIVATE, abi.HandleBuf(handle=a.handle)) == SevStatus.INACTIVE
+    assert act(b, sev_asid) == SevStatus.SUCCESS
+    assert host.issue(Cmd.DEACTIVATE, abi.HandleBuf(handle=b.handle)) == SevStatus.SUCCESS
+    # a guest that ran leaves its ASID dirty, and the cores need WBINVD before DF_FLUSH
+    r = running(host)
+    ran = host.gstatus(r.handle).asid
+    assert host.issue(Cmd.DEACTIVATE, abi.HandleBuf(handle=r.handle)) == SevStatus.SUCCESS
+    assert act(a, ran) == SevStatus.DF_FLUSH_REQUIRED
+    assert host.issue(Cmd.DF_FLUSH) == SevStatus.WBINVD_REQUIRED
+    assert act(a, ran) == SevStatus.DF_FLUSH_REQUIRED
+    host.p.wbinvd_on_all_cpus()
     assert host.issue(Cmd.DF_FLUSH) == SevStatus.SUCCESS
-    assert act(a, 3) == SevStatus.SUCCESS
-    for g in (a, b):
-        assert host.issue(Cmd.DEACTIVATE, abi.HandleBuf(handle=g.handle)) == SevStatus.SUCCESS
-    assert host.issue(Cmd.DECOMMISSION, abi.HandleBuf(handle=a.handle)) == SevStatus.SUCCESS
-    assert host.pstatus().state == PlatformState.WORKING
-    assert host.issue(Cmd.DECOMMISSION, abi.HandleBuf(handle=b.handle)) == SevStatus.SUCCESS
+    assert act(a, ran) == SevStatus.SUCCESS
+    assert host.issue(Cmd.DEACTIVATE, abi.HandleBuf(handle=a.handle)) == SevStatus.SUCCESS
+    for g in (a, b, r):
+        assert host.issue(Cmd.DECOMMISSION, abi.HandleBuf(handle=g.handle)) == SevStatus.SUCCESS
     assert host.pstatus().state == PlatformState.INIT
     assert host.issue(Cmd.DECOMMISSION, abi.HandleBuf(handle=b.handle)) == SevStatus.INVALID_PLATFORM_STATE
 

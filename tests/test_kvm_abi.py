@@ -91,7 +91,8 @@ def test_kvm_struct_spec_sizes():
 
 # Linux include/linux/psp-sev.h sev_data_* (packed): name -> (size, {field: offset})
 SPEC_BUFFERS = {
-    Cmd.INIT: (0x14, {"flags": 0, "tmr_address": 8, "tmr_len": 0x10}),
+    # AMD sev_mcmd_init_t: u16 flags, u8 reserved[6] (declared as mbz, mbz2), u64 tmr_paddr, u32 tmr_length
+    Cmd.INIT: (0x14, {"flags": 0, "mbz": 2, "mbz2": 4, "tmr_address": 8, "tmr_len": 0x10}),
     Cmd.PLATFORM_STATUS: (
         12,
         {"api_major": 0, "api_minor": 1, "state": 2, "owner": 3, "config": 4, "build": 7, "guest_count": 8},

@@ -12,7 +12,9 @@ same table. A refused command changes nothing: handlers validate everything befo
 
 Command buffers are little-endian packed layouts in host memory (Linux ``include/linux/psp-sev.h``
 ``sev_data_*``; AMD ``sev_mcmd.h``); :meth:`Mailbox.issue_mailbox` reads one from its host physical
-address and writes it back, as the real mailbox does.
+address and writes it back only as AMD's dispatcher does: each command has a :class:`WriteBack` mode
+(``sev_dispatch.c`` ``master_handler_table``, ``CMD_BUF_*``), and the buffer goes back whole, reserved
+bytes as they came in.
 """
 
 from __future__ import annotations
@@ -84,19 +86,48 @@ class CommandBuffer:
     def pack(self) -> bytes:
         return self.layout().pack(*(getattr(self, n) if n else 0 for n, _ in self.FORMAT))
 
+    def pack_over(self, original: bytes) -> bytes:
+        """The buffer's named fields packed over ``original``: reserved bytes keep their original values."""
+        out = bytearray(original[: self.size()])
+        packed = self.pack()
+        off = 0
+        for name, code in self.FORMAT:
+            n = struct.calcsize("<" + code)
+            if name:
+                out[off : off + n] = packed[off : off + n]
+            off += n
+        return bytes(out)
+
     @classmethod
     def unpack(cls: type[_Buf], data: bytes) -> _Buf:
         values = cls.layout().unpack(bytes(data[: cls.size()]))
         return cls(**{n: v for (n, _), v in zip(cls.FORMAT, values, strict=True) if n})
 
 
+class WriteBack(enum.Enum):
+    """When the mailbox copies a command buffer back to host memory (AMD ``sev_dispatch.c``
+    ``sev_dispatch_master``, the ``CMD_BUF_*`` column of ``master_handler_table``)."""
+
+    NEVER = "input only"  # CMD_BUF_INPUT_ONLY / CMD_BUF_IGNORE
+    ON_SUCCESS = "input and output"  # CMD_BUF_INPUT_AND_OUTPUT: reserved bytes as the host wrote them
+    OUTPUT_ONLY = "output only"  # CMD_BUF_OUTPUT_ONLY: the whole buffer, reserved bytes zero
+    ON_SUCCESS_OR_LENGTH = "input and output, also on INVALID_LENGTH"  # CMD_BUF_INPUT_AND_OUTPUT_ERROR
+
+
 @dataclasses.dataclass(frozen=True)
 class CommandSpec:
-    """One row of a command set's state table: where a command may run and where it leads."""
+    """One row of a command set's state table: where a command may run, where it leads, and what the
+    mailbox writes back.
+
+    ``platform_gate`` False: the handler checks the platform state itself, at the point where AMD's handler
+    does (e.g. after a length check); the mailbox then does not check it first.
+    """
 
     platform: frozenset[enum.IntEnum]  # platform states (INVALID_PLATFORM_STATE otherwise)
     guest: frozenset[enum.IntEnum] | None = None  # required guest states (INVALID_GUEST_STATE otherwise)
     to: enum.IntEnum | None = None  # guest state after success
+    write_back: WriteBack = WriteBack.NEVER
+    platform_gate: bool = True
 
 
 class CommandRefusedError(Exception):
@@ -125,6 +156,9 @@ class MailboxStatuses(Protocol):
 
     @property
     def INVALID_ADDRESS(self) -> enum.IntEnum: ...  # noqa: N802
+
+    @property
+    def INVALID_LENGTH(self) -> enum.IntEnum: ...  # noqa: N802
 
 
 class GuestRecord(Protocol):
@@ -155,7 +189,8 @@ class Mailbox:
 
     # -- the choke point ---------------------------------------------------------------------------
     def issue(self, cmd: int, buf: CommandBuffer | None = None) -> Any:
-        """Run one firmware command on its command buffer; output fields are written back into ``buf``."""
+        """Run one firmware command on its command buffer; output fields reach ``buf`` when the command's
+        :class:`WriteBack` mode allows (on SUCCESS; for length queries also on INVALID_LENGTH)."""
         with self._lock:
             try:
                 cmd = self.command_ids(cmd)
@@ -164,28 +199,48 @@ class Mailbox:
             expected = self.buffers[cmd]
             if expected is not None and not isinstance(buf, expected):
                 raise TypeError(f"{cmd.name} takes a {expected.__name__}, got {type(buf).__name__}")
+            # The handler works on a private copy, as AMD's dispatcher copies the buffer into PSP memory;
+            # its output reaches ``buf`` only when the command's write-back mode says so.
+            work = dataclasses.replace(buf) if buf is not None else None
             try:
-                self._require_platform_state(cmd)
-                status = getattr(self, f"_cmd_{cmd.name.lower()}")(buf)
+                if self.state_table[cmd].platform_gate:
+                    self._require_platform_state(cmd)
+                status = getattr(self, f"_cmd_{cmd.name.lower()}")(work)
             except CommandRefusedError as refused:
                 status = refused.status
+            if buf is not None and work is not None and self._writes_back(cmd, status):
+                for field in dataclasses.fields(work):
+                    setattr(buf, field.name, getattr(work, field.name))
             log.debug("%s -> %s (platform %s)", cmd.name, status.name, self.state.name)
             return status
 
     def issue_mailbox(self, cmd: int, cmd_paddr: int) -> Any:
-        """The PSP mailbox form: the command buffer is read from and written back to host memory."""
+        """The PSP mailbox form: the command buffer is read from host memory and written back according to
+        the command's :class:`WriteBack` mode, named fields only (reserved bytes keep what the host wrote)."""
         try:
-            layout = self.buffers[self.command_ids(cmd)]
+            cmd = self.command_ids(cmd)
         except ValueError:
             return self.statuses.INVALID_COMMAND
+        layout = self.buffers[cmd]
         if layout is None:
             return self.issue(cmd)
         if not self.dram.contains(cmd_paddr, layout.size()):
             return self.statuses.INVALID_ADDRESS
-        buf = layout.unpack(self.dram.read(cmd_paddr, layout.size()))
+        raw = self.dram.read(cmd_paddr, layout.size())
+        buf = layout.unpack(raw)
         status = self.issue(cmd, buf)
-        self.dram.write(cmd_paddr, buf.pack())
+        if self._writes_back(cmd, status):
+            out = buf.pack() if self.state_table[cmd].write_back == WriteBack.OUTPUT_ONLY else buf.pack_over(raw)
+            self.dram.write(cmd_paddr, out)
         return status
+
+    def _writes_back(self, cmd: enum.IntEnum, status: Any) -> bool:
+        mode = self.state_table[cmd].write_back
+        if mode == WriteBack.NEVER:
+            return False
+        if status == 0:
+            return True
+        return mode == WriteBack.ON_SUCCESS_OR_LENGTH and status == self.statuses.INVALID_LENGTH
 
     # -- checks and transitions from the state table ----------------------------------------------------
     def _require_platform_state(self, cmd: enum.IntEnum) -> None:

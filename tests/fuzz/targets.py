@@ -834,6 +834,8 @@ class FirmwareWorld:
         )
         self.dram = p.dram
         self.issue(Cmd.INIT, abi.InitBuf(flags=abi.INIT_FLAGS_SEV_ES))
+        p.wbinvd_on_all_cpus()  # INIT leaves every ASID dirty: WBINVD and DF_FLUSH, as Linux's PSP driver
+        self.issue(Cmd.DF_FLUSH)
         self.scratch = self.dram.alloc_kernel(FW_SCRATCH)
         self.cmd_paddr = self.scratch
         self._off = PAGE_SIZE
@@ -890,7 +892,7 @@ class FirmwareWorld:
         buf = self.receive_start_buf()
         self.issue(Cmd.RECEIVE_START, buf)
         assert buf.handle == self.RUPDATE
-        self.issue(Cmd.ACTIVATE, abi.ActivateBuf(handle=self.RUPDATE, asid=self.RUPDATE))
+        self.issue(Cmd.ACTIVATE, abi.ActivateBuf(handle=self.RUPDATE, asid=self.asid_of(self.RUPDATE, True)))
         self.frames[self.RUPDATE] = self.dram.alloc_ram(1)
         iv = rng(16)
         ct = csev.aes128_ctr(tek, iv, _pattern(b"received page"))
@@ -915,6 +917,10 @@ class FirmwareWorld:
         self.at[name] = paddr
         return paddr
 
+    def asid_of(self, handle: int, es: bool) -> int:
+        """SEV-ES guests take ASIDs below MIN_SEV_ASID, SEV guests the rest (AMD sev_es_validate_asid)."""
+        return handle if es else self.p.min_sev_asid + handle
+
     def _launch(self, policy: int, *, godh: bool = False, measure: bool = True, finish: bool = False) -> bytes:
         buf = abi.LaunchStartBuf(policy=policy)
         if godh:
@@ -923,7 +929,7 @@ class FirmwareWorld:
         self.issue(Cmd.LAUNCH_START, buf)
         handle = buf.handle
         frames = self.frames[handle] = self.dram.alloc_ram(2)
-        self.issue(Cmd.ACTIVATE, abi.ActivateBuf(handle=handle, asid=handle))
+        self.issue(Cmd.ACTIVATE, abi.ActivateBuf(handle=handle, asid=self.asid_of(handle, bool(policy & Policy.ES))))
         for i, f in enumerate(frames.tolist()):
             self.dram.write(f * PAGE_SIZE, _pattern(b"guest %d page %d" % (handle, i)))
             self.issue(
@@ -974,7 +980,7 @@ class FirmwareWorld:
             (Cmd.PDH_CERT_EXPORT, abi.PdhCertExportBuf(at["out_pdh"], 2084, at["out_chain"], 6252)),
             (Cmd.GET_ID, abi.GetIdBuf(address=at["out_id"], len=64)),
             (Cmd.DECOMMISSION, abi.HandleBuf(handle=self.LUPDATE)),
-            (Cmd.ACTIVATE, abi.ActivateBuf(handle=self.RUN, asid=9)),
+            (Cmd.ACTIVATE, abi.ActivateBuf(handle=self.RUN, asid=self.p.max_asid - 1)),
             (Cmd.DEACTIVATE, abi.HandleBuf(handle=self.RUN)),
             (Cmd.GUEST_STATUS, abi.GuestStatusBuf(handle=self.SUPDATE)),
             (Cmd.LAUNCH_START, abi.LaunchStartBuf(policy=0)),
@@ -1058,8 +1064,9 @@ class FirmwareWorld:
             p.es_enabled,
             guests,
             tuple(a for a in range(1, p.max_asid + 1) if p.memctl.has_key(a)),
-            getattr(p, "_next_handle", None),
-            tuple(sorted(getattr(p, "_dirty_asids", ()))),
+            tuple(sorted(getattr(p, "_asid_dirty", ()))),
+            tuple(sorted(getattr(p, "_asid_allocated", ()))),
+            tuple(sorted(getattr(p, "_asid_in_use", ()))),
             repr(getattr(p, "_identity", None)),
             p.public_certs()["pdh"] if getattr(getattr(p, "_identity", None), "_keys", True) else None,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import struct
 
 from pysev.firmware.certs.amd_cert import AMD_CERT_MAX_SIZE, AMD_KEY_BITS, AmdCert, split_amd_chain
 from pysev.firmware.certs.keys import (
@@ -21,7 +22,21 @@ from pysev.firmware.certs.keys import (
     ecdsa_verify,
     pss_verify,
 )
-from pysev.firmware.certs.sev_cert import PLAT_CERTS_SIZE, SEV_CERT_SIZE, SevCert, Signature, split_plat_certs
+from pysev.firmware.certs.sev_cert import (
+    EC_SCALAR_SIZE,
+    OFF_EC_CURVE,
+    OFF_EC_QX,
+    OFF_EC_QY,
+    OFF_PUBKEY_ALGO,
+    OFF_PUBKEY_USAGE,
+    OFF_VERSION,
+    PLAT_CERTS_SIZE,
+    SEV_CERT_SIZE,
+    SevCert,
+    Signature,
+    int_from_le,
+    split_plat_certs,
+)
 from pysev.firmware.status import SevError, SevStatus
 
 Signer = SevCert | AmdCert | CertPubkey
@@ -100,18 +115,33 @@ def amd_cert_validate(cert: AmdCert, parent: AmdCert | None, expected_usage: Usa
     return SevStatus.SUCCESS
 
 
+def peer_pdh_key(pdh: SevCert | bytes) -> EcPublicKey | None:
+    """The public key of a peer's PDH or a guest owner's GODH if it passes AMD's only check of such a
+    certificate (``sev_cert.c`` ``sev_cert_sanity_check(cert, PDH, ECDH_SHA256)`` from ``sev_channel.c``
+    ``sev_channel_open_server``/``_client``): VERSION 1, usage 0x1003, algo exactly 0x3, a P-384 point on
+    the curve; else None. Nothing else is read: reserved bytes, padding and the signature slots may hold
+    anything, as they may on AMD's firmware (no strict parse)."""
+    raw = pdh.to_bytes() if isinstance(pdh, SevCert) else bytes(pdh)
+    if len(raw) != SEV_CERT_SIZE:
+        return None
+    version, usage, algo = (
+        struct.unpack_from("<I", raw, off)[0] for off in (OFF_VERSION, OFF_PUBKEY_USAGE, OFF_PUBKEY_ALGO)
+    )
+    if version != 1 or usage != Usage.PDH or algo != Algo.ECDH_SHA256:
+        return None
+    (curve,) = struct.unpack_from("<I", raw, OFF_EC_CURVE)
+    key = EcPublicKey(
+        int_from_le(raw[OFF_EC_QX : OFF_EC_QX + EC_SCALAR_SIZE]),
+        int_from_le(raw[OFF_EC_QY : OFF_EC_QY + EC_SCALAR_SIZE]),
+        curve,
+    )
+    return key if key.is_valid() else None
+
+
 def pdh_sanity_check(pdh: SevCert | bytes) -> SevStatus:
-    """The peer PDH check of SEND_START and RECEIVE_START (AMD ``sev_cert.c``
-    ``sev_cert_sanity_check(pdh, PDH, ECDH_SHA256)``): version 1, valid point, usage 0x1003 and algo
-    exactly 0x3, else INVALID_CERTIFICATE."""
-    if not isinstance(pdh, SevCert):
-        try:
-            pdh = SevCert.from_bytes(pdh, check_key=False)
-        except CertError:
-            return SevStatus.INVALID_CERTIFICATE
-    if not _body_is_valid(pdh) or pdh.pubkey_usage != Usage.PDH or pdh.pubkey_algo != Algo.ECDH_SHA256:
-        return SevStatus.INVALID_CERTIFICATE
-    return SevStatus.SUCCESS
+    """The peer PDH / GODH check of SEND_START, RECEIVE_START and LAUNCH_START (see :func:`peer_pdh_key`):
+    SUCCESS or INVALID_CERTIFICATE."""
+    return SevStatus.SUCCESS if peer_pdh_key(pdh) is not None else SevStatus.INVALID_CERTIFICATE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -105,6 +105,32 @@ class GuestState(enum.IntEnum):
 # 0.24 is the last legacy-SEV API of Rome/Milan firmware; the build number is ours) and the C-bit
 # position of a physical address (CPUID 0x8000001F EBX, query-sev-capabilities cbitpos).
 API_MAJOR, API_MINOR, BUILD = 0, 24, 15
+
+
+@dataclasses.dataclass(frozen=True)
+class FirmwareVersion:
+    """The firmware a simulated part runs: what PLATFORM_STATUS reports and LAUNCH_MEASURE, the PEK/PDH
+    certificates and the policy's API check use (AMD ``sev_mcmd.h`` ``SEV_API_MAJOR``/``SEV_API_MINOR``/
+    ``SEV_BUILD_ID``, from the image's FWVersion)."""
+
+    api_major: int
+    api_minor: int
+    build: int
+
+    @property
+    def api(self) -> tuple[int, int]:
+        return self.api_major, self.api_minor
+
+
+FW_0_24 = FirmwareVersion(API_MAJOR, API_MINOR, BUILD)  # Rome/Milan legacy-SEV API (pysev's default)
+FW_1_55 = FirmwareVersion(1, 55, 25)  # Genoa 1.55.25, the firmware AMD published as source (amd/AMD-ASPFW)
+
+# ASIDs of this simulated part (CPUID 0x8000001F ECX = max, EDX = MIN_SEV_ASID): SEV-ES guests take
+# 1..MIN_SEV_ASID-1, plain SEV guests MIN_SEV_ASID..MAX_ASID (AMD sev_es.c sev_es_validate_asid).
+MAX_ASID = 15
+MIN_SEV_ASID = 8
+GUEST_COUNT_MAX = 1024  # guest slots, handles 1..1024 (AMD sev_plat.h SEV_GUEST_COUNT_MAX)
+SEV_ES_TMR_SIZE = 1 << 20  # the SEV-ES TMR INIT reserves: 1 MiB, 1 MiB-aligned (AMD df_regs.h)
 CBITPOS = 51
 REDUCED_PHYS_BITS = 1
 
@@ -121,8 +147,12 @@ VMSA_SIZE = PAGE_SIZE  # LAUNCH_UPDATE_VMSA takes exactly one page
 # is defined, see CommandBuffer), so that a type checker sees the constructor and the attributes.
 @dataclasses.dataclass
 class InitBuf(CommandBuffer):
-    FORMAT = (("flags", "I"), (None, "I"), ("tmr_address", "Q"), ("tmr_len", "I"))
+    # AMD sev_mcmd.h sev_mcmd_init_t: u16 flags, u8 reserved[6] (INIT checks both: INVALID_CONFIG); Linux's
+    # sev_data_init declares u32 flags + u32 reserved over the same bytes.
+    FORMAT = (("flags", "H"), ("mbz", "H"), ("mbz2", "I"), ("tmr_address", "Q"), ("tmr_len", "I"))
     flags: int = 0
+    mbz: int = 0  # u8 reserved[6] of AMD's layout, as two fields: must be zero
+    mbz2: int = 0
     tmr_address: int = 0
     tmr_len: int = 0
 

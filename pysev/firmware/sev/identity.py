@@ -18,10 +18,15 @@ from pysev.firmware.certs import Algo, SevCert, Usage
 from pysev.firmware.certs.sev_cert import OFF_API_MAJOR, OFF_API_MINOR
 from pysev.firmware.status import SevError, SevStatus
 
-# ASK‖ARK lengths the firmware accepts: both 2048-bit (Naples) or both 4096-bit (Rome and later).
-# The AMD-published 1408-byte Naples bundle (ARK without signature) is rejected, as AMD's published
-# firmware source does (amd_cert.c amd_cert_chain_length_is_valid); what Naples firmware did is not known.
-AMD_CHAIN_LENGTHS = frozenset({2 * certs.AMD_CERT_SIZE_2K, 2 * certs.AMD_CERT_SIZE_4K})
+# ASK‖ARK lengths the firmware accepts: each of ASK and ARK 2048- or 4096-bit, in any mix: 1664, 2176,
+# 2688, 3200 (AMD amd_cert.c amd_cert_chain_length_is_valid). The AMD-published 1408-byte Naples bundle
+# (ARK without signature) is rejected, as AMD's published firmware source does; what Naples firmware did
+# is not known.
+_AMD_FIXED, _KEY_2K, _KEY_4K = 64, 256, 512  # amd_cert_fixed_t; 2048- and 4096-bit key bytes
+# ASK = fixed ‖ pubexp ‖ modulus (both its key size) ‖ signature (the ARK's key size); ARK = fixed + 3 keys.
+AMD_CHAIN_LENGTHS = frozenset(
+    2 * _AMD_FIXED + 2 * ask + 4 * ark for ask in (_KEY_2K, _KEY_4K) for ark in (_KEY_2K, _KEY_4K)
+)
 
 
 def amd_chain_length_ok(length: int) -> bool:
@@ -110,13 +115,12 @@ class Identity:
         """PEK_CERT_IMPORT (AMD ``sev_mcmd.c`` ``sev_mcmd_pek_cert_import``): OCA self-signed, PEK signed
         by it with our PEK body; then the CEK signature goes in the free slot, the owner bit is set and
         the PDH regenerated."""
-        try:
-            oca = SevCert.from_bytes(oca_bytes)
-            pek = SevCert.from_bytes(pek_bytes)
+        try:  # key checks are part of sev_cert_validate, after the signature
+            oca = SevCert.from_bytes(oca_bytes, check_key=False)
+            pek = SevCert.from_bytes(pek_bytes, check_key=False)
         except certs.CertError:
             return SevStatus.INVALID_CERTIFICATE
-        if oca.pubkey_usage != Usage.OCA:
-            return SevStatus.INVALID_CERTIFICATE
+        # The OCA's signature is checked before its usage and algorithm (sev_cert_validate(oca, oca)).
         for status in (certs.sev_cert_validate(oca, oca), certs.sev_cert_validate(pek, oca)):
             if status != SevStatus.SUCCESS:
                 return status
@@ -164,4 +168,7 @@ class Identity:
     def ecdh(self, peer_cert: bytes) -> bytes:
         """Z with our long-term PDH private key and the peer's PDH/GODH public key (AMD ``ecdh.c``
         ``ecdh_key_agreement``)."""
-        return certs.ecdh_shared_secret(self._provisioned().pdh_key, SevCert.from_bytes(peer_cert))
+        key = certs.peer_pdh_key(peer_cert)
+        if key is None:
+            raise SevError(SevStatus.INVALID_CERTIFICATE, "peer PDH fails the sanity check")
+        return certs.ecdh_shared_secret(self._provisioned().pdh_key, key)

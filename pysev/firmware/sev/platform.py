@@ -21,26 +21,29 @@ import os
 from collections.abc import Callable
 
 from pysev.firmware import amdroot
-from pysev.firmware.mailbox import CommandSpec
+from pysev.firmware.mailbox import CommandSpec, WriteBack
 from pysev.firmware.sev import identity, session
 from pysev.firmware.sev.abi import (
-    API_MAJOR,
-    API_MINOR,
     BUFFERS,
-    BUILD,
+    FW_0_24,
     GET_ID_SIZE,
     INIT_FLAGS_SEV_ES,
+    MAX_ASID,
     MEASURE_SIZE,
+    MIN_SEV_ASID,
+    PACKET_FLAG_COMPRESSED,
     PACKET_HEADER_SIZE,
     PAGE_SIZE,
     PLAT_CERTS_SIZE,
     SCRATCH_BUF_LEN,
     SESSION_SIZE,
     SEV_CERT_SIZE,
+    SEV_ES_TMR_SIZE,
     VMSA_SIZE,
     ActivateBuf,
     Cmd,
     DbgBuf,
+    FirmwareVersion,
     GetIdBuf,
     GuestState,
     GuestStatusBuf,
@@ -57,46 +60,56 @@ from pysev.firmware.sev.abi import (
     Policy,
     TransportBuf,
 )
+from pysev.firmware.sev.guest import GuestContext
 from pysev.firmware.sev.transport import TransportCommands
 from pysev.firmware.status import SevStatus
 from pysev.hw.hostmem import HostMemory
 from pysev.hw.memctl import MemoryController
 
-MAX_ASID = 15  # SEV ASIDs of this simulated part (1..MAX_ASID)
-
 _ANY_PLATFORM = frozenset(PlatformState)
 _INIT_OR_WORKING = frozenset({PlatformState.INIT, PlatformState.WORKING})
 _WORKING = frozenset({PlatformState.WORKING})
 _ALL_LIVE = frozenset(set(GuestState) - {GuestState.UNINIT})
+_OUT = WriteBack.ON_SUCCESS
+_QUERY = WriteBack.ON_SUCCESS_OR_LENGTH
 
+# Platform states each command runs in (each AMD sev_mcmd_<command> checks its own; DF_FLUSH, GET_ID,
+# PLATFORM_STATUS and SHUTDOWN check none), guest states and transitions (AMD sev_guest.c state_tbl_sev;
+# DECOMMISSION, DEACTIVATE, GUEST_STATUS and the DBG commands check no guest state, ACTIVATE refuses only
+# SENT), and the mailbox's write-back (AMD sev_dispatch.c master_handler_table).
 COMMANDS: dict[Cmd, CommandSpec] = {
     Cmd.INIT: CommandSpec(frozenset({PlatformState.UNINIT})),
     Cmd.SHUTDOWN: CommandSpec(_ANY_PLATFORM),
     Cmd.PLATFORM_RESET: CommandSpec(frozenset({PlatformState.UNINIT})),
-    Cmd.PLATFORM_STATUS: CommandSpec(_ANY_PLATFORM),
+    Cmd.PLATFORM_STATUS: CommandSpec(_ANY_PLATFORM, write_back=WriteBack.OUTPUT_ONLY),
     Cmd.PEK_GEN: CommandSpec(frozenset({PlatformState.INIT})),
-    Cmd.PEK_CSR: CommandSpec(_INIT_OR_WORKING),
+    Cmd.PEK_CSR: CommandSpec(_INIT_OR_WORKING, write_back=_QUERY),
     Cmd.PEK_CERT_IMPORT: CommandSpec(frozenset({PlatformState.INIT})),
     Cmd.PDH_GEN: CommandSpec(_INIT_OR_WORKING),
-    Cmd.PDH_CERT_EXPORT: CommandSpec(_INIT_OR_WORKING),
-    Cmd.DF_FLUSH: CommandSpec(_INIT_OR_WORKING),
-    Cmd.GET_ID: CommandSpec(_ANY_PLATFORM),
-    Cmd.GUEST_STATUS: CommandSpec(_INIT_OR_WORKING),
+    Cmd.PDH_CERT_EXPORT: CommandSpec(_INIT_OR_WORKING, write_back=_QUERY),
+    Cmd.DF_FLUSH: CommandSpec(_ANY_PLATFORM),
+    Cmd.GET_ID: CommandSpec(_ANY_PLATFORM, write_back=_QUERY),
+    Cmd.GUEST_STATUS: CommandSpec(_INIT_OR_WORKING, write_back=_OUT),
     Cmd.DECOMMISSION: CommandSpec(_WORKING, _ALL_LIVE, GuestState.UNINIT),
     Cmd.ACTIVATE: CommandSpec(_WORKING, _ALL_LIVE - {GuestState.SENT}),
     Cmd.DEACTIVATE: CommandSpec(_WORKING),
-    Cmd.LAUNCH_START: CommandSpec(_INIT_OR_WORKING, frozenset({GuestState.UNINIT}), GuestState.LUPDATE),
+    Cmd.LAUNCH_START: CommandSpec(
+        _INIT_OR_WORKING, frozenset({GuestState.UNINIT}), GuestState.LUPDATE, write_back=_OUT
+    ),
     Cmd.LAUNCH_UPDATE_DATA: CommandSpec(_WORKING, frozenset({GuestState.LUPDATE})),
-    Cmd.LAUNCH_UPDATE_VMSA: CommandSpec(_WORKING, frozenset({GuestState.LUPDATE})),
-    Cmd.LAUNCH_MEASURE: CommandSpec(_WORKING, frozenset({GuestState.LUPDATE}), GuestState.LSECRET),
+    # LEN == 4096 is checked before anything, the platform state included (sev_mcmd_launch_update_vmsa).
+    Cmd.LAUNCH_UPDATE_VMSA: CommandSpec(_WORKING, frozenset({GuestState.LUPDATE}), platform_gate=False),
+    Cmd.LAUNCH_MEASURE: CommandSpec(_WORKING, frozenset({GuestState.LUPDATE}), GuestState.LSECRET, write_back=_QUERY),
     Cmd.LAUNCH_SECRET: CommandSpec(_WORKING, frozenset({GuestState.LSECRET})),
     Cmd.LAUNCH_FINISH: CommandSpec(_WORKING, frozenset({GuestState.LSECRET}), GuestState.RUNNING),
-    Cmd.SEND_START: CommandSpec(_WORKING, frozenset({GuestState.RUNNING}), GuestState.SUPDATE),
-    Cmd.SEND_UPDATE_DATA: CommandSpec(_WORKING, frozenset({GuestState.SUPDATE})),
-    Cmd.SEND_UPDATE_VMSA: CommandSpec(_WORKING, frozenset({GuestState.SUPDATE})),
+    Cmd.SEND_START: CommandSpec(_WORKING, frozenset({GuestState.RUNNING}), GuestState.SUPDATE, write_back=_QUERY),
+    Cmd.SEND_UPDATE_DATA: CommandSpec(_WORKING, frozenset({GuestState.SUPDATE}), write_back=_QUERY),
+    Cmd.SEND_UPDATE_VMSA: CommandSpec(_WORKING, frozenset({GuestState.SUPDATE}), write_back=_QUERY),
     Cmd.SEND_FINISH: CommandSpec(_WORKING, frozenset({GuestState.SUPDATE}), GuestState.SENT),
     Cmd.SEND_CANCEL: CommandSpec(_WORKING, frozenset({GuestState.SUPDATE}), GuestState.RUNNING),
-    Cmd.RECEIVE_START: CommandSpec(_INIT_OR_WORKING, frozenset({GuestState.UNINIT}), GuestState.RUPDATE),
+    Cmd.RECEIVE_START: CommandSpec(
+        _INIT_OR_WORKING, frozenset({GuestState.UNINIT}), GuestState.RUPDATE, write_back=_OUT
+    ),
     Cmd.RECEIVE_UPDATE_DATA: CommandSpec(_WORKING, frozenset({GuestState.RUPDATE})),
     Cmd.RECEIVE_UPDATE_VMSA: CommandSpec(_WORKING, frozenset({GuestState.RUPDATE})),
     Cmd.RECEIVE_FINISH: CommandSpec(_WORKING, frozenset({GuestState.RUPDATE}), GuestState.RUNNING),
@@ -129,17 +142,30 @@ class Platform(TransportCommands):
         chip_id: bytes | None = None,
         trng: Callable[[int], bytes] = os.urandom,
         max_asid: int = MAX_ASID,
+        min_sev_asid: int = MIN_SEV_ASID,
+        firmware: FirmwareVersion = FW_0_24,
+        allow_es_without_tmr: bool = True,
     ) -> None:
         super().__init__(dram, PlatformState.UNINIT)
+        if not 1 <= min_sev_asid <= max_asid + 1:
+            raise ValueError(f"min_sev_asid {min_sev_asid} outside 1..max_asid+1 ({max_asid + 1})")
         self.memctl = MemoryController(dram)
         self.root = root if root is not None else amdroot.default_root()
         self.chip_id = chip_id if chip_id is not None else trng(GET_ID_SIZE)
         self.max_asid = max_asid
+        self.min_sev_asid = min_sev_asid
+        self.firmware = firmware
+        self.allow_es_without_tmr = allow_es_without_tmr
         self._trng = trng
-        self._identity = identity.Identity(self.root, self.chip_id)
-        self.es_enabled = False
-        self._next_handle = 1
-        self._dirty_asids: set[int] = set()
+        self._identity = identity.Identity(self.root, self.chip_id, firmware.api)
+        self.config_flags = 0
+        self.tmr: tuple[int, int] | None = None
+        # Firmware ASID bookkeeping, one CCX (AMD sev_plat.h gpDram->perm.asid_dirty/_allocated/_in_use;
+        # an ASID in none of them is clean) and the cores' WBINVD_DONE flags (is_wbinvd_done).
+        self._asid_dirty: set[int] = set()
+        self._asid_allocated: set[int] = set()
+        self._asid_in_use: set[int] = set()
+        self._wbinvd_done = False
 
     def __repr__(self) -> str:
         return (
@@ -147,10 +173,43 @@ class Platform(TransportCommands):
             f"guests={len(self._guests)}, owner={'external' if self._identity.owned else 'self'})"
         )
 
+    @property
+    def es_enabled(self) -> bool:
+        return bool(self.config_flags & INIT_FLAGS_SEV_ES)
+
+    # -- the host's side of the cache rule (x86, not PSP commands) -------------------------------------
+    def wbinvd_on_all_cpus(self) -> None:
+        """Every core executes WBINVD, setting its WBINVD_DONE flag, which DF_FLUSH requires (Linux
+        ``arch/x86/lib/cache-smp.c`` ``wbinvd_on_all_cpus``, issued by ``sev.c`` ``sev_flush_asids``)."""
+        with self._lock:
+            self._wbinvd_done = True
+
     # -- platform commands (AMD sev_mcmd.c sev_mcmd_init … sev_mcmd_get_id) ------------------------------
     def _cmd_init(self, buf: InitBuf) -> SevStatus:
-        self.es_enabled = bool(buf.flags & INIT_FLAGS_SEV_ES)
+        """sev_mcmd_init_common: buffer (flags ⊆ ES, reserved zero) → INVALID_CONFIG; with ES the TMR
+        (sev_es.c sev_es_reserve_trusted_region): 1 MiB-aligned → INVALID_ADDRESS, exactly 1 MiB →
+        INVALID_LENGTH, in DRAM → INVALID_ADDRESS."""
+        if buf.flags & ~INIT_FLAGS_SEV_ES or buf.mbz or buf.mbz2:
+            return SevStatus.INVALID_CONFIG
+        tmr = None
+        if buf.flags & INIT_FLAGS_SEV_ES and not (
+            self.allow_es_without_tmr and buf.tmr_address == 0 and buf.tmr_len == 0
+        ):
+            base = self._strip_cbit(buf.tmr_address)
+            if base % SEV_ES_TMR_SIZE:
+                return SevStatus.INVALID_ADDRESS
+            if buf.tmr_len != SEV_ES_TMR_SIZE:
+                return SevStatus.INVALID_LENGTH
+            self._check_writable((base, SEV_ES_TMR_SIZE))
+            tmr = (base, SEV_ES_TMR_SIZE)
         self._identity.ensure()
+        # Every ASID dirty, every core's WBINVD_DONE clear: a WBINVD and DF_FLUSH before the first ACTIVATE.
+        self._asid_dirty = set(range(1, self.max_asid + 1))
+        self._asid_allocated.clear()
+        self._asid_in_use.clear()
+        self._wbinvd_done = False
+        self.tmr = tmr
+        self.config_flags = buf.flags
         self.state = PlatformState.INIT
         return SevStatus.SUCCESS
 
@@ -159,9 +218,12 @@ class Platform(TransportCommands):
             if guest.asid:
                 self.memctl.remove_key(guest.asid)
         self._guests.clear()
-        self._dirty_asids.clear()
+        self._asid_dirty.clear()
+        self._asid_allocated.clear()
+        self._asid_in_use.clear()
         self.state = PlatformState.UNINIT
-        self.es_enabled = False
+        self.config_flags = 0
+        self.tmr = None
         return SevStatus.SUCCESS
 
     def _cmd_platform_reset(self, buf: None) -> SevStatus:
@@ -170,10 +232,10 @@ class Platform(TransportCommands):
 
     def _cmd_platform_status(self, buf: PlatformStatusBuf) -> SevStatus:
         up = self.state != PlatformState.UNINIT
-        buf.api_major, buf.api_minor, buf.build = API_MAJOR, API_MINOR, BUILD
+        buf.api_major, buf.api_minor, buf.build = self.firmware.api_major, self.firmware.api_minor, self.firmware.build
         buf.state = int(self.state)
         buf.owner = int(up and self._identity.owned)
-        buf.config = int(up and self.es_enabled)
+        buf.config = self.config_flags if up else 0
         buf.guest_count = len(self._guests) if up else 0
         return SevStatus.SUCCESS
 
@@ -214,7 +276,11 @@ class Platform(TransportCommands):
         return SevStatus.SUCCESS
 
     def _cmd_df_flush(self, buf: None) -> SevStatus:
-        self._dirty_asids.clear()
+        """mcmd_df_flush_common: no platform-state check; dirty ASIDs turn clean only once every core has
+        done WBINVD since INIT or since the DEACTIVATE of a guest that ran, else WBINVD_REQUIRED."""
+        if not self._wbinvd_done:
+            return SevStatus.WBINVD_REQUIRED
+        self._asid_dirty.clear()
         return SevStatus.SUCCESS
 
     def _cmd_get_id(self, buf: GetIdBuf) -> SevStatus:
@@ -228,31 +294,57 @@ class Platform(TransportCommands):
 
     # -- guest management (AMD sev_mcmd.c sev_mcmd_guest_status, mcmd_activate_common, …) -------------
     def _cmd_guest_status(self, buf: GuestStatusBuf) -> SevStatus:
-        guest = self._guest(buf.handle)
+        guest = self._guests.get(buf.handle)
+        if guest is None:  # not an error: the state of a free slot is INVALID (0)
+            buf.state = int(GuestState.UNINIT)
+            return SevStatus.SUCCESS
         buf.policy, buf.asid, buf.state = guest.policy, guest.asid, int(guest.state)
         return SevStatus.SUCCESS
 
     def _cmd_activate(self, buf: ActivateBuf) -> SevStatus:
+        """mcmd_activate_common, activate_common, sev_guest.c sev_guest_activate: INVALID_ASID, ASID_OWNED
+        (held by any guest, this one included), ACTIVE, SENT, DF_FLUSH_REQUIRED, then the ES/SEV range."""
         guest = self._guest(buf.handle)
-        self._require_guest_state(guest, Cmd.ACTIVATE)
         if not 0 < buf.asid <= self.max_asid:
             return SevStatus.INVALID_ASID
-        if any(g.asid == buf.asid for g in self._guests.values() if g is not guest):
+        if buf.asid in self._asid_in_use or buf.asid in self._asid_allocated:
             return SevStatus.ASID_OWNED
         if guest.asid:
             return SevStatus.ACTIVE
-        if buf.asid in self._dirty_asids:
+        self._require_guest_state(guest, Cmd.ACTIVATE)
+        if buf.asid in self._asid_dirty:
             return SevStatus.DF_FLUSH_REQUIRED
+        es_range = range(1, self.min_sev_asid)
+        if (buf.asid in es_range) != guest.es:  # sev_es.c sev_es_validate_asid
+            return SevStatus.INVALID_ASID
         guest.asid = buf.asid
         self.memctl.install_key(buf.asid, guest.vek)
+        if guest.state in (GuestState.RUNNING, GuestState.SUPDATE):
+            self._asid_in_use.add(buf.asid)
+        else:  # pending until LAUNCH_FINISH/RECEIVE_FINISH
+            self._asid_allocated.add(buf.asid)
         return SevStatus.SUCCESS
 
+    def _finish_pending_activate(self, guest: GuestContext) -> None:
+        """LAUNCH_FINISH/RECEIVE_FINISH of a pending guest: its ASID goes from allocated to in use."""
+        if guest.asid in self._asid_allocated:
+            self._asid_allocated.discard(guest.asid)
+            self._asid_in_use.add(guest.asid)
+
     def _cmd_deactivate(self, buf: HandleBuf) -> SevStatus:
+        """sev_mcmd_deactivate: INACTIVE if no ASID; an ASID that ran turns dirty (and the cores' WBINVD_DONE
+        clear), one that never ran (pending) turns clean."""
         guest = self._guest(buf.handle)
-        if guest.asid:
-            self.memctl.remove_key(guest.asid)
-            self._dirty_asids.add(guest.asid)  # its cache lines may hold the key's data until DF_FLUSH
-            guest.asid = 0
+        if not guest.asid:
+            return SevStatus.INACTIVE
+        asid = guest.asid
+        self.memctl.remove_key(asid)
+        if asid in self._asid_in_use:
+            self._asid_in_use.discard(asid)
+            self._asid_dirty.add(asid)
+            self._wbinvd_done = False
+        self._asid_allocated.discard(asid)
+        guest.asid = 0
         return SevStatus.SUCCESS
 
     def _cmd_decommission(self, buf: HandleBuf) -> SevStatus:
@@ -269,27 +361,30 @@ class Platform(TransportCommands):
     def _cmd_launch_start(self, buf: LaunchStartBuf) -> SevStatus:
         tek = tik = bytes(16)
         if buf.dh_cert_address:
-            if buf.session_len != SESSION_SIZE or buf.dh_cert_len != SEV_CERT_SIZE:
+            if buf.session_len != SESSION_SIZE:
                 return SevStatus.INVALID_LENGTH
-            tek, tik = self._open_channel(buf.policy, buf.dh_cert_address, buf.session_address)
+            blob = self._read(buf.session_address, SESSION_SIZE)
+            if buf.dh_cert_len != SEV_CERT_SIZE:
+                return SevStatus.INVALID_LENGTH
+            godh = self._read(buf.dh_cert_address, SEV_CERT_SIZE)
+            tek, tik = self._open_channel(buf.policy, godh, blob)
         # Without a GODH no channel is opened and the policy is not MAC-, API- or reserved-checked.
         vek = self._start_guest(buf.handle, buf.policy)
         buf.handle = self._add_guest(buf.policy, vek, Cmd.LAUNCH_START, tek, tik).handle
         return SevStatus.SUCCESS
 
     def _launch_update(self, buf: LaunchUpdateBuf, cmd: Cmd) -> SevStatus:
+        """launch_update_common: handle, state, ES (VMSA), INACTIVE, address alignment, length."""
         guest = self._guest(buf.handle)
         self._require_guest_state(guest, cmd)
         if cmd == Cmd.LAUNCH_UPDATE_VMSA and not guest.es:
             return SevStatus.UNSUPPORTED
         self._require_active(guest)
         paddr = self._strip_cbit(buf.address)
-        if cmd == Cmd.LAUNCH_UPDATE_VMSA and buf.len != VMSA_SIZE:
-            return SevStatus.INVALID_LENGTH
-        if buf.len == 0 or buf.len % 16:
-            return SevStatus.INVALID_LENGTH
         if paddr % 16:
             return SevStatus.INVALID_ADDRESS
+        if buf.len == 0 or buf.len % 16:
+            return SevStatus.INVALID_LENGTH
         plaintext = self._read(paddr, buf.len)  # written by the host with the C-bit clear
         guest.digest.update(plaintext)  # the launch digest covers plaintext, in call order
         self.memctl.write(guest.asid, paddr, plaintext)
@@ -299,63 +394,76 @@ class Platform(TransportCommands):
         return self._launch_update(buf, Cmd.LAUNCH_UPDATE_DATA)
 
     def _cmd_launch_update_vmsa(self, buf: LaunchUpdateBuf) -> SevStatus:
+        if buf.len != VMSA_SIZE:  # before the platform state (sev_mcmd_launch_update_vmsa)
+            return SevStatus.INVALID_LENGTH
+        self._require_platform_state(Cmd.LAUNCH_UPDATE_VMSA)
         return self._launch_update(buf, Cmd.LAUNCH_UPDATE_VMSA)
 
     def _cmd_launch_measure(self, buf: LaunchMeasureBuf) -> SevStatus:
         guest = self._guest(buf.handle)
         self._require_guest_state(guest, Cmd.LAUNCH_MEASURE)
         if buf.len < MEASURE_SIZE:
-            buf.len = MEASURE_SIZE
+            buf.len = MEASURE_SIZE  # written back only with INVALID_LENGTH
             return SevStatus.INVALID_LENGTH
         self._check_writable((buf.address, MEASURE_SIZE))
         mnonce = self._trng(16)
+        fw = self.firmware
         guest.measure = session.launch_measure(
-            guest.tik, API_MAJOR, API_MINOR, BUILD, guest.policy, guest.digest.digest(), mnonce
+            guest.tik, fw.api_major, fw.api_minor, fw.build, guest.policy, guest.digest.digest(), mnonce
         )
         self.dram.write(buf.address, guest.measure + mnonce)
-        buf.len = MEASURE_SIZE
         self._transition(guest, Cmd.LAUNCH_MEASURE)
         return SevStatus.SUCCESS
 
     def _cmd_launch_secret(self, buf: TransportBuf) -> SevStatus:
+        """sev_mcmd_launch_secret: handle, address alignment, lengths, state, INACTIVE, header, guest and
+        transport reads, MAC, and only then the COMPRESSED flag."""
         guest = self._guest(buf.handle)
-        self._require_guest_state(guest, Cmd.LAUNCH_SECRET)
-        self._require_active(guest)
-        if (
-            buf.hdr_len != PACKET_HEADER_SIZE
-            or buf.guest_len != buf.trans_len
-            or buf.guest_len == 0
-            or buf.guest_len % 16
-            or buf.guest_len > SCRATCH_BUF_LEN
-        ):
-            return SevStatus.INVALID_LENGTH
         paddr = self._strip_cbit(buf.guest_address)
         if paddr % 16:
             return SevStatus.INVALID_ADDRESS
-        self._check_writable((paddr, buf.guest_len))
-        plaintext = self._open_packet(guest, buf, session.CTX_SECRET, guest.measure)
+        if (
+            buf.hdr_len != PACKET_HEADER_SIZE
+            or buf.guest_len % 16
+            or buf.guest_len == 0
+            or buf.guest_len > SCRATCH_BUF_LEN
+            or buf.guest_len != buf.trans_len
+        ):
+            return SevStatus.INVALID_LENGTH
+        self._require_guest_state(guest, Cmd.LAUNCH_SECRET)
+        self._require_active(guest)
+        header = self._read(buf.hdr_address, PACKET_HEADER_SIZE)
+        self._check_writable((paddr, buf.trans_len))
+        ciphertext = self._read(buf.trans_address, buf.trans_len)
+        flags, plaintext = self._open_packet(guest, buf, header, ciphertext, session.CTX_SECRET, guest.measure)
+        if flags & PACKET_FLAG_COMPRESSED:
+            return SevStatus.UNSUPPORTED
         self.memctl.write(guest.asid, paddr, plaintext)
         return SevStatus.SUCCESS
 
     def _cmd_launch_finish(self, buf: HandleBuf) -> SevStatus:
         guest = self._guest(buf.handle)
         self._require_guest_state(guest, Cmd.LAUNCH_FINISH)
+        self._finish_pending_activate(guest)
         guest.zeroize_channel()
         self._transition(guest, Cmd.LAUNCH_FINISH)
         return SevStatus.SUCCESS
 
-    # -- debug (AMD sev_mcmd.c sev_mcmd_dbg_decrypt, sev_mcmd_dbg_encrypt; policy bit NODBG) -----------
+    # -- debug (AMD sev_mcmd.c sev_mcmd_dbg_decrypt, sev_mcmd_dbg_encrypt, debug_crypt_common) ----------
     def _dbg(self, buf: DbgBuf, encrypt: bool) -> SevStatus:
+        """Alignment, LEN % 16 (0 allowed: nothing is copied), handle, NODBG, INACTIVE, then the copy."""
+        src, dst = self._strip_cbit(buf.src_addr), self._strip_cbit(buf.dst_addr)
+        if src % 16 or dst % 16:
+            return SevStatus.INVALID_ADDRESS
+        if buf.len % 16:
+            return SevStatus.INVALID_LENGTH
         guest = self._guest(buf.handle)
         if guest.policy & Policy.NODBG:
             return SevStatus.POLICY_FAILURE
         self._require_active(guest)
-        if buf.len == 0 or buf.len % 16:
-            return SevStatus.INVALID_LENGTH
-        src, dst = self._strip_cbit(buf.src_addr), self._strip_cbit(buf.dst_addr)
-        if src % 16 or dst % 16:
-            return SevStatus.INVALID_ADDRESS
         self._check_writable((src, buf.len), (dst, buf.len))
+        if not buf.len:
+            return SevStatus.SUCCESS
         if encrypt:
             self.memctl.write(guest.asid, dst, self.dram.read(src, buf.len))
         else:

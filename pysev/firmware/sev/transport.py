@@ -24,9 +24,8 @@ from pysev.firmware.amdroot import SimulatedRoot
 from pysev.firmware.mailbox import CommandRefusedError, Mailbox
 from pysev.firmware.sev import identity, session
 from pysev.firmware.sev.abi import (
-    API_MAJOR,
-    API_MINOR,
     CBITPOS,
+    GUEST_COUNT_MAX,
     PACKET_FLAG_COMPRESSED,
     PACKET_HEADER_SIZE,
     PLAT_CERTS_SIZE,
@@ -35,6 +34,7 @@ from pysev.firmware.sev.abi import (
     SESSION_SIZE,
     SEV_CERT_SIZE,
     Cmd,
+    FirmwareVersion,
     GuestState,
     HandleBuf,
     PlatformState,
@@ -57,11 +57,17 @@ class TransportCommands(Mailbox):
     memctl: MemoryController
     root: SimulatedRoot
     max_asid: int
-    es_enabled: bool
+    firmware: FirmwareVersion
     _identity: identity.Identity
     _trng: Callable[[int], bytes]
     _guests: dict[int, GuestContext]
-    _next_handle: int
+
+    @property
+    def es_enabled(self) -> bool:
+        raise NotImplementedError
+
+    def _finish_pending_activate(self, guest: GuestContext) -> None:
+        raise NotImplementedError
 
     # -- checks and the channel, shared with the launch commands ------------------------------------
     @staticmethod
@@ -76,14 +82,13 @@ class TransportCommands(Mailbox):
         return paddr & ~(1 << CBITPOS)
 
     def _check_api(self, policy: int) -> None:
-        if (API_MAJOR, API_MINOR) < policy_api(policy) or policy & POLICY_RESERVED_MASK:
+        if self.firmware.api < policy_api(policy) or policy & POLICY_RESERVED_MASK:
             raise CommandRefusedError(SevStatus.POLICY_FAILURE)
 
-    def _open_channel(self, guest_policy: int, peer_cert_paddr: int, session_paddr: int) -> tuple[bytes, bytes]:
+    def _open_channel(self, guest_policy: int, peer: bytes, blob: bytes) -> tuple[bytes, bytes]:
         """ECDH with the peer's PDH or GODH, unwrap TEK/TIK, check POLICY_MAC and the policy: RECEIVE_START
-        and LAUNCH_START with a GODH (AMD ``sev_channel.c`` ``sev_channel_open_server``)."""
-        peer = self._read(peer_cert_paddr, SEV_CERT_SIZE)
-        blob = self._read(session_paddr, SESSION_SIZE)
+        and LAUNCH_START with a GODH (AMD ``sev_channel.c`` ``sev_channel_open_server``, then
+        ``sev_guest.c`` ``sev_guest_verify_policy``)."""
         if not self._identity.pdh_usable():
             raise CommandRefusedError(SevStatus.INVALID_CERTIFICATE)
         status = identity.pdh_sanity(peer)
@@ -98,7 +103,8 @@ class TransportCommands(Mailbox):
         return tek, tik
 
     def _start_guest(self, handle_in: int, policy: int) -> bytes:
-        """Key sharing with ``handle_in`` and the ES check of LAUNCH_START/RECEIVE_START; the guest's VEK."""
+        """Key sharing with ``handle_in``, a free guest slot (RESOURCE_LIMIT) and the ES check of
+        LAUNCH_START/RECEIVE_START, in that order; the guest's VEK."""
         if handle_in:
             other = self._guest(handle_in)
             if other.policy != policy or policy & Policy.NOKS:
@@ -106,17 +112,18 @@ class TransportCommands(Mailbox):
             vek = other.vek
         else:
             vek = None
+        if len(self._guests) >= GUEST_COUNT_MAX:  # sev_guest.c find_free_guest_handle
+            raise CommandRefusedError(SevStatus.RESOURCE_LIMIT)
         if policy & Policy.ES and not self.es_enabled:
             raise CommandRefusedError(SevStatus.UNSUPPORTED)
-        if len(self._guests) >= self.max_asid:
-            raise CommandRefusedError(SevStatus.RESOURCE_LIMIT)
         return vek if vek is not None else new_vek(self._trng)
 
     def _add_guest(
         self, policy: int, vek: bytes, cmd: Cmd, tek: bytes = bytes(16), tik: bytes = bytes(16)
     ) -> GuestContext:
-        guest = GuestContext(self._next_handle, policy, GuestState.UNINIT, vek, tek=tek, tik=tik)
-        self._next_handle += 1
+        # The lowest free handle of 1..GUEST_COUNT_MAX: a DECOMMISSIONed guest's handle is reused.
+        handle = next(h for h in range(1, GUEST_COUNT_MAX + 1) if h not in self._guests)
+        guest = GuestContext(handle, policy, GuestState.UNINIT, vek, tek=tek, tik=tik)
         self._guests[guest.handle] = guest
         self._transition(guest, cmd)
         if self.state == PlatformState.INIT:
@@ -124,20 +131,21 @@ class TransportCommands(Mailbox):
         return guest
 
     # -- packets ---------------------------------------------------------------------------------------
-    def _open_packet(self, guest: GuestContext, buf: TransportBuf, ctx: int, measure: bytes = b"") -> bytes:
-        """Read a transport packet, check flags and MAC (constant time) before decrypting; → plaintext."""
-        header = self._read(buf.hdr_address, PACKET_HEADER_SIZE)
-        ciphertext = self._read(buf.trans_address, buf.trans_len)
+    def _open_packet(
+        self, guest: GuestContext, buf: TransportBuf, header: bytes, ciphertext: bytes, ctx: int, measure: bytes = b""
+    ) -> tuple[int, bytes]:
+        """Check a transport packet's MAC (constant time) before decrypting; → (header flags, plaintext)."""
         flags, iv, mac = session.unpack_packet_header(header)
-        if flags & PACKET_FLAG_COMPRESSED:
-            raise CommandRefusedError(SevStatus.UNSUPPORTED)
         expected = session.packet_mac(guest.tik, ctx, flags, iv, buf.guest_len, buf.trans_len, ciphertext, measure)
         if not hmac.compare_digest(expected, mac):
             raise CommandRefusedError(SevStatus.BAD_MEASUREMENT)
-        return csev.aes128_ctr(guest.tek, iv, ciphertext)
+        return flags, csev.aes128_ctr(guest.tek, iv, ciphertext)
 
     # -- send ----------------------------------------------------------------------------------------------
     def _cmd_send_start(self, buf: SendStartBuf) -> SevStatus:
+        """sev_mcmd_send_start: handle, SESSION_LEN (written back), state, NOSEND, the SEV chain
+        (validate_platform) and receiver API, the DOMAIN chain (validate_domain), the target PDH, the
+        channel (sev_channel_open_client), and only then the session address (copy_to_x86)."""
         guest = self._guest(buf.handle)
         if buf.session_len != SESSION_SIZE:
             buf.session_len = SESSION_SIZE
@@ -145,34 +153,40 @@ class TransportCommands(Mailbox):
         self._require_guest_state(guest, Cmd.SEND_START)
         if guest.policy & Policy.NOSEND:
             return SevStatus.POLICY_FAILURE
-        if buf.pdh_cert_len != SEV_CERT_SIZE:
-            return SevStatus.INVALID_LENGTH
+        target_pdh = None
         if guest.policy & Policy.SEV:
-            if buf.plat_certs_len != PLAT_CERTS_SIZE or not identity.amd_chain_length_ok(buf.amd_certs_len):
+            if (
+                buf.plat_certs_len != PLAT_CERTS_SIZE
+                or buf.pdh_cert_len != SEV_CERT_SIZE
+                or not identity.amd_chain_length_ok(buf.amd_certs_len)
+            ):
                 return SevStatus.INVALID_LENGTH
-            pdh = self._read(buf.pdh_cert_address, SEV_CERT_SIZE)
             plat = self._read(buf.plat_certs_address, PLAT_CERTS_SIZE)
+            target_pdh = self._read(buf.pdh_cert_address, SEV_CERT_SIZE)
             amd = self._read(buf.amd_certs_address, buf.amd_certs_len)
-            status = identity.validate_platform(self.root.trust_anchor, pdh, plat, amd)
+            status = identity.validate_platform(self.root.trust_anchor, target_pdh, plat, amd)
             if status != SevStatus.SUCCESS:
                 return status
             if identity.cert_api(plat[:SEV_CERT_SIZE]) < policy_api(guest.policy):
                 return SevStatus.POLICY_FAILURE
         if guest.policy & Policy.DOMAIN:
-            if buf.plat_certs_len != PLAT_CERTS_SIZE:
+            if buf.plat_certs_len != PLAT_CERTS_SIZE or buf.pdh_cert_len != SEV_CERT_SIZE:
                 return SevStatus.INVALID_LENGTH
-            pdh = self._read(buf.pdh_cert_address, SEV_CERT_SIZE)
             plat = self._read(buf.plat_certs_address, PLAT_CERTS_SIZE)
-            status = identity.validate_domain(pdh, plat, self._identity.oca_cert)
+            target_pdh = self._read(buf.pdh_cert_address, SEV_CERT_SIZE)
+            status = identity.validate_domain(target_pdh, plat, self._identity.oca_cert)
             if status != SevStatus.SUCCESS:
                 return status
-        self._check_writable((buf.session_address, SESSION_SIZE))
-        target_pdh = self._read(buf.pdh_cert_address, SEV_CERT_SIZE)
+        if target_pdh is None:
+            if buf.pdh_cert_len != SEV_CERT_SIZE:
+                return SevStatus.INVALID_LENGTH
+            target_pdh = self._read(buf.pdh_cert_address, SEV_CERT_SIZE)
         if not self._identity.pdh_usable():
             return SevStatus.INVALID_CERTIFICATE
         status = identity.pdh_sanity(target_pdh)
         if status != SevStatus.SUCCESS:
             return status
+        self._check_writable((buf.session_address, SESSION_SIZE))
         tek, tik, nonce, wrap_iv = (self._trng(16) for _ in range(4))
         blob = session.build_session(self._identity.ecdh(target_pdh), nonce, wrap_iv, tek, tik, guest.policy)
         self.dram.write(buf.session_address, blob)
@@ -234,9 +248,15 @@ class TransportCommands(Mailbox):
 
     # -- receive -------------------------------------------------------------------------------------------
     def _cmd_receive_start(self, buf: ReceiveStartBuf) -> SevStatus:
-        if buf.session_len != SESSION_SIZE or buf.pdh_cert_len != SEV_CERT_SIZE:
+        """sev_mcmd_receive_start: SESSION_LEN, session read, PDH_CERT_LEN, PDH read, channel, policy, then
+        key sharing, a guest slot and the ES check (``_start_guest``)."""
+        if buf.session_len != SESSION_SIZE:
             return SevStatus.INVALID_LENGTH
-        tek, tik = self._open_channel(buf.policy, buf.pdh_cert_address, buf.session_address)
+        blob = self._read(buf.session_address, SESSION_SIZE)
+        if buf.pdh_cert_len != SEV_CERT_SIZE:
+            return SevStatus.INVALID_LENGTH
+        peer = self._read(buf.pdh_cert_address, SEV_CERT_SIZE)
+        tek, tik = self._open_channel(buf.policy, peer, blob)
         vek = self._start_guest(buf.handle, buf.policy)
         buf.handle = self._add_guest(buf.policy, vek, Cmd.RECEIVE_START, tek, tik).handle
         return SevStatus.SUCCESS
@@ -259,8 +279,12 @@ class TransportCommands(Mailbox):
         paddr = self._strip_cbit(buf.guest_address)
         if paddr % 16:
             return SevStatus.INVALID_ADDRESS
+        header = self._read(buf.hdr_address, PACKET_HEADER_SIZE)
+        if session.unpack_packet_header(header)[0] & PACKET_FLAG_COMPRESSED:  # before the guest and trans reads
+            return SevStatus.UNSUPPORTED
         self._check_writable((paddr, buf.guest_len))
-        plaintext = self._open_packet(guest, buf, session.CTX_DATA)
+        ciphertext = self._read(buf.trans_address, buf.trans_len)
+        _flags, plaintext = self._open_packet(guest, buf, header, ciphertext, session.CTX_DATA)
         self.memctl.write(guest.asid, paddr, plaintext)
         return SevStatus.SUCCESS
 
@@ -271,6 +295,9 @@ class TransportCommands(Mailbox):
         return self._receive_update(buf, Cmd.RECEIVE_UPDATE_VMSA)
 
     def _cmd_receive_finish(self, buf: HandleBuf) -> SevStatus:
+        guest = self._guest(buf.handle)
+        self._require_guest_state(guest, Cmd.RECEIVE_FINISH)
+        self._finish_pending_activate(guest)
         return self._end_channel(buf, Cmd.RECEIVE_FINISH)
 
     # -- batch forms: many whole pages per call through the csev pipelines ---------------------------
