@@ -189,7 +189,9 @@ def run_trial(seed: int, hosts: dict[str, Host], *, channels_max: int = 2) -> Tr
     receiver = threading.Thread(target=receive, daemon=True)
     receiver.start()
     params = with_destination_certs(
-        MigrationParameters(max_bandwidth=0, multifd_channels=max(channels, 1), commit_timeout=3.0, commit_resume_timeout=10.0),
+        MigrationParameters(
+            max_bandwidth=0, multifd_channels=max(channels, 1), commit_timeout=3.0, commit_resume_timeout=10.0
+        ),
         hosts["B"].sev_capabilities(),
     )
     t0 = time.monotonic()

@@ -88,9 +88,11 @@ class Psp:
     def __init__(self, seed: int) -> None:
         self.p = Platform(HostMemory(64 * MiB, seed=seed), root=default_root())
         self.run(Cmd.INIT, InitBuf(flags=INIT_FLAGS_SEV_ES))
+        self.p.wbinvd_on_all_cpus()  # INIT leaves every ASID dirty: flush as the PSP driver does
+        self.run(Cmd.DF_FLUSH)
         self.dram = self.p.dram
         self.scratch, self._off = self.dram.alloc_kernel(4 * MiB), 0
-        self._asids = itertools.count(1)
+        self._asids = itertools.count(self.p.min_sev_asid)  # plain SEV guests take the upper ASIDs
 
     def issue(self, cmd: Cmd, buf: Any = None) -> SevStatus:
         return self.p.issue(cmd, buf)

@@ -22,7 +22,7 @@ import numpy as np
 from csev.packet import PAGE_SIZE
 from pysev import kvm
 from pysev.firmware.sev import CBITPOS, REDUCED_PHYS_BITS, Platform, Policy, make_policy
-from pysev.firmware.sev.abi import INIT_FLAGS_SEV_ES, MEASURE_SIZE, POLICY_RESERVED_MASK, Cmd, InitBuf
+from pysev.firmware.sev.abi import MEASURE_SIZE, POLICY_RESERVED_MASK
 from pysev.hv.guest import Guest, Workload, page_pattern
 from pysev.hv.memory import GuestMemory
 from pysev.hw.hostmem import HostMemory
@@ -55,9 +55,7 @@ class Host:
         self.name = name
         self.dram = HostMemory(dram_size, seed=seed)
         self.platform = Platform(self.dram, root=root)
-        if self.platform.issue(Cmd.INIT, InitBuf(flags=INIT_FLAGS_SEV_ES)) != 0:
-            raise RuntimeError(f"{name}: SEV firmware INIT failed")
-        self.kvm = kvm.KvmHost(self.platform)
+        self.kvm = kvm.KvmHost(self.platform)  # the PSP driver's INIT (SEV-ES, with its TMR) and first flush
         self._vms: weakref.WeakSet[VirtualMachine] = weakref.WeakSet()
 
     def __repr__(self) -> str:
