@@ -7,13 +7,12 @@ import hmac
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from Crypto.PublicKey import ECC
 
-import pysev
+from pysev.cli import python_command
 from pysev.firmware import amdroot, certs
 from pysev.firmware.amdroot import SimulatedRoot, default_root, derive_cek
 from pysev.firmware.certs import Algo, SevCert, Usage
@@ -210,11 +209,7 @@ _CHILD = (
 
 def _spawn(home: Path) -> subprocess.Popen:
     env = dict(os.environ, PYSEV_HOME=str(home))
-    repo = str(Path(pysev.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
-    return subprocess.Popen(
-        [sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return subprocess.Popen(python_command(_CHILD), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_default_root_is_shared_between_processes(tmp_path, monkeypatch):

@@ -7,7 +7,6 @@ LAUNCH_FINISH), so the guest's VEK is installed for ``sev_kvm.asid`` in the plat
 import ctypes
 import errno
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -17,6 +16,7 @@ import pytest
 
 import csev
 from pysev import kvm
+from pysev.cli import python_command
 from pysev.firmware.sev import Platform, Policy, make_policy
 from pysev.hv import memory as hvmem
 from pysev.hv.guest import FB_BAND, Guest, Workload, framebuffer_lines, page_pattern
@@ -538,7 +538,7 @@ def test_running_vcpus_are_stopped_at_interpreter_exit():
         import time; time.sleep(0.2)
         print("started:", vm.workload.pages_written > 0, flush=True)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(python_command(code), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "started: True" in out.stdout and "alive at exit: []" in out.stdout, out.stdout
     assert "terminate called" not in out.stderr

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import os
 import pathlib
 import socket
 import struct
@@ -21,6 +20,7 @@ import time
 import numpy as np
 import pytest
 
+from pysev.cli import child_command
 from pysev.firmware.sev.abi import GuestState
 from pysev.hv.machine import RunState, VirtualMachine
 from pysev.hw.hostmem import PAGE_SIZE
@@ -391,13 +391,11 @@ def test_commit_lost_on_the_wire_is_delivered_again(hosts, monitor):
 # a destination process killed midway (TCP between two processes)
 # =====================================================================================================
 def _spawn_destination(memory: str = "64M"):
-    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
-    child = subprocess.Popen(
-        [sys.executable, "-m", "pysev.cli", "migrate", "--serve", "tcp:127.0.0.1:0", "--memory", memory],
+    child = subprocess.Popen(  # this installation of pysev, whatever the working directory
+        child_command("migrate", "--serve", "tcp:127.0.0.1:0", "--memory", memory),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=env,
     )
     hello = json.loads(child.stdout.readline())
     return child, hello

@@ -10,13 +10,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 from Crypto.PublicKey import ECC, RSA
 
+from pysev.cli import child_command
 from pysev.firmware import certs
 from pysev.firmware.amdroot import SimulatedRoot, derive_cek
 from pysev.firmware.certs import Algo, AmdCert, CertError, RootKind, SevCert, TrustStore, Usage, trust
@@ -306,9 +306,7 @@ def test_trust_root_files(tmp_path, sim):
 # -------------------------------------------------------------------------------------------------
 def pysev(home: Path, *argv: str | Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYSEV_HOME=str(home))
-    return subprocess.run(
-        [sys.executable, "-m", "pysev.cli", *map(str, argv)], env=env, capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run(child_command(*map(str, argv)), env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture

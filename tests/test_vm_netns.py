@@ -14,14 +14,13 @@ import os
 import selectors
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-import pysev
+from pysev.cli import child_command
 
 pytestmark = pytest.mark.netns
 
@@ -109,8 +108,6 @@ class NsVm:
 
     def __init__(self, link: Link, side: str, workdir: str, name: str, *args: str) -> None:
         env = dict(os.environ)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(pysev.__file__)))
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.qmp_path = os.path.join(workdir, f"{name}.qmp")
         self.log_path = os.path.join(workdir, f"{name}.log")
         cmd = [
@@ -118,16 +115,7 @@ class NsVm:
             "netns",
             "exec",
             link.ns[side],
-            sys.executable,
-            "-m",
-            "pysev.cli",
-            "-v",
-            "vm",
-            "--memory",
-            GUEST,
-            "--qmp",
-            self.qmp_path,
-            *args,
+            *child_command("-v", "vm", "--memory", GUEST, "--qmp", self.qmp_path, *args),
         ]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env)
