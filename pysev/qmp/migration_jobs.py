@@ -12,9 +12,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from pysev.firmware import certs
 from pysev.hv.machine import VirtualMachine
 from pysev.migration import MigrationCapabilities, MigrationParameters
 from pysev.migration.outgoing import OutgoingMigration
+from pysev.migration.sev_ops import MigrationError, decode_blob
 from pysev.migration.tls import AuthzSimple, TlsCredsX509, TlsError
 from pysev.migration.transport import MAX_CHANNELS, Connection, parse_tcp, tcp_connect, tcp_resume
 from pysev.qmp.commands import generic_error
@@ -281,3 +283,19 @@ def uri_from(args: dict) -> str:
     except ValueError as err:
         raise generic_error(str(err)) from None
     return uri
+
+
+def check_sev_parameter(name: str, value: str) -> None:
+    """sev-pdh / sev-plat-cert / sev-amd-cert, checked when they are set: base64 within QEMU's blob bound,
+    and certificates of the right kind (a 2084-byte PDH, PEK ‖ OCA ‖ CEK, ASK ‖ ARK), so that a mistake is
+    reported by migrate-set-parameters rather than by SEND_START."""
+    try:
+        blob = decode_blob(name, value)
+        if name == "sev-pdh":
+            certs.SevCert.from_bytes(blob)
+        elif name == "sev-plat-cert":
+            certs.split_plat_certs(blob)
+        else:
+            certs.split_amd_chain(blob)
+    except (MigrationError, certs.CertError, ValueError) as err:
+        raise generic_error(f"Parameter '{name}': {err}") from None

@@ -35,6 +35,7 @@ from pysev.migration.tls import TlsError
 from pysev.migration.transport import Connection, TcpListener, parse_tcp
 from pysev.qmp.commands import ArgEnum, CommandTable, Session, generic_error
 from pysev.qmp.framing import DEFAULT_MAX_MESSAGE
+from pysev.qmp.machine_info import DirtyRateMeter, cpus_fast, vm_uuid
 from pysev.qmp.migration_jobs import (
     ENGINE_CAPABILITIES,
     LIVE_PARAMS,
@@ -44,6 +45,7 @@ from pysev.qmp.migration_jobs import (
     SUPPORTED_CAPABILITIES,
     OutgoingJob,
     TlsParameters,
+    check_sev_parameter,
     uri_from,
 )
 from pysev.qmp.objects import UserObjects
@@ -122,6 +124,7 @@ class Vmm:
         self.vm = self._new_vm(incoming=incoming is not None)
         if incoming is None:
             self.vm.boot_fill()  # every page holds known plaintext, so digests mean something
+        self.dirty_rate = DirtyRateMeter()
         self.table = self._build_table()
         self.server = QmpServer(self.table, max_message=max_message or DEFAULT_MAX_MESSAGE)
 
@@ -319,6 +322,21 @@ class Vmm:
         t = CommandTable()
         reg: Callable = t.register
         reg("query-status", self.cmd_query_status)
+        reg("query-name", lambda args, session: {"name": self.host.name})
+        reg("query-uuid", lambda args, session: {"UUID": vm_uuid(self.host.name)})
+        reg("query-kvm", lambda args, session: {"enabled": True, "present": True})
+        reg("query-cpus-fast", lambda args, session: cpus_fast(self.vm))
+        reg(
+            "calc-dirty-rate",
+            self.cmd_calc_dirty_rate,
+            args={
+                "calc-time": ("int", True),
+                "calc-time-unit": (ArgEnum("second", "millisecond"), False),
+                "sample-pages": ("int", False),
+                "mode": (ArgEnum("page-sampling", "dirty-ring", "dirty-bitmap"), False),
+            },
+        )
+        reg("query-dirty-rate", lambda args, session: self.dirty_rate.info())
         reg("stop", self.cmd_stop)
         reg("cont", self.cmd_cont)
         reg("system_reset", self.cmd_system_reset)
@@ -442,6 +460,14 @@ class Vmm:
             raise generic_error("SEV is not enabled in KVM")
         return self.host.sev_capabilities()
 
+    def cmd_calc_dirty_rate(self, args: dict, session: Session) -> None:
+        if args.get("mode", "dirty-bitmap") != "dirty-bitmap":
+            raise generic_error("pysev measures the dirty rate from the dirty log only (mode 'dirty-bitmap')")
+        self._check_alive()
+        job = self._outgoing
+        migrating = job is not None and job.in_progress
+        self.dirty_rate.start(self.vm, args["calc-time"], args.get("calc-time-unit", "second"), migrating)
+
     def cmd_x_guest_digest(self, args: dict, session: Session) -> dict:
         self._check_alive()
         vm = self.vm
@@ -462,11 +488,13 @@ class Vmm:
             if name in PARAM_RANGES:
                 lo, hi, words = PARAM_RANGES[name]
                 if not lo <= value <= hi:
-                    raise generic_error(f"Parameter '{name.replace('-', '_')}' expects {words}")
+                    raise generic_error(f"Parameter '{name}' expects {words}")
             elif name.startswith("tls-"):
                 continue  # TlsParameters
             elif name.startswith("sev-"):
                 value = value or ""  # StrOrNull: null resets
+                if value:
+                    check_sev_parameter(name, value)
             updates[name.replace("-", "_")] = value
         with self._lock:
             tls = self.tls.updated(args, self.objects)
@@ -505,9 +533,14 @@ class Vmm:
             self.caps = dataclasses.replace(self.caps, **updates)
 
     def cmd_query_migrate_capabilities(self, args: dict, session: Session) -> list:
+        """Only the capabilities pysev implements (return-path is always on); QEMU's others are not listed."""
         current = {c["capability"]: c["state"] for c in self.caps.qmp()}
         current["return-path"] = True
-        return [{"capability": name, "state": bool(current.get(name, False))} for name in QEMU_CAPABILITIES]
+        return [
+            {"capability": name, "state": bool(current.get(name, False))}
+            for name in QEMU_CAPABILITIES
+            if name in SUPPORTED_CAPABILITIES
+        ]
 
     # -- migration ------------------------------------------------------------------------------------
     def cmd_migrate(self, args: dict, session: Session) -> None:
