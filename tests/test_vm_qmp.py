@@ -661,7 +661,7 @@ def test_bad_control_plane_input(vms):
             b'{"execute": "migrate-set-parameters", "arguments": {"downtime-limit": 9999999999}}',
             "Parameter 'downtime-limit' expects an integer in the range of 0 to 2000000 ms",
         ),
-        (b'{"execute": "migrate-set-parameters", "arguments": {"multifd-channels": 0}}', "multifd_channels"),
+        (b'{"execute": "migrate-set-parameters", "arguments": {"multifd-channels": 0}}', "multifd-channels"),
         (b'{"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": -1}}', "max-bandwidth"),
         (b'{"execute": "migrate-set-parameters", "arguments": {"sev-pdh": 1}}', "sev-pdh"),
         (b'{"execute": "migrate-set-parameters", "arguments": {"bogus": 1}}', "Parameter 'bogus' is unexpected"),
