@@ -27,6 +27,7 @@ import textwrap
 import pytest
 
 import csev
+from pysev.cli import python_command
 
 
 def _load(name: str, path: pathlib.Path):
@@ -72,6 +73,7 @@ DESTINATION = textwrap.dedent("""
 SOURCE = textwrap.dedent("""
     import json, resource, subprocess, sys, time
     import csev
+    from pysev.cli import python_command
     from pysev.hv.machine import Host, VirtualMachine
     from pysev.migration import MigrationParameters, migrate_tcp
     from pysev.migration.tls import TlsCredsX509
@@ -79,8 +81,7 @@ SOURCE = textwrap.dedent("""
     host = Host("source", size + (512 << 20), seed=1)
     vm = VirtualMachine(host, size, seed=3)
     vm.boot_fill()
-    child = subprocess.Popen([sys.executable, "-c", destination, str(size), server_dir], stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen(python_command(destination, str(size), server_dir), stdout=subprocess.PIPE, text=True)
     hello = json.loads(child.stdout.readline())
     tls = TlsCredsX509("tls0", client_dir, endpoint="client") if client_dir else None
     cpu = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
@@ -100,10 +101,10 @@ def _migrate(pki: dict[str, str] | None, workdir: str) -> dict:
     """One idle 2 GiB migration; its bulk pass's guest MB/s."""
     dirs = (pki["server"], pki["client"]) if pki else ("", "")
     res = subprocess.run(
-        [sys.executable, "-c", SOURCE, str(GUEST), *dirs, DESTINATION],
+        python_command(SOURCE, str(GUEST), *dirs, DESTINATION),  # this installation's pysev and csev
         capture_output=True,
         text=True,
-        cwd=workdir,  # the installed pysev and csev, never a source tree in the working directory
+        cwd=workdir,
         timeout=1800,
     )
     assert res.returncode == 0, res.stderr[-3000:]
