@@ -177,3 +177,26 @@ def test_regression_gate_compares_the_gated_ratios(tmp_path, ratio, status):
         [sys.executable, str(ROOT / "benchmarks" / "compare.py"), str(base), str(bad)], capture_output=True, text=True
     )
     assert res.returncode == 2 and "no 'benchmarks' list" in res.stderr
+
+
+def test_vm_bad_input(tmp_path):
+    """pysev vm: a port in use, a QMP socket in a missing directory, a bad size: one line naming the
+    option and the address or path, exit status 2, no traceback."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        cases = [
+            (["--qmp", str(tmp_path / "a.qmp"), "--incoming", f"tcp:127.0.0.1:{port}"], "--incoming", str(port)),
+            (["--qmp", f"tcp:127.0.0.1:{port}"], "--qmp", str(port)),
+            (["--qmp", "/nonexistent/dir/x.qmp"], "--qmp", "/nonexistent/dir"),
+            (["--qmp", str(tmp_path / "b.qmp"), "--memory", "0"], "--memory", "memory"),
+        ]
+        for extra, option, fragment in cases:
+            argv = ["vm", "--memory", "64M", *extra]
+            res, seconds = run_pysev(*argv)
+            err = res.stderr.strip()
+            assert res.returncode == 2, (argv, res.returncode, err)
+            assert "Traceback" not in err and len(err.splitlines()) == 1, err
+            assert option in err and fragment in err, err
+            assert seconds < 30

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 
-from pysev.cli.units import add_guest_arguments, convert_rate_of, parse_size
+from pysev.cli.units import add_guest_arguments, convert_rate_of, parse_memory, parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--memory", required=True, help="guest RAM size (K/M/G suffix), e.g. 128M")
+    p.add_argument("--memory", required=True, type=parse_memory, help="guest RAM size (K/M/G suffix), e.g. 128M")
     p.add_argument(
         "--qmp",
         required=True,
@@ -70,9 +70,13 @@ def run(args: argparse.Namespace) -> int:
         except QmpError as err:
             print(f"pysev vm: --object {option}: {err.desc}", file=sys.stderr)
             return 2
+    qmp_dir = os.path.dirname(args.qmp) if not args.qmp.startswith("tcp:") else ""
+    if qmp_dir and not os.path.isdir(qmp_dir):
+        print(f"pysev vm: argument --qmp: {args.qmp}: directory {qmp_dir} does not exist", file=sys.stderr)
+        return 2
     try:
         vmm = Vmm(
-            parse_size(args.memory),
+            args.memory,
             sev=not args.no_sev,
             policy=DEFAULT_POLICY if args.policy is None else args.policy,
             incoming=incoming,
@@ -83,10 +87,22 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             objects=objects,
         )
-        addresses = vmm.start(args.qmp)
-    except (OSError, ValueError, RuntimeError) as err:
+    except (ValueError, TypeError) as err:
+        print(f"pysev vm: {err}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as err:  # the host could not be built (memory)
         print(f"pysev vm: {err}", file=sys.stderr)
         return 1
+    try:
+        addresses = vmm.start(args.qmp)
+    except QmpError as err:  # the incoming listener (the only QMP error start raises): names the address
+        print(f"pysev vm: argument --incoming: {err.desc}", file=sys.stderr)
+        vmm.shutdown()
+        return 2
+    except OSError as err:
+        print(f"pysev vm: argument --qmp: cannot listen on {args.qmp}: {err.strerror or err}", file=sys.stderr)
+        vmm.shutdown()
+        return 2
     # QEMU's termsig handler: SIGTERM/SIGINT/SIGHUP request a shutdown with reason "host-signal".
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: vmm.request_shutdown("host-signal"))
