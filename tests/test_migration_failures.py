@@ -594,3 +594,33 @@ def test_hostile_stream_over_socket_reports_to_source(hosts, monitor, sealed_str
         assert dest.state == RunState.INMIGRATE and H.fw_state(dest) != GuestState.RUNNING
     finally:
         dest.destroy()
+
+
+def test_source_abort_is_named_on_the_destination(hosts, monitor):
+    """A source that gives up (SEND_START refused: NOSEND) tells the destination, which says so, instead
+    of reading the ABORT message as a stream ('bad magic 0x50040000')."""
+    src = monitor.watch(H.new_vm(hosts["A"], 32 * MiB, policy=0x11000028))
+    run = H.run_local(src, hosts["B"], monitor)
+    try:
+        assert run.info["status"] == "failed" and "SEND_START" in run.info["error-desc"]
+        assert run.incoming.status == "failed"
+        assert "the source aborted the migration" in run.incoming.error_desc, run.incoming.error_desc
+        assert "magic" not in run.incoming.error_desc
+    finally:
+        H.finish(run)
+        src.destroy()
+
+
+def test_cli_gives_no_verdict_for_a_migration_that_did_not_complete(tmp_path):
+    """No false 'plaintext differs' for a migration that never started (exit 1, verified: null)."""
+    from pysev.cli import child_command
+
+    res = subprocess.run(
+        child_command("migrate", "--memory", "32M", "--policy", "0x11000028", "--json"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    summary = json.loads(res.stdout)
+    assert res.returncode == 1 and summary["status"] == "failed" and summary["verified"] is None

@@ -208,7 +208,8 @@ def _destroy(vm) -> None:
 
 def _summary(info: dict, passes: list[dict], verified: bool | None, dest: dict) -> dict:
     out = dict(info)
-    out["verified"] = verified
+    # A verdict only for a migration that completed: one that failed or never started has nothing to compare.
+    out["verified"] = verified if info.get("status") == "completed" else None
     out["passes"] = passes
     out["destination"] = dest
     return out

@@ -80,7 +80,7 @@ class MigrationView:
                 {
                     True: "yes: destination plaintext == source at switchover",
                     False: "NO: plaintext differs",
-                    None: "not checked",
+                    None: "not checked" if s.get("status") == "completed" else "no: the migration did not complete",
                 }[verified],
             ),
         ]

@@ -88,6 +88,10 @@ from pysev.migration.stream.layout import (
     Zero,
     bitmap_size,
 )
+from pysev.migration.stream.returnpath import MESSAGE_HEAD, ReturnMessage
+
+#: The source's ABORT message as it appears where stream bytes were due.
+_ABORT = MESSAGE_HEAD.pack(ReturnMessage.ABORT, 0)
 
 _OFFSET_MASK = np.uint64(~FLAGS_MASK & U64_MAX)
 _DEFAULT_LIMITS = ReaderLimits()
@@ -256,10 +260,19 @@ class StreamReader:
             raise self._fail(f"{what} is not UTF-8", at) from None
 
     # -- file structure (migration/savevm.c qemu_loadvm_state) -------------------------------------------
+    def _abort_follows(self, first: int) -> bool:
+        """The source's ABORT return-path message starts at the byte just read (the source gave up and
+        said so on the connection, where stream data was due)."""
+        if first != _ABORT[0] or (self._end - self._pos < len(_ABORT) - 1 and not self._more(len(_ABORT) - 1)):
+            return False
+        return bytes(self._mv[self._pos : self._pos + len(_ABORT) - 1]) == _ABORT[1:]
+
     def read_header(self) -> int:
         self._record = "file header"
         magic = self.get_be32("magic")
         if magic != QEMU_VM_FILE_MAGIC:
+            if magic == int.from_bytes(_ABORT, "big"):
+                raise self._fail("the source aborted the migration before sending its stream", self.offset - 4)
             raise self._fail(f"bad magic {magic:#010x}", self.offset - 4)
         version = self.get_be32("version")
         if version != QEMU_VM_FILE_VERSION:
@@ -294,6 +307,8 @@ class StreamReader:
             QEMU_VM_SECTION_FULL,
             QEMU_VM_SECTION_FOOTER,
         ):
+            if self._abort_follows(kind):
+                raise self._fail("the source aborted the migration (its ABORT where a section was due)", at)
             raise self._fail(f"unknown section type {kind:#04x}", at)
         sid_at = self.offset
         sid = self.get_be32("section id")
@@ -411,6 +426,10 @@ class StreamReader:
     def _ram_record(self) -> RamRecord:
         self._record = "RAM record header"
         at = self.offset
+        if self._end - self._pos >= len(_ABORT) or self._more(len(_ABORT)):
+            # No RAM record starts so (its offset would be ~88 TB): the source gave up mid-stream.
+            if bytes(self._mv[self._pos : self._pos + len(_ABORT)]) == _ABORT:
+                raise self._fail("the source aborted the migration (its ABORT where a RAM record was due)", at)
         word = self.get_be64("RAM record header")
         flags = word & FLAGS_MASK
         addr = word & ~FLAGS_MASK
