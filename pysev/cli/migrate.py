@@ -63,7 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     low, high, _ = PARAM_RANGES["downtime-limit"]
     p.add_argument("--downtime-limit", type=bounded_int(low, high, " ms"), default=300, help="ms (QEMU default 300)")
     p.add_argument(
-        "--max-bandwidth", type=parse_bandwidth, default="0", help="bytes/s (K/M/G); 0 = unlimited (default)"
+        "--max-bandwidth",
+        type=parse_bandwidth,
+        default="0",
+        help="bytes/s (K/M/G); 0 = unlimited (the default here; the API and QMP default to QEMU's 128M)",
     )
     p.add_argument("--auto-converge", action="store_true", help="throttle the vCPUs as QEMU's auto-converge")
     p.add_argument("--no-verify", action="store_true", help="skip the plaintext comparison after migration")

@@ -111,7 +111,8 @@ _PARAMETER_RANGES = (
 
 @dataclasses.dataclass
 class MigrationParameters:
-    """QEMU's migration parameters (qapi MigrationParameters) that this engine honours."""
+    """QEMU's migration parameters (qapi MigrationParameters) that this engine honours, with QEMU's
+    defaults (max-bandwidth 128 MiB/s; ``pysev migrate`` passes 0, unlimited, by default)."""
 
     downtime_limit: int = 300  # ms
     max_bandwidth: int = 128 << 20  # bytes/s; 0 = unlimited
