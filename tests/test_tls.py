@@ -577,8 +577,10 @@ def test_tls_bit_flip_in_transit_fails_before_any_page(vms, pki):
     finally:
         relay.close()
     assert relay.flipped
-    # The destination's alert is the source's reason.
-    assert info["status"] == "failed" and "alert bad record mac" in info["error-desc"], info
+    # The destination's alert is the source's reason when the source reads it before the connection
+    # closes; otherwise the source sees the TLS connection end (a race): a TLS failure either way.
+    assert info["status"] == "failed" and "TLS" in info["error-desc"], info
+    assert "alert bad record mac" in info["error-desc"] or "EOF occurred" in info["error-desc"], info
     assert "x-guest-digest" not in info
     assert s.cmd("query-status")["status"] == "running" and s.cmd("query-sev")["state"] == "running"
     dinfo = Q.wait_status(d, done=("failed",), timeout=20)
