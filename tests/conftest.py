@@ -1,5 +1,6 @@
 """Shared test setup."""
 
+import asyncio
 import os
 
 import pytest
@@ -16,3 +17,15 @@ def pysev_home(tmp_path_factory):
         os.environ.pop("PYSEV_HOME", None)
     else:
         os.environ["PYSEV_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def legacy_qmp_event_loop():
+    """qemu.qmp's legacy client runs on the thread's event loop, creating one if there is none: modules
+    that use it get one that they close, so no unclosed loop is left for a later asyncio.run() to orphan
+    (the loop would be collected, with its sockets, in the middle of an unrelated test)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield loop
+    asyncio.set_event_loop(None)
+    loop.close()

@@ -7,7 +7,6 @@ answered), the destination says so (``x-commit-pending``) and an operator resolv
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import pathlib
 import socket
@@ -28,15 +27,7 @@ if "_vm_qmp_helpers" not in sys.modules:
 vms = Q.vms  # the fixture
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _event_loop():
-    """qemu.qmp's legacy client runs on the thread's event loop, creating one if there is none: give it
-    one that this module closes, so no unclosed loop is left for a later asyncio.run() to orphan."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    yield
-    asyncio.set_event_loop(None)
-    loop.close()
+pytestmark = pytest.mark.usefixtures("legacy_qmp_event_loop")
 
 
 RECEIVED = MESSAGE_HEAD.size + DIGEST_SIZE

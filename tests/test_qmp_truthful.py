@@ -4,7 +4,6 @@ QMP spells them, and the cheap queries orchestrators call (name, UUID, KVM, vCPU
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import importlib.util
 import pathlib
@@ -22,13 +21,7 @@ if "_vm_qmp_helpers" not in sys.modules:
 vms = Q.vms
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _event_loop():
-    loop = asyncio.new_event_loop()  # qemu.qmp's legacy client runs on it; closed at the end
-    asyncio.set_event_loop(loop)
-    yield
-    asyncio.set_event_loop(None)
-    loop.close()
+pytestmark = pytest.mark.usefixtures("legacy_qmp_event_loop")
 
 
 def test_capabilities_listed_are_the_ones_that_work(vms):

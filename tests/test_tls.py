@@ -9,7 +9,6 @@ Certificates are made at test time with ``cryptography`` (EC P-256) in a tempora
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import importlib.util
 import ipaddress
@@ -38,15 +37,7 @@ if "_vm_qmp_helpers" not in sys.modules:
 vms = Q.vms  # the fixture
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _event_loop():
-    """qemu.qmp's legacy client runs on the thread's event loop, creating one if there is none: give it
-    one that this module closes, so no unclosed loop is left for a later asyncio.run() to orphan."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    yield
-    asyncio.set_event_loop(None)
-    loop.close()
+pytestmark = pytest.mark.usefixtures("legacy_qmp_event_loop")
 
 
 # The client certificate's subject has characters RFC 4514 escapes, so tls-authz's comparison is tested too.

@@ -22,7 +22,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from pysev.cli import child_command
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("legacy_qmp_event_loop")]
 
 GUEST = "32M"
 START_TIMEOUT = 30.0

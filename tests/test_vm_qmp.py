@@ -33,6 +33,8 @@ FAST = 1 << 30  # max-bandwidth for tests that want speed (bytes/s)
 SLOW = 4 << 20  # ... and for tests that need a migration still running after a second
 NODBG_POLICY = 0x11000021
 
+pytestmark = pytest.mark.usefixtures("legacy_qmp_event_loop")
+
 
 def _env() -> dict:
     env = dict(os.environ)
